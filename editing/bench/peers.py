@@ -1,0 +1,127 @@
+"""The same model in diffusers / transformers, for side-by-side benchmarks and agreement checks.
+
+editlab's module names are diffusers' (UNet, VAE) and transformers' (CLIP text), so an editlab state dict
+loads into the peer strictly; only the configs need translating. diffusers and transformers are test and
+benchmark dependencies (``pip install -e .[test]``), imported here lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldm.model import StableDiffusion
+
+
+def require_peers():
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ImportError("benchmarks compare against diffusers and transformers: pip install -e '.[test]'") from None
+
+
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
+    """editlab UNetConfig -> UNet2DConditionModel kwargs (diffusers' attention_head_dim is a head count)."""
+    heads = [cfg.heads_at(ch) for ch in cfg.level_channels]
+    return dict(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=cfg.level_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.attention_levels[::-1]),
+        layers_per_block=cfg.layers_per_level, cross_attention_dim=cfg.context_dim,
+        attention_head_dim=heads[0] if len(set(heads)) == 1 else heads,
+        use_linear_projection=cfg.linear_projection, upcast_attention=cfg.upcast_attention,
+        norm_num_groups=cfg.norm_groups, flip_sin_to_cos=True, freq_shift=0, sample_size=64)
+
+
+def diffusers_vae_config(cfg: VAEConfig) -> dict:
+    n = len(cfg.block_channels)
+    return dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                block_out_channels=cfg.block_channels, layers_per_block=cfg.layers_per_level,
+                norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scaling_factor)
+
+
+def transformers_text_config(cfg: TextEncoderConfig):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
+                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                          max_position_embeddings=cfg.max_length, hidden_act=cfg.activation,
+                          pad_token_id=cfg.pad_token_id, bos_token_id=49406, eos_token_id=49407)
+
+
+def write_clip_vocabulary(folder: str | Path) -> tuple[Path, Path]:
+    """open_clip's BPE vocabulary as the vocab.json / merges.txt pair transformers' CLIPTokenizer reads."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bpe = SimpleTokenizer()
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): index for token, index in bpe.encoder.items()}
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def clip_tokenizer(cfg: TextEncoderConfig):
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_clip_vocabulary(tmp)
+        pad = "<|endoftext|>" if cfg.pad_token_id == 49407 else "!"
+        return CLIPTokenizer(str(vocab), str(merges), pad_token=pad, model_max_length=cfg.max_length)
+
+
+def diffusers_scheduler(name: str, prediction_type: str, euler_spacing: str = "linspace"):
+    """A diffusers scheduler with SD's training schedule, set explicitly (METHODS.md §0.1)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  steps_offset=1, prediction_type=prediction_type)
+    if name == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+    if name == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small", timestep_spacing="leading")
+    if name == "euler-a":
+        return EulerAncestralDiscreteScheduler(**common, timestep_spacing=euler_spacing)
+    raise ValueError(f"no diffusers peer for scheduler {name!r}")
+
+
+def diffusers_components(model: StableDiffusion):
+    """(unet, vae, text_encoder, tokenizer) in diffusers/transformers, holding the same weights as ``model``."""
+    require_peers()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cfg: ModelConfig = model.config
+    unet = UNet2DConditionModel(**diffusers_unet_config(cfg.unet))
+    unet.load_state_dict(model.unet.state_dict(), strict=True)
+    vae = AutoencoderKL(**diffusers_vae_config(cfg.vae))
+    vae.load_state_dict(model.vae.state_dict(), strict=True)
+    text = CLIPTextModel(transformers_text_config(cfg.text))
+    state = model.text_encoder.state_dict()
+    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5 drops the prefix
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    missing, unexpected = text.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    device = model.device
+    return (unet.to(device, model.unet.conv_in.weight.dtype).eval(), vae.to(device).eval(),
+            text.to(device, model.text_encoder.text_model.final_layer_norm.weight.dtype).eval(),
+            clip_tokenizer(cfg.text))
+
+
+def diffusers_pipeline(model: StableDiffusion, scheduler: str = "ddim", img2img: bool = False):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    unet, vae, text, tokenizer = diffusers_components(model)
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+               scheduler=diffusers_scheduler(scheduler, model.config.prediction_type),
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,1 @@
+"""Subcommands of the editlab CLI, one module each (see editing/cli.py)."""

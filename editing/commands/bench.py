@@ -1,0 +1,42 @@
+"""editlab bench: speed (and GPU memory) of editlab beside diffusers, same config, measured in one run."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..options import DTYPES
+
+NAME = "bench"
+HELP = "benchmark editlab against diffusers side by side (unet: one UNet forward; sample: text to image)"
+TARGETS = ("unet", "sample")
+
+
+def add_arguments(parser):
+    parser.add_argument("target", choices=TARGETS)
+    parser.add_argument("--preset", default=None, help="model config (default: sd15 for unet; toy on CPU / "
+                                                       "sd15 on GPU for sample)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, fp16 on GPU")
+    parser.add_argument("--batch", type=int, default=2, help="unet: batch (2 = one guided step)")
+    parser.add_argument("--size", type=int, default=None, help="unet: latent side (64); sample: image side")
+    parser.add_argument("--steps", type=int, default=None, help="sample: steps (20 on CPU, 50 on GPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--channels-last", action="store_true", help="unet: editlab in channels_last layout")
+
+
+def run(args):
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("fp16" if gpu else "fp32")]
+    bench = importlib.import_module(f"editing.bench.{args.target}")
+    if args.target == "unet":
+        text = bench.run(args.preset or "sd15", args.batch, args.size or 64, dtype, device, args.repeats,
+                         args.warmup, args.channels_last)
+    else:
+        preset = args.preset or ("sd15" if gpu else "toy")
+        size = args.size or (512 if preset.startswith("sd") else 64)
+        text = bench.run(preset, size, args.steps or (50 if gpu else 20), dtype, device, args.repeats, args.warmup)
+    print(text)

@@ -1,0 +1,50 @@
+"""``editlab convert SRC DST``: any Stable Diffusion checkpoint into editlab's weights format.
+
+SRC is an LDM single file (.ckpt / .safetensors of SD 1.x, SD 2.x or InstructPix2Pix), a diffusers pipeline
+folder, or an editlab file (to swap its VAE with --vae). The layout and model type are detected; the
+prediction type must be given for SD 2.x single files (it is not stored in the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from ldm.config import PRESETS
+
+NAME = "convert"
+HELP = "convert a checkpoint (LDM .ckpt/.safetensors, diffusers folder) into editlab's weights format"
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="checkpoint file, diffusers folder, or editlab file (with --vae)")
+    parser.add_argument("dst", help="output .safetensors file (written atomically)")
+    parser.add_argument("--layout", choices=["ldm", "diffusers", "editlab", "vae"],
+                        help="source layout (default: detected from the content)")
+    parser.add_argument("--model", choices=["sd1", "sd2", "ip2p"], help="model type (default: detected)")
+    parser.add_argument("--prediction", choices=["epsilon", "v_prediction"],
+                        help="what the UNet predicts; required for SD 2.x single files (768-v: v_prediction)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="use the UNet's EMA copy (default: yes for InstructPix2Pix, no otherwise)")
+    parser.add_argument("--vae", metavar="VAE_FILE", help="standalone VAE (file or diffusers vae/ folder) to swap in")
+    parser.add_argument("--config", choices=sorted(PRESETS), metavar="PRESET",
+                        help=f"architecture preset, for models whose head counts differ from the family's "
+                             f"({', '.join(sorted(PRESETS))})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="store tensors as (default: keep)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from weights_convert import convert  # imported here: the CLI lists every command at start-up
+
+    config = PRESETS[args.config]() if args.config else None
+    report = convert(args.src, args.dst, layout=args.layout, model=args.model, prediction=args.prediction,
+                     ema=args.ema, vae=args.vae, config=config, dtype=DTYPES[args.dtype])
+    log.info(report.summary())
+    log.info("wrote %s", args.dst)
+    return 0

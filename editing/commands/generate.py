@@ -1,0 +1,39 @@
+"""editlab generate: text to image with classifier-free guidance."""
+
+from __future__ import annotations
+
+from ldm.images import save_png
+from ldm.pipeline import decode_latents, text_to_image
+
+from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
+                       run_parameters, sampling_config)
+
+NAME = "generate"
+HELP = "generate images from a prompt (text to image, classifier-free guidance)"
+
+
+def add_arguments(parser):
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+    parser.add_argument("--batch", type=int, default=1, help="images to generate from one seed")
+    add_sampling_arguments(parser)
+    add_output_arguments(parser)
+
+
+def output_paths(out, count: int):
+    """FILE.png for one image; FILE-0.png, FILE-1.png, ... for several."""
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(count)]
+
+
+def run(args):
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: give at least 1")
+    model = load_model(args)
+    cfg = sampling_config(args, model)
+    latents = text_to_image(model, [args.prompt] * args.batch, cfg, negative=args.negative)
+    images = decode_latents(model, latents)
+    params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "")
+    for k, path in enumerate(output_paths(args.out, args.batch)):
+        save_png(path, images[k], {**params, "batch_index": k}, force=args.force)
+        print(path)

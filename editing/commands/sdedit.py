@@ -1,0 +1,34 @@
+"""editlab sdedit: SDEdit (image to image): noise the input to a strength, then denoise under a prompt."""
+
+from __future__ import annotations
+
+from ldm.images import file_sha256, load_image, save_png
+from ldm.pipeline import decode_latents, sdedit
+
+from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
+                       run_parameters, sampling_config)
+
+NAME = "sdedit"
+HELP = "SDEdit: re-draw an image under a prompt from an intermediate noise level"
+
+
+def add_arguments(parser):
+    add_model_arguments(parser)
+    parser.add_argument("--image", required=True, help="input image; its size is kept unless --width/--height")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative", default=None)
+    parser.add_argument("--strength", type=float, default=0.8, help="noise level to start from, in (0, 1]")
+    add_sampling_arguments(parser)
+    add_output_arguments(parser)
+
+
+def run(args):
+    model = load_model(args)
+    size = (args.width, args.height) if args.width and args.height else None
+    image = load_image(args.image, size)
+    args.height, args.width = image.shape[-2], image.shape[-1]
+    cfg = sampling_config(args, model)
+    latents = sdedit(model, image, [args.prompt], args.strength, cfg, negative=args.negative)
+    params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
+                            strength=args.strength, image_sha256=file_sha256(args.image))
+    print(save_png(args.out, decode_latents(model, latents)[0], params, force=args.force))

@@ -1,0 +1,80 @@
+"""Options shared by the editlab subcommands: weights, device and dtype, sampling, outputs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import ldm
+from ldm.images import file_sha256
+from ldm.model import StableDiffusion
+from ldm.pipeline import SamplingConfig
+from ldm.schedulers import SAMPLERS
+
+TOY_WEIGHTS = Path(ldm.__file__).parent / "toy" / "weights" / "toy-sd.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class UserError(Exception):
+    """A problem with the command's input: printed as one line, exit status 2."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, what: str = "a Stable Diffusion model") -> None:
+    parser.add_argument("--weights", type=Path, default=None,
+                        help=f"editlab weights file of {what} (made by 'editlab convert'); "
+                             "default: the bundled toy model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="UNet and text encoder precision (the VAE always runs in fp32)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, steps: int = 50, guidance: float = 7.5,
+                           scheduler: str = "ddim", size: int | None = None) -> None:
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale w")
+    parser.add_argument("--scheduler", choices=SAMPLERS, default=scheduler)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 stochastic)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=size, help="default: the model's native size")
+    parser.add_argument("--width", type=int, default=size, help="default: the model's native size")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, suffix: str = ".png") -> None:
+    parser.add_argument("--out", type=Path, required=True, help=f"output {'file' if suffix else 'folder'}")
+    parser.add_argument("--force", action="store_true", help="overwrite outputs of another run")
+
+
+def weights_path(args) -> Path:
+    path = args.weights or TOY_WEIGHTS
+    if not path.is_file():
+        hint = ("the bundled toy model is missing from this install" if args.weights is None
+                else "convert a checkpoint first: editlab convert CHECKPOINT OUT.safetensors")
+        raise UserError(f"weights file {path} not found; {hint}")
+    return path
+
+
+def load_model(args) -> StableDiffusion:
+    if args.dtype != "fp32" and args.device == "cpu":
+        raise UserError(f"--dtype {args.dtype} needs a GPU (--device cuda); use fp32 on the CPU")
+    return StableDiffusion.load(weights_path(args), device=args.device, dtype=DTYPES[args.dtype])
+
+
+def native_size(model: StableDiffusion) -> int:
+    """Default image side: 512 for SD 1.x/2.x and the model's training size for the toy model."""
+    return {"toy": 64}.get(model.config.family, 512)
+
+
+def sampling_config(args, model: StableDiffusion) -> SamplingConfig:
+    side = native_size(model)
+    return SamplingConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, eta=args.eta,
+                          seed=args.seed, height=args.height or side, width=args.width or side)
+
+
+def run_parameters(args, cfg: SamplingConfig, **extra) -> dict:
+    """What a PNG records about the run that made it."""
+    path = weights_path(args)
+    return {"weights": path.name, "weights_sha256": file_sha256(path), "scheduler": cfg.scheduler,
+            "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
+            "height": cfg.height, "width": cfg.width, "dtype": args.dtype, **extra}

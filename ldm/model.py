@@ -1,0 +1,104 @@
+"""A whole Stable Diffusion model (UNet, VAE, text encoder, tokenizer) and editlab's weight format.
+
+editlab's format is one safetensors file: the state dict of ``StableDiffusion`` (keys ``unet.*``, ``vae.*``,
+``text_encoder.*``, named as diffusers / transformers name them) with the ``ModelConfig`` as JSON in the
+metadata. ``weights_convert`` turns every other layout into it; ``StableDiffusion.load`` reads it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .clip import CLIPTextModel
+from .config import ModelConfig
+from .files import atomic_path
+from .tokenizer import Tokenizer
+from .unet import UNet
+from .vae import AutoencoderKL
+
+FORMAT = "editlab"
+FORMAT_VERSION = "1"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used; the message names the file, the problem and the fix."""
+
+
+class StableDiffusion(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config.unet)
+        self.vae = AutoencoderKL(config.vae)
+        self.text_encoder = CLIPTextModel(config.text)
+        self.tokenizer = Tokenizer(config.text.pad_token_id, config.text.max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
+        """Text hidden states [B, 77, width] for the UNet's cross-attention."""
+        ids = self.tokenizer(prompts).to(self.device)
+        return self.text_encoder(ids)
+
+    def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
+        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_json()}
+        metadata.update(extra_metadata or {})
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "StableDiffusion":
+        """Load an editlab weights file (made by ``editlab convert``). ``dtype`` applies to the UNet and the
+        text encoder; the VAE stays in fp32 (its decoder overflows in fp16: black images)."""
+        config, tensors = read_editlab_file(path)
+        model = cls(config)
+        load_strict(model, tensors, path)
+        model.to(device)
+        if dtype is not None:
+            model.unet.to(dtype)
+            model.text_encoder.to(dtype)
+        return model.eval()
+
+
+def read_editlab_file(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file; pass the .safetensors file written by 'editlab convert'")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for every kind of bad file
+        raise WeightsError(f"{path}: not a readable safetensors file ({err}); "
+                           "convert checkpoints first with 'editlab convert SRC DST'") from None
+    if metadata.get("format") != FORMAT:
+        raise WeightsError(f"{path}: a safetensors file but not in editlab's format (no editlab config in its "
+                           "metadata); convert it first with 'editlab convert SRC DST'")
+    return ModelConfig.from_json(metadata["config"]), tensors
+
+
+def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source) -> None:
+    """Copy every tensor into ``module``; any missing, unexpected or wrongly shaped key is an error."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshapen = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or misshapen:
+        def show(keys):
+            return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+        raise WeightsError(f"{source}: weights do not fit the model: missing {show(missing)}, unexpected "
+                           f"{show(unexpected)}, wrong shape {show(misshapen)}; was it converted for this model type?")
+    module.load_state_dict(tensors, strict=True)
+
+
+def metadata_of(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,160 @@
+"""Sampling: text to image with classifier-free guidance, and SDEdit (image to image).
+
+Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans):
+
+    ε̂ = ε_u + w·(ε_c − ε_u)        batch order [unconditional; conditional], as diffusers
+
+SDEdit (*SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations*, Meng et al.):
+encode the image, z0 = 0.18215·E(x).sample(); noise it to the first kept step,
+x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε; then sample as usual from there (METHODS.md §5).
+
+Random draws follow diffusers exactly, on one CPU ``torch.Generator``: the initial latents
+``randn((B, 4, H/8, W/8))`` (SDEdit: the posterior sample, then the noise), then each step's noise in the
+sampler. So the same seed, scheduler and weights give the same image in both.
+
+Every editing method reuses ``denoise``: it takes a ``predict(x, i, t)`` function (here CFG over the
+UNet; InstructPix2Pix and ControlNet bring their own) and optional step hooks with ``begin_step(i, t)``
+and ``end_step(i, t, latents) -> latents`` (Prompt-to-Prompt counts steps and blends latents there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .model import StableDiffusion
+from .schedulers import NoiseSchedule, make_sampler
+
+Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 50
+    guidance: float = 7.5  # w; CFG runs only when w > 1 (as diffusers)
+    scheduler: str = "ddim"  # "ddim", "ddpm" or "euler-a"
+    eta: float = 0.0  # DDIM stochasticity (0: deterministic DDIM, 1: DDPM-like)
+    seed: int = 0
+    height: int = 512
+    width: int = 512
+
+
+def check_image_size(height: int, width: int, factor: int) -> None:
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise ValueError(f"image size {width}x{height} is not a multiple of {factor} (the VAE's downsampling "
+                         f"factor); choose sizes such as {max(factor, width // factor * factor)}x"
+                         f"{max(factor, height // factor * factor)}")
+
+
+def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str | Sequence[str] | None,
+                 guidance: float) -> torch.Tensor:
+    """Cross-attention context: [negative; prompts] ([2B, 77, C]) under guidance, else prompts ([B, 77, C])."""
+    cond = model.encode_prompt(list(prompts))
+    if guidance <= 1.0:
+        return cond
+    negative = [""] * len(prompts) if negative is None else negative
+    negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    if len(negative) != len(prompts):
+        raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
+    return torch.cat([model.encode_prompt(negative), cond])
+
+
+def guided_unet(unet, context: torch.Tensor, guidance: float, sampler) -> Predictor:
+    """predict(x, i, t) = ε_u + w(ε_c − ε_u) on the UNet (or the plain conditional output when w ≤ 1)."""
+
+    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        x_in = sampler.scale_model_input(x, i)
+        if guidance <= 1.0:
+            return unet(x_in, t, context)
+        uncond, cond = unet(torch.cat([x_in, x_in]), t, context).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        return uncond + guidance * (cond - uncond)
+
+    return predict
+
+
+def denoise(sampler, predict: Predictor, latents: torch.Tensor, generator: torch.Generator | None,
+            start: int = 0, hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
+    """Run the sampler from step ``start`` to the end; returns the final latents."""
+    steps = range(start, len(sampler.timesteps))
+    for i in tqdm(steps, disable=not progress, leave=False, desc="sampling"):
+        t = sampler.timesteps[i]
+        for hook in hooks:
+            if hasattr(hook, "begin_step"):
+                hook.begin_step(i, t)
+        latents = sampler.step(predict(latents, i, t), i, latents, generator)
+        for hook in hooks:
+            if hasattr(hook, "end_step"):
+                latents = hook.end_step(i, t, latents)
+    return latents
+
+
+def initial_noise(model: StableDiffusion, batch: int, height: int, width: int, generator: torch.Generator,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian latents [B, 4, H/f, W/f], drawn on the generator's device as diffusers' randn_tensor."""
+    f = model.config.vae.downsample_factor
+    shape = (batch, model.config.vae.latent_channels, height // f, width // f)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(model.device)
+
+
+@torch.no_grad()
+def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+    """Model latents -> images [B, 3, H, W] in [0, 1] (fp32; the VAE is kept in fp32, so fp16 runs cannot
+    overflow into black images)."""
+    vae = model.vae
+    images = vae.decode(vae.unscale_latents(latents.to(vae.dtype)))
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_images(model: StableDiffusion, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] -> model latents 0.18215·z, z a posterior sample (or the mode when
+    no generator is given)."""
+    vae = model.vae
+    posterior = vae.encode((images * 2 - 1).to(model.device, vae.dtype))
+    z = posterior.mode() if generator is None else posterior.sample(generator)
+    return vae.scale_latents(z)
+
+
+def _sampler(model: StableDiffusion, cfg: SamplingConfig):
+    return make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
+                        prediction_type=model.config.prediction_type)
+
+
+@torch.no_grad()
+def text_to_image(model: StableDiffusion, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig(),
+                  negative: str | Sequence[str] | None = None, hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
+    """Returns the final latents [B, 4, H/8, W/8]; ``decode_latents`` turns them into images."""
+    check_image_size(cfg.height, cfg.width, model.config.vae.downsample_factor)
+    sampler = _sampler(model, cfg)
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    context = text_context(model, prompts, negative, cfg.guidance)
+    latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
+    latents = latents * sampler.init_noise_sigma
+    predict = guided_unet(model.unet, context, cfg.guidance, sampler)
+    return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
+
+
+@torch.no_grad()
+def sdedit(model: StableDiffusion, images: torch.Tensor, prompts: Sequence[str], strength: float = 0.8,
+           cfg: SamplingConfig = SamplingConfig(), negative: str | Sequence[str] | None = None,
+           hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
+    """SDEdit from ``images`` [B, 3, H, W] in [0, 1]; returns the final latents."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength {strength} is outside (0, 1]; 0.3 keeps most of the image, 1.0 almost none")
+    check_image_size(images.shape[-2], images.shape[-1], model.config.vae.downsample_factor)
+    if images.shape[0] != len(prompts):
+        raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts; give one prompt per image")
+    sampler = _sampler(model, cfg)
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    context = text_context(model, prompts, negative, cfg.guidance)
+    start = sampler.start_index(strength)
+    if start >= len(sampler.timesteps):
+        raise ValueError(f"strength {strength} with {cfg.steps} steps leaves no step to run; raise either")
+    z0 = encode_images(model, images, generator).to(context.dtype)
+    noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+    latents = sampler.add_noise(z0, noise, start)  # x_t0 = √ᾱ_t0 z0 + √(1−ᾱ_t0) ε
+    predict = guided_unet(model.unet, context, cfg.guidance, sampler)
+    return denoise(sampler, predict, latents, generator, start=start, hooks=hooks, progress=progress)

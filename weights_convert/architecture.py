@@ -1,0 +1,111 @@
+"""Architecture numbers read from tensor shapes, plus the family rules for what shapes cannot tell.
+
+Everything structural is in the weights (already renamed to editlab's names): channels per level from the
+first ResBlock's conv1, which levels have attention from which ``attentions`` exist, ResBlocks per level,
+the cross-attention width from ``attn2.to_k``, conv vs linear projections from ``proj_in``'s rank, the VAE's
+channels, the text encoder's width, depth, vocabulary and positions. So a tiny test model goes through
+exactly the path a full one does.
+
+Head counts are not in the weights (q, k, v are C×C whatever the split). They follow from the family
+(CHECKPOINTS.md §3, §7): SD 1 UNets have 8 heads, SD 2 UNets heads of size 64; CLIP-L has 12 heads and
+OpenCLIP-H 16. Any other model needs its ``ModelConfig`` passed explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldm.model import WeightsError
+
+FAMILY_RULES = {  # family -> what the weights cannot say
+    "sd1": dict(unet_heads=dict(n_heads=8, head_dim=None), text_heads=12, activation="quick_gelu", pad=49407),
+    "ip2p": dict(unet_heads=dict(n_heads=8, head_dim=None), text_heads=12, activation="quick_gelu", pad=49407),
+    "sd2": dict(unet_heads=dict(n_heads=None, head_dim=64), text_heads=16, activation="gelu", pad=0),
+}
+
+
+def _count(tensors: dict[str, torch.Tensor], pattern: str) -> int:
+    return len({m.group(1) for k in tensors if (m := re.match(pattern, k))})
+
+
+def _need(tensors: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    if key not in tensors:
+        raise WeightsError(f"cannot read the {what} architecture: no {key!r} in the weights")
+    return tensors[key]
+
+
+def unet_config(t: dict[str, torch.Tensor], family: str) -> UNetConfig:
+    """UNetConfig from editlab-named UNet tensors (no ``unet.`` prefix)."""
+    conv_in = _need(t, "conv_in.weight", "UNet")
+    model_channels = conv_in.shape[0]
+    levels = _count(t, r"down_blocks\.(\d+)\.")
+    level_channels = [_need(t, f"down_blocks.{i}.resnets.0.conv1.weight", "UNet").shape[0] for i in range(levels)]
+    if any(ch % model_channels for ch in level_channels):
+        raise WeightsError(f"UNet level channels {level_channels} are not multiples of {model_channels}")
+    attn_key = next((k for k in t if k.endswith("attn2.to_k.weight")), None)
+    proj_key = next((k for k in t if k.endswith("proj_in.weight")), None)
+    if attn_key is None or proj_key is None:
+        raise WeightsError("the UNet has no cross-attention layers: not a Stable Diffusion UNet")
+    rules = FAMILY_RULES[family]
+    try:
+        return UNetConfig(
+            in_channels=conv_in.shape[1],
+            out_channels=_need(t, "conv_out.weight", "UNet").shape[0],
+            model_channels=model_channels,
+            channel_mult=tuple(ch // model_channels for ch in level_channels),
+            attention_levels=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in t) for i in range(levels)),
+            layers_per_level=_count(t, r"down_blocks\.0\.resnets\.(\d+)\."),
+            context_dim=t[attn_key].shape[1],
+            linear_projection=t[proj_key].ndim == 2,
+            upcast_attention=family == "sd2",  # editlab: SD 2.x attention scores and softmax always in fp32
+            time_embed_dim_mult=_need(t, "time_embedding.linear_1.weight", "UNet").shape[0] // model_channels,
+            **rules["unet_heads"],
+        )
+    except AssertionError as err:
+        raise WeightsError(f"the UNet does not fit the {family} family rule for heads ({err}); "
+                           "pass its config explicitly (config=... / --config PRESET)") from None
+
+
+def vae_config(t: dict[str, torch.Tensor]) -> VAEConfig:
+    """VAEConfig from editlab-named VAE tensors (no ``vae.`` prefix)."""
+    levels = _count(t, r"encoder\.down_blocks\.(\d+)\.")
+    return VAEConfig(
+        in_channels=_need(t, "encoder.conv_in.weight", "VAE").shape[1],
+        latent_channels=_need(t, "post_quant_conv.weight", "VAE").shape[0],
+        block_channels=tuple(_need(t, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", "VAE").shape[0]
+                             for i in range(levels)),
+        layers_per_level=_count(t, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+    )
+
+
+def text_config(t: dict[str, torch.Tensor], family: str) -> TextEncoderConfig:
+    """TextEncoderConfig from editlab-named text tensors (no ``text_encoder.`` prefix)."""
+    token = _need(t, "text_model.embeddings.token_embedding.weight", "text encoder")
+    rules = FAMILY_RULES[family]
+    width, heads = token.shape[1], rules["text_heads"]
+    if width % heads:
+        raise WeightsError(f"text width {width} is not divisible by the {family} text encoder's {heads} heads; "
+                           "pass its config explicitly (config=... / --config PRESET)")
+    projection = t.get("text_projection.weight")
+    return TextEncoderConfig(
+        vocab_size=token.shape[0],
+        max_length=_need(t, "text_model.embeddings.position_embedding.weight", "text encoder").shape[0],
+        width=width,
+        n_layers=_count(t, r"text_model\.encoder\.layers\.(\d+)\."),
+        n_heads=heads,
+        mlp_dim=_need(t, "text_model.encoder.layers.0.mlp.fc1.weight", "text encoder").shape[0],
+        activation=rules["activation"],
+        pad_token_id=rules["pad"],
+        projection_dim=None if projection is None else projection.shape[0],
+    )
+
+
+def model_config(tensors: dict[str, torch.Tensor], family: str, prediction_type: str) -> ModelConfig:
+    """The whole ModelConfig from editlab-named tensors (``unet.*``, ``vae.*``, ``text_encoder.*``)."""
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return ModelConfig(unet=unet_config(part("unet."), family), vae=vae_config(part("vae.")),
+                       text=text_config(part("text_encoder."), family), prediction_type=prediction_type, family=family)

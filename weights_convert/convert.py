@@ -1,0 +1,203 @@
+"""Any Stable Diffusion checkpoint layout -> editlab's format: ``convert(src, dst, ...)``.
+
+editlab's format is one safetensors file holding ``StableDiffusion``'s state dict and its ModelConfig
+(ldm/model.py); ``StableDiffusion.load(dst)`` reads it back. The steps:
+
+1. read the source safely and detect its layout and family (files.py, detect.py), unless forced;
+2. rename every tensor by the layout's rules (ldm_checkpoint.py or diffusers_folder.py) into a Mapping;
+3. work out the ModelConfig: from the shapes plus family rules (LDM), from config.json files (diffusers),
+   from the file itself (editlab), or the one passed in;
+4. optionally swap in a standalone VAE (its shapes must fit the model's VAE);
+5. check strictly (report.py) and write atomically, with the source's name, sha256, layout and family.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldm.config import ModelConfig
+from ldm.model import StableDiffusion, WeightsError
+from ldm.vae import AutoencoderKL
+
+from . import architecture
+from .detect import LAYOUTS, detect_file_layout, detect_folder_layout, detect_ldm_family, vae_prefix
+from .diffusers_folder import read_component, read_diffusers_folder, weight_files
+from .files import read_checkpoint, sha256_of
+from .ldm_checkpoint import EMA_BOOKKEEPING, convert_ldm_checkpoint
+from .ldm_unet import EMA_PREFIX, has_ema
+from .ldm_vae import convert_vae
+from .report import ConversionReport, Mapping, assemble
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+@dataclass
+class Converted:
+    """A converted model in memory: what ``save`` writes and ``to_model`` builds."""
+
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # StableDiffusion state dict
+    report: ConversionReport
+    metadata: dict[str, str] = field(default_factory=dict)  # recorded in the output file
+
+
+def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, model: str | None = None,
+            prediction: str | None = None, ema: bool | None = None, vae: str | Path | None = None,
+            config: ModelConfig | None = None, dtype: torch.dtype | None = None) -> ConversionReport:
+    """Convert ``src`` (LDM single file, diffusers folder or editlab file) into editlab's format at ``dst``.
+
+    :param layout: force "ldm", "diffusers" or "editlab" instead of detecting it
+    :param model: force the family "sd1", "sd2" or "ip2p"
+    :param prediction: "epsilon" or "v_prediction"; required for SD 2.x single files
+    :param ema: use the UNet's EMA copy (True), the raw weights (False), or the default (None: EMA for IP2P)
+    :param vae: a standalone VAE file or diffusers vae/ folder to use instead of the model's own VAE
+    :param config: the ModelConfig to fill (needed for non-standard head counts, e.g. tiny test models)
+    :param dtype: cast floating tensors (e.g. torch.float16); None keeps the source's dtypes
+    :returns: the report (missing / unexpected / ignored / shape mismatches; the first two are empty)
+    """
+    dst = Path(dst)
+    if dst.is_dir():
+        raise WeightsError(f"{dst}: is a folder; give the output file name, e.g. {dst / 'model.safetensors'}")
+    converted = load_converted(src, layout=layout, model=model, prediction=prediction, ema=ema, vae=vae, config=config)
+    save(converted, dst, dtype)
+    return converted.report
+
+
+def load_converted(src: str | Path, *, layout: str | None = None, model: str | None = None,
+                   prediction: str | None = None, ema: bool | None = None, vae: str | Path | None = None,
+                   config: ModelConfig | None = None) -> Converted:
+    """Steps 1-5 of ``convert`` without writing: the converted tensors, config, report and metadata."""
+    src = Path(src)
+    if layout is not None and layout not in LAYOUTS:
+        raise WeightsError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if model is not None and model not in architecture.FAMILY_RULES:
+        raise WeightsError(f"unknown model type {model!r}; choose sd1, sd2 or ip2p")
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise WeightsError(f"unknown prediction type {prediction!r}; choose epsilon or v_prediction")
+    if not src.exists():
+        raise WeightsError(f"{src}: no such file or folder")
+    checkpoint = None if src.is_dir() else read_checkpoint(src)
+    if layout is None:
+        layout = detect_folder_layout(src) if checkpoint is None else \
+            detect_file_layout(src, list(checkpoint.tensors), checkpoint.metadata)
+    if (layout == "diffusers") != (checkpoint is None):
+        raise WeightsError(f"{src}: layout {layout!r} needs a {'folder' if layout == 'diffusers' else 'file'}")
+    if layout == "vae":
+        raise WeightsError(f"{src}: is a standalone VAE, not a whole model; convert a full model and pass this "
+                           "file with --vae")
+
+    info = {"layout": layout}
+    if layout == "ldm":
+        mapping, config, files = _from_ldm(src, checkpoint.tensors, model, prediction, ema, config, info)
+        mapping.ignored.update(checkpoint.skipped)
+    elif layout == "diffusers":
+        mapping, config, files = _from_diffusers(src, model, prediction, config, info)
+    else:
+        mapping, config, files = _from_editlab(src, checkpoint, prediction, info)
+    info.update(family=config.family, prediction=config.prediction_type)
+    metadata = {"source": src.name, "source_sha256": sha256_of(files, src if src.is_dir() else None),
+                "source_layout": layout, "source_family": config.family, "source_ema": info.get("ema", "absent")}
+    if vae is not None:
+        _swap_vae(mapping, Path(vae), config, info, metadata)
+
+    with torch.device("meta"):
+        target = StableDiffusion(config)
+    tensors, report = assemble(mapping, target, str(src), info)
+    return Converted(config, tensors, report, metadata)
+
+
+def _from_ldm(src, tensors, model, prediction, ema, config, info):
+    family = model or detect_ldm_family(src, tensors)
+    present = has_ema(tensors)
+    if ema and not present:
+        raise WeightsError(f"{src}: --ema asked for, but the file has no EMA copy of the UNet (model_ema.*)")
+    use_ema = present and (family == "ip2p" if ema is None else ema)
+    if present and not use_ema:
+        log.info("%s also holds EMA weights; pass --ema to use them", src.name)
+    info["ema"] = "used" if use_ema else ("not used" if present else "absent")
+    text = None if config is None else config.text
+    mapping = convert_ldm_checkpoint(tensors, family, use_ema, text and text.n_layers, bool(text and text.projection_dim))
+    prediction = _prediction(src, family, prediction, None, config)
+    if config is None:
+        config = architecture.model_config(mapping.tensors, family, prediction)
+    return mapping, config.replace(prediction_type=prediction, family=family), [src]
+
+
+def _from_diffusers(src, model, prediction, config, info):
+    source = read_diffusers_folder(src, model)
+    prediction = _prediction(src, source.family, prediction, source.prediction_type, config)
+    if config is None:
+        config = ModelConfig(unet=source.unet, vae=source.vae, text=source.text)
+    return source.mapping, config.replace(prediction_type=prediction, family=source.family), source.files
+
+
+def _from_editlab(src, checkpoint, prediction, info):
+    if "config" not in checkpoint.metadata:
+        raise WeightsError(f"{src}: not an editlab file (no config in its metadata); drop --layout editlab")
+    config = ModelConfig.from_json(checkpoint.metadata["config"])
+    mapping = Mapping()
+    for key, tensor in checkpoint.tensors.items():
+        mapping.add(key, key, tensor)
+    return mapping, config.replace(prediction_type=prediction or config.prediction_type), [src]
+
+
+def _prediction(src: Path, family: str, user: str | None, from_source: str | None, config: ModelConfig | None) -> str:
+    """The user's choice, else the source's scheduler config, else the passed ModelConfig, else the family
+    default: epsilon for SD 1.x and IP2P; SD 2.x must be told (768-v models are v, 512-base epsilon)."""
+    chosen = user or from_source or (config.prediction_type if config is not None else None)
+    if chosen is None and family == "sd2":
+        raise WeightsError(f"{src}: an SD 2.x model, whose prediction type is not stored in the weights; pass "
+                           "--prediction v_prediction (768-v models) or --prediction epsilon (512-base models)")
+    if chosen not in (None, *PREDICTIONS):
+        raise WeightsError(f"{src}: unknown prediction type {chosen!r}; choose epsilon or v_prediction")
+    return chosen or "epsilon"
+
+
+def _swap_vae(mapping: Mapping, path: Path, config: ModelConfig, info: dict[str, str], metadata: dict[str, str]) -> None:
+    """Replace the ``vae.*`` targets of ``mapping`` by the VAE in ``path`` (file or diffusers vae/ folder),
+    which must fit the model's VAE config exactly."""
+    if path.is_dir():
+        if detect_folder_layout(path) != "vae":
+            raise WeightsError(f"{path}: not a diffusers VAE folder (config.json of an AutoencoderKL)")
+        tensors, prefix, files = read_component(path), f"{path.name}/", [path / "config.json", *weight_files(path)]
+    else:
+        checkpoint = read_checkpoint(path)
+        found = detect_file_layout(path, list(checkpoint.tensors), checkpoint.metadata)
+        if found != "vae":
+            raise WeightsError(f"{path}: is a whole {found} model, not a standalone VAE file")
+        tensors, prefix, files = checkpoint.tensors, vae_prefix(list(checkpoint.tensors)), [path]
+    vae = convert_vae({k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(EMA_PREFIX)}, prefix)
+    for key in tensors:
+        if key in EMA_BOOKKEEPING or key.startswith(EMA_PREFIX):
+            vae.ignore(key, "EMA copy or bookkeeping in the VAE file")
+        elif not key.startswith(prefix):
+            vae.unknown(key)
+    with torch.device("meta"):
+        assemble(vae, AutoencoderKL(config.vae), str(path), {"layout": "vae", "family": config.family})
+    mapping.drop_targets("vae.", f"VAE replaced by {path.name}")
+    mapping.merge(vae, "vae.")
+    info["vae"] = path.name
+    metadata.update(vae_source=path.name, vae_source_sha256=sha256_of(files, path if path.is_dir() else None))
+
+
+def to_model(converted: Converted) -> StableDiffusion:
+    """A StableDiffusion module that uses the converted tensors directly (no copy)."""
+    with torch.device("meta"):
+        model = StableDiffusion(converted.config)
+    model.load_state_dict(converted.tensors, strict=True, assign=True)
+    return model.eval()
+
+
+def save(converted: Converted, dst: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``converted`` atomically in editlab's format (StableDiffusion.save)."""
+    tensors = converted.tensors
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model = to_model(Converted(converted.config, tensors, converted.report))
+    model.save(dst, extra_metadata={**converted.metadata, "converter": "editlab weights_convert"})
