@@ -51,17 +51,21 @@ def read_parameters(path: str | Path) -> dict | None:
     return json.loads(text) if text else None
 
 
-def save_png(path: str | Path, image: torch.Tensor, parameters: dict, force: bool = False) -> Path:
-    """Write ``image`` [3, H, W] in [0, 1] with ``parameters`` in its metadata, atomically.
-
-    An existing file is replaced only if it records the same parameters (the same run again) or ``force``.
-    """
+def check_output(path: str | Path, parameters: dict, force: bool = False) -> Path:
+    """Refuse (before any work is done) to replace a PNG made by another run: an existing file may be replaced
+    only if it records the same parameters (the same run again) or with ``force``."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: output must be a .png file (it carries the run's parameters)")
-    text = json.dumps(parameters, sort_keys=True)
-    if path.exists() and not force and read_parameters(path) != json.loads(text):
+    if path.exists() and not force and read_parameters(path) != json.loads(json.dumps(parameters)):
         raise FileExistsError(f"{path} exists and was made by another run; choose another --out or pass --force")
+    return path
+
+
+def save_png(path: str | Path, image: torch.Tensor, parameters: dict, force: bool = False) -> Path:
+    """Write ``image`` [3, H, W] in [0, 1] with ``parameters`` in its metadata, atomically (see check_output)."""
+    path = check_output(path, parameters, force)
+    text = json.dumps(parameters, sort_keys=True)
     info = PngImagePlugin.PngInfo()
     info.add_text(METADATA_KEY, text)
     with atomic_path(path) as tmp:

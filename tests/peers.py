@@ -15,6 +15,7 @@ The heavy libraries are imported inside the functions, so importing this module 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -146,20 +147,26 @@ def open_clip_hidden_states(tower, ids: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-def write_tokenizer(folder: str | Path) -> Path:
-    """vocab.json and merges.txt of open_clip's BPE (the 49408-entry CLIP vocabulary), with the start and
-    end tokens under transformers' names."""
+@functools.lru_cache(maxsize=1)
+def _bpe_files() -> tuple[str, str]:
     from open_clip.tokenizer import SimpleTokenizer
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     bpe = SimpleTokenizer()
     vocab = dict(bpe.encoder)
     vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
     vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
-    (folder / "vocab.json").write_text(json.dumps(vocab))
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
+    return json.dumps(vocab), "#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n"
+
+
+def write_tokenizer(folder: str | Path) -> Path:
+    """vocab.json and merges.txt of open_clip's BPE (the 49408-entry CLIP vocabulary), with the start and
+    end tokens under transformers' names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _bpe_files()
+    (folder / "vocab.json").write_text(vocab)
+    (folder / "merges.txt").write_text(merges)
     return folder
 
 

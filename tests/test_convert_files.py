@@ -13,7 +13,7 @@ from editing.cli import main
 from ldm.config import VAEConfig, tiny_sd1, tiny_sd2
 from ldm.model import StableDiffusion, WeightsError, metadata_of
 from tests import peers
-from weights_convert import convert, load_converted
+from weights_convert import convert, load_converted, sniff_format
 
 CFG = tiny_sd1()
 
@@ -78,6 +78,21 @@ def test_damaged_and_foreign_files_get_one_line_errors(tmp_path, capsys, ldm_fil
             convert(tmp_path / name, tmp_path / "out.safetensors")
         code, err = run_cli(capsys, tmp_path / name, tmp_path / "out.safetensors")
         assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_formats_are_told_apart_by_content_not_extension(tmp_path, ldm_file):
+    from safetensors.torch import load_file
+
+    state = load_file(str(ldm_file))
+    (tmp_path / "really-safetensors.ckpt").write_bytes(ldm_file.read_bytes())
+    torch.save({"state_dict": state, "global_step": 1}, tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "zip.pt")
+    formats = {name: sniff_format(tmp_path / name) for name in ("really-safetensors.ckpt", "legacy.safetensors", "zip.pt")}
+    assert formats == {"really-safetensors.ckpt": "safetensors", "legacy.safetensors": "torch-legacy", "zip.pt": "torch-zip"}
+    reference = load_converted(ldm_file, config=CFG).tensors
+    for name in formats:
+        tensors = load_converted(tmp_path / name, config=CFG).tensors
+        assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in reference)
 
 
 def test_unknown_architectures_are_named(tmp_path, capsys):

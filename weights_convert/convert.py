@@ -86,11 +86,11 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
     if layout is None:
         layout = detect_folder_layout(src) if checkpoint is None else \
             detect_file_layout(src, list(checkpoint.tensors), checkpoint.metadata)
-    if (layout == "diffusers") != (checkpoint is None):
-        raise WeightsError(f"{src}: layout {layout!r} needs a {'folder' if layout == 'diffusers' else 'file'}")
     if layout == "vae":
         raise WeightsError(f"{src}: is a standalone VAE, not a whole model; convert a full model and pass this "
                            "file with --vae")
+    if (layout == "diffusers") != (checkpoint is None):
+        raise WeightsError(f"{src}: layout {layout!r} needs a {'folder' if layout == 'diffusers' else 'file'}")
 
     info = {"layout": layout}
     if layout == "ldm":
@@ -99,7 +99,7 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
     elif layout == "diffusers":
         mapping, config, files = _from_diffusers(src, model, prediction, config, info)
     else:
-        mapping, config, files = _from_editlab(src, checkpoint, prediction, info)
+        mapping, config, files = _from_editlab(src, checkpoint, prediction, config)
     info.update(family=config.family, prediction=config.prediction_type)
     metadata = {"source": src.name, "source_sha256": sha256_of(files, src if src.is_dir() else None),
                 "source_layout": layout, "source_family": config.family, "source_ema": info.get("ema", "absent")}
@@ -125,7 +125,10 @@ def _from_ldm(src, tensors, model, prediction, ema, config, info):
     mapping = convert_ldm_checkpoint(tensors, family, use_ema, text and text.n_layers, bool(text and text.projection_dim))
     prediction = _prediction(src, family, prediction, None, config)
     if config is None:
-        config = architecture.model_config(mapping.tensors, family, prediction)
+        try:
+            config = architecture.model_config(mapping.tensors, family, prediction)
+        except WeightsError as err:
+            raise WeightsError(f"{src}: {err}") from None
     return mapping, config.replace(prediction_type=prediction, family=family), [src]
 
 
@@ -137,10 +140,10 @@ def _from_diffusers(src, model, prediction, config, info):
     return source.mapping, config.replace(prediction_type=prediction, family=source.family), source.files
 
 
-def _from_editlab(src, checkpoint, prediction, info):
+def _from_editlab(src, checkpoint, prediction, config):
     if "config" not in checkpoint.metadata:
         raise WeightsError(f"{src}: not an editlab file (no config in its metadata); drop --layout editlab")
-    config = ModelConfig.from_json(checkpoint.metadata["config"])
+    config = config or ModelConfig.from_json(checkpoint.metadata["config"])
     mapping = Mapping()
     for key, tensor in checkpoint.tensors.items():
         mapping.add(key, key, tensor)

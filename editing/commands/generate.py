@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ldm.images import save_png
+from ldm.images import check_output, save_png
 from ldm.pipeline import decode_latents, text_to_image
 
 from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
@@ -31,9 +31,11 @@ def run(args):
         raise ValueError(f"--batch {args.batch}: give at least 1")
     model = load_model(args)
     cfg = sampling_config(args, model)
-    latents = text_to_image(model, [args.prompt] * args.batch, cfg, negative=args.negative)
-    images = decode_latents(model, latents)
     params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "")
-    for k, path in enumerate(output_paths(args.out, args.batch)):
-        save_png(path, images[k], {**params, "batch_index": k}, force=args.force)
+    outputs = [(path, {**params, "batch_index": k}) for k, path in enumerate(output_paths(args.out, args.batch))]
+    for path, image_params in outputs:
+        check_output(path, image_params, args.force)
+    images = decode_latents(model, text_to_image(model, [args.prompt] * args.batch, cfg, negative=args.negative))
+    for (path, image_params), image in zip(outputs, images):
+        save_png(path, image, image_params, force=args.force)
         print(path)

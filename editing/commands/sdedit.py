@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ldm.images import file_sha256, load_image, save_png
+from ldm.images import check_output, file_sha256, load_image, save_png
 from ldm.pipeline import decode_latents, sdedit
 
 from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
@@ -28,7 +28,8 @@ def run(args):
     image = load_image(args.image, size)
     args.height, args.width = image.shape[-2], image.shape[-1]
     cfg = sampling_config(args, model)
-    latents = sdedit(model, image, [args.prompt], args.strength, cfg, negative=args.negative)
     params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
                             strength=args.strength, image_sha256=file_sha256(args.image))
+    check_output(args.out, params, args.force)
+    latents = sdedit(model, image, [args.prompt], args.strength, cfg, negative=args.negative)
     print(save_png(args.out, decode_latents(model, latents)[0], params, force=args.force))

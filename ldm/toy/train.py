@@ -47,7 +47,7 @@ class ToyRecipe:
     seed: int = 0  # seeds initialisation and every per-step draw
     data_seed: int = 1234  # seeds the rendered shapes (ShapesDataset)
     pool: int = 8192  # rendered toy images, reused by both stages
-    vae_steps: int = 1200
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_natural: int = 6  # of each VAE batch: procedural natural-looking images (the rest are toy images)
     vae_lr: float = 1e-3
@@ -206,7 +206,7 @@ def train_vae(recipe: ToyRecipe, images: torch.Tensor, out: Path, resume: bool =
     start = time.time()
     losses = trainer.run(resume=resume)
     model.eval()
-    scale = measure_scaling_factor(model, images[:512], step_generator(recipe.seed, -1))
+    scale = measure_scaling_factor(model, images[:512], step_generator(recipe.seed, 0, stream=1))
     model = with_scaling_factor(model, scale)
     model.save(out / "vae.safetensors", metadata(recipe, stage="vae", vae_loss=f"{mean_tail(losses):.5f}"))
     log.info("VAE: %d steps in %.0f s, final loss %.4f, scaling factor %.4f", len(losses), time.time() - start,
@@ -224,7 +224,7 @@ def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str]
     model.text_encoder.load_state_dict(fresh.text_encoder.state_dict())
     means, stds = encode_pool(model, images)
     model.vae.requires_grad_(False)
-    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup=recipe.warmup, ema_decay=recipe.ema_decay,
+    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup=min(recipe.warmup, recipe.steps // 10), ema_decay=recipe.ema_decay,
                       seed=recipe.seed + 1, checkpoint_every=250)
     loss_fn = diffusion_loss(model, means, stds, captions, recipe)
     trainer = Trainer(model, loss_fn, cfg, out / "diffusion-checkpoint.pt", "text encoder + UNet")

@@ -1,0 +1,172 @@
+"""InstructPix2Pix: edit an image by following a written instruction, with two guidance scales.
+
+Paper: *InstructPix2Pix: Learning to Follow Image Editing Instructions* (Brooks, Holynski, Efros, CVPR 2023).
+Code followed: timothybrooks/instruct-pix2pix edit_cli.py (the reference sampler) and diffusers
+pipeline_stable_diffusion_instruct_pix2pix.py (the parity peer). METHODS.md §6.
+
+The model is SD 1.5 whose UNet takes 8 input channels: [noisy latent z_t (4) ‖ image latent c_I (4)], and
+cross-attends to the CLIP hidden states c_T of the instruction.
+
+- Image conditioning c_I = E(x).mode(), **unscaled** (no 0.18215): the model was trained that way
+  (timothybrooks/instruct-pix2pix#36). ∅_I, the "no image" condition, is an all-zero latent, and ∅_T the
+  CLIP hidden states of "".
+- Two-way classifier-free guidance (paper eq. 3) over one 3-row batch per input image
+
+      rows:  [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]
+      ε̃ = ε(∅_T, ∅_I) + s_I·(ε(∅_T, c_I) − ε(∅_T, ∅_I)) + s_T·(ε(c_T, c_I) − ε(∅_T, c_I))
+        = row2 + s_I·(row1 − row2) + s_T·(row0 − row1)
+
+  s_T (text, default 7.5) pulls towards the instruction, s_I (image, default 1.5) towards the input image.
+  The guidance is linear, so it is applied to the raw UNet output (ε, or v for v-models) as the references do.
+- Sampler: Euler ancestral, 100 steps, on k-diffusion's grid (t = linspace(999, 0, N), σ by log-linear
+  interpolation; METHODS §0.2), starting from z = σ_0·N(0, I), as edit_cli.py. Any sampler of the stack can
+  be chosen instead (``EditConfig.scheduler`` / ``spacing``).
+
+editlab vs diffusers: both scales are used as given. diffusers switches *all* guidance off (one conditional
+row, no image-free row) unless s_T > 1 **and** s_I ≥ 1; editlab always runs the three rows, so s_I < 1 (which
+extrapolates away from the input image) and s_T ≤ 1 mean what the formula says. With s_T > 1, s_I ≥ 1 and the
+same sampler, seed and image the final latents equal diffusers' (tests/test_ip2p.py).
+Random draws follow diffusers: the initial latents randn((B, 4, h, w)) on a CPU generator, then each step's
+noise in the sampler; c_I takes no draw (the mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ldm.model import StableDiffusion
+from ldm.pipeline import Predictor, check_image_size, denoise, initial_noise
+from ldm.schedulers import NoiseSchedule, make_sampler
+
+from .ip2p_sizing import size_multiple
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    text_guidance: float = 7.5  # s_T, towards the instruction (paper and edit_cli.py default)
+    image_guidance: float = 1.5  # s_I, towards the input image (edit_cli.py default; the paper sweeps 1.0-2.2)
+    steps: int = 100  # edit_cli.py default
+    scheduler: str = "euler-a"  # "euler-a" (reference), "ddim" or "ddpm"
+    spacing: str | None = None  # timestep grid; None: "log-linear" for euler-a (k-diffusion), else the sampler's
+    eta: float = 0.0  # DDIM stochasticity (ddim only)
+    seed: int = 0
+
+
+def check_ip2p_model(model: StableDiffusion) -> None:
+    """The UNet must take [noisy latent ‖ image latent]: twice the VAE's latent channels."""
+    expected = 2 * model.config.vae.latent_channels
+    if model.config.unet.in_channels != expected:
+        raise ValueError(f"this model's UNet takes {model.config.unet.in_channels} input channels, InstructPix2Pix "
+                         f"needs {expected} (noisy latent + image latent); convert an InstructPix2Pix checkpoint "
+                         "(e.g. instruct-pix2pix-00-22000.ckpt) with 'editlab convert' and pass it with --weights")
+
+
+def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon"):
+    """The sampler of ``cfg``; Euler ancestral defaults to the log-linear grid of edit_cli.py."""
+    spacing = cfg.spacing or ("log-linear" if cfg.scheduler == "euler-a" else None)
+    return make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
+                        prediction_type=prediction_type, spacing=spacing)
+
+
+@torch.no_grad()
+def image_condition(model: StableDiffusion, images: torch.Tensor) -> torch.Tensor:
+    """c_I = E(2x − 1).mode(): images [B, 3, H, W] in [0, 1] -> latents [B, 4, H/f, W/f], NOT multiplied by
+    the 0.18215 scaling factor (the training convention; scaling it silently degrades edits)."""
+    vae = model.vae
+    posterior = vae.encode((images * 2 - 1).to(model.device, vae.dtype))
+    return posterior.mode()
+
+
+@torch.no_grad()
+def instruction_context(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
+                        instruction_embedding: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-attention context of the three rows, [c_T; ∅_T; ∅_T] ([3B, 77, C]).
+
+    c_T is CLIP(instruction), or ``instruction_embedding`` ([77, C] or [B, 77, C]) used as it is: the hook for
+    a learned instruction (Visii, METHODS §10) that replaces the encoded text.
+    """
+    if (instructions is None) == (instruction_embedding is None):
+        raise ValueError("give either instructions or an instruction embedding (exactly one of the two)")
+    null = model.encode_prompt([""] * batch)  # ∅_T
+    if instruction_embedding is None:
+        if len(instructions) != batch:
+            raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
+        cond = model.encode_prompt(list(instructions))
+    else:
+        cond = _embedding_batch(instruction_embedding, batch, tuple(null.shape[1:])).to(null.device, null.dtype)
+    return torch.cat([cond, null, null])  # 3 × [B, 77, C] -> [3B, 77, C]
+
+
+def _embedding_batch(embedding: torch.Tensor, batch: int, shape: tuple[int, int]) -> torch.Tensor:
+    if embedding.ndim == 2:
+        embedding = embedding[None]  # [77, C] -> [1, 77, C]
+    if embedding.ndim != 3 or tuple(embedding.shape[1:]) != shape or embedding.shape[0] not in (1, batch):
+        raise ValueError(f"instruction embedding of shape {tuple(embedding.shape)} does not fit this model; "
+                         f"it must be [{shape[0]}, {shape[1]}] (or [{batch}, {shape[0]}, {shape[1]}])")
+    return embedding.expand(batch, *shape)
+
+
+def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor, text_scale: float,
+                       image_scale: float, sampler) -> Predictor:
+    """predict(x, i, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
+    [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w])."""
+    image_rows = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [c_I; c_I; ∅_I]
+
+    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        x_in = sampler.scale_model_input(torch.cat([x, x, x]), i)  # [B, 4, h, w] -> [3B, 4, h, w]
+        unet_in = torch.cat([x_in, image_rows.to(x_in.dtype)], dim=1)  # -> [3B, 8, h, w]
+        full, image_only, unconditional = unet(unet_in, t, context).chunk(3)  # -> 3 × [B, 4, h, w]
+        return (unconditional
+                + text_scale * (full - image_only)  # s_T (ε(c_T, c_I) − ε(∅_T, c_I))
+                + image_scale * (image_only - unconditional))  # s_I (ε(∅_T, c_I) − ε(∅_T, ∅_I))
+
+    return predict
+
+
+@torch.no_grad()
+def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
+         cfg: EditConfig = EditConfig(), instruction_embedding: torch.Tensor | None = None,
+         hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
+    """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see ip2p_sizing) by one instruction each.
+    Returns the final latents [B, 4, H/f, W/f]; ``ldm.pipeline.decode_latents`` turns them into images."""
+    check_ip2p_model(model)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    check_image_size(height, width, size_multiple(model.config))
+    batch = images.shape[0]
+    sampler = edit_sampler(cfg, model.config.prediction_type)
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    context = instruction_context(model, instructions, batch, instruction_embedding)
+    image_latents = image_condition(model, images).to(context.dtype)
+    latents = initial_noise(model, batch, height, width, generator, context.dtype)
+    latents = latents * sampler.init_noise_sigma  # z = σ_0·N(0, I) for Euler, N(0, I) for DDIM/DDPM
+    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, sampler)
+    return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
+
+
+def load_instruction_embedding(path: str | Path) -> torch.Tensor:
+    """A learned instruction ([77, C] hidden states, e.g. from Visii) from a safetensors file holding one tensor
+    (or a tensor named "instruction_embedding")."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such instruction embedding file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            key = "instruction_embedding" if "instruction_embedding" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"{path}: holds {len(keys)} tensors ({', '.join(keys[:4])}); store one tensor, or "
+                                 "name it 'instruction_embedding'")
+            return f.get_tensor(key).float()
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for unreadable files
+        raise ValueError(f"{path}: not a readable safetensors file ({err.__class__.__name__}); save the embedding "
+                         "with safetensors.torch.save_file({'instruction_embedding': tensor}, path)") from None

@@ -1,0 +1,142 @@
+"""Prompt-to-Prompt attention controllers (Hertz et al., *Prompt-to-Prompt Image Editing with Cross Attention
+Control*, ICLR 2023, §3.2; METHODS.md §1.1).
+
+The UNet runs on [∅ × B; P_0 … P_{B−1}] (row 0 of the conditional half is the source). In each layer the
+controller edits the conditional rows only; the unconditional rows and the source row pass unchanged:
+
+    cross-attention   A_j ← α_j(i)·E(A_0, A_j) + (1 − α_j(i))·A_j     per token, α from schedules.py
+    self-attention    A_j ← A_0      for calls in the self range, in layers at level ≥ ``self_min_level``
+
+with the edit function E one of (A_0: [heads, Q, K], A_j: [heads, Q, K]):
+
+    Replace (word swap)    E[:, :, n] = Σ_w A_0[:, :, w]·M_j[w, n]          M_j from alignment.replacement_mapper
+    Refine (added words)   E[:, :, n] = A_0[:, :, m_j(n)] if n is aligned, else A_j[:, :, n]
+    Reweight (equalizer)   E = E_prev(A_0, A_j)·e_j[n]     E_prev a chained Replace/Refine, else A_0;
+                           no renormalisation, negative weights allowed
+
+Only the layers the controller needs at the current step run the explicit (query-chunked) attention path;
+every other layer stays on scaled_dot_product_attention (PERFORMANCE.md §6.4). The controller counts the
+layers it is asked about in each step and raises if that differs from the number it was attached to: a hook
+that silently reaches no layer is how the public code broke (METHODS §1.6.3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .local_blend import LocalBlend
+from .store import AttentionStore
+
+
+class Replace:
+    """Word swap: E = A_0 · M_j for every edited prompt j."""
+
+    def __init__(self, mappers: torch.Tensor):
+        self.mappers = mappers  # [B−1, K, K]
+
+    def __call__(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+        # E[j, h, q, n] = Σ_w A_0[h, q, w] M_j[w, n]   ([heads, q, K], [B−1, K, K] -> [B−1, heads, q, K])
+        return torch.einsum("hqw,bwn->bhqn", source, self.mappers.to(source))
+
+
+class Refine:
+    """Added phrase: aligned target tokens take the source token's map, new tokens keep their own."""
+
+    def __init__(self, mappers: torch.Tensor, aligned: torch.Tensor):
+        self.mappers, self.aligned = mappers, aligned  # [B−1, K] long, [B−1, K] in {0, 1}
+
+    def __call__(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+        taken = source[:, :, self.mappers].permute(2, 0, 1, 3)  # [heads, q, B−1, K] -> [B−1, heads, q, K]
+        aligned = self.aligned.to(source)[:, None, None, :]
+        return taken * aligned + edited * (1 - aligned)
+
+
+class Reweight:
+    """Equalizer: scale each token's map by e_j[n], after an optional Replace or Refine."""
+
+    def __init__(self, scale: torch.Tensor, previous: Replace | Refine | None = None):
+        self.scale, self.previous = scale, previous  # [B−1, K]
+
+    def __call__(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+        base = self.previous(source, edited) if self.previous is not None else source.expand_as(edited)
+        return base * self.scale.to(source)[:, None, None, :]
+
+
+class P2PController:
+    """The Prompt-to-Prompt attention hook and step hook for one sampling run of B prompts (row 0 = source).
+
+    :param cross_edit: Replace, Refine or Reweight (None: cross-attention is not edited)
+    :param cross_alphas: α [N, B−1, K] (schedules.cross_replace_alphas)
+    :param self_calls: calls i that replace self-attention (schedules.self_replace_calls)
+    :param self_min_level: self-attention is replaced in layers whose level is ≥ this
+    :param store: optional AttentionStore (visualisation, local blending); sees the edited maps
+    :param blend: optional LocalBlend, applied after each sampler step (needs the store)
+    """
+
+    def __init__(self, n_prompts: int, cross_edit=None, cross_alphas: torch.Tensor | None = None,
+                 self_calls: range = range(0), self_min_level: int = 0, store: AttentionStore | None = None,
+                 blend: LocalBlend | None = None):
+        if cross_edit is not None and cross_alphas is None:
+            raise ValueError("a cross-attention edit needs its α schedule (cross_alphas)")
+        if n_prompts < 2 and (cross_edit is not None or len(self_calls) > 0 or blend is not None):
+            raise ValueError("Prompt-to-Prompt edits need a source and at least one edited prompt")
+        if blend is not None and (store is None or blend.level not in store.levels):
+            raise ValueError("local blending needs an AttentionStore that keeps the blend level's maps")
+        self.n_prompts, self.cross_edit, self.cross_alphas = n_prompts, cross_edit, cross_alphas
+        self.self_calls, self.self_min_level = self_calls, self_min_level
+        self.store, self.blend = store, blend
+        self.step = 0
+        self.expected_calls: int | None = None  # layers attached; set by whoever attaches the controller
+        self.calls = 0  # wants_probabilities calls in the current step
+        self.calls_per_step: list[int] = []
+        self.explicit_per_step: list[list[str]] = []  # layers sent to the explicit path, per step
+
+    def _edits_cross(self, layer) -> bool:
+        return (layer.kind == "cross" and self.cross_edit is not None
+                and bool(self.cross_alphas[self.step].any()))
+
+    def _edits_self(self, layer) -> bool:
+        return layer.kind == "self" and self.step in self.self_calls and layer.level >= self.self_min_level
+
+    # --- step hook --------------------------------------------------------------------------------------
+    def begin_step(self, i: int, t) -> None:
+        self.step, self.calls = i, 0
+        self.explicit_per_step.append([])
+
+    def end_step(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
+        self.calls_per_step.append(self.calls)
+        if self.expected_calls is not None and self.calls != self.expected_calls:
+            raise RuntimeError(f"the Prompt-to-Prompt controller saw {self.calls} attention layers in step {i}, "
+                               f"expected {self.expected_calls}: the UNet ran more than once per step or the "
+                               "hook did not reach every layer")
+        if self.store is not None:
+            self.store.steps += 1
+        if self.blend is not None:
+            latents = self.blend(i, latents, self.store.summed_maps(self.blend.level))
+        return latents
+
+    # --- attention hook ---------------------------------------------------------------------------------
+    def wants_probabilities(self, layer) -> bool:
+        self.calls += 1
+        wanted = self._edits_cross(layer) or self._edits_self(layer) or (
+            self.store is not None and self.store.wants(layer))
+        if wanted and self.explicit_per_step:
+            self.explicit_per_step[-1].append(layer.name)
+        return wanted
+
+    def edit_probabilities(self, layer, probs: torch.Tensor, rows: slice) -> torch.Tensor:
+        b = self.n_prompts
+        if probs.shape[0] not in (b, 2 * b):
+            raise ValueError(f"attention batch of {probs.shape[0]} rows for {b} prompts; Prompt-to-Prompt "
+                             f"expects [uncond × {b}; cond × {b}] (or the {b} conditional rows alone)")
+        first = probs.shape[0] - b  # index of the source row
+        uncond, source, edited = probs[:first], probs[first:first + 1], probs[first + 1:]  # [rows, heads, q, K]
+        if self._edits_cross(layer):
+            alpha = self.cross_alphas[self.step].to(probs)[:, None, None, :]  # [B−1, K] -> [B−1, 1, 1, K]
+            edited = alpha * self.cross_edit(source[0], edited) + (1 - alpha) * edited
+        elif self._edits_self(layer):
+            edited = source.expand_as(edited)  # A_j ← A_0
+        cond = torch.cat([source, edited])
+        if self.store is not None and self.store.wants(layer):
+            self.store.add(layer, cond, rows)
+        return torch.cat([uncond, cond])

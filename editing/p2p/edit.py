@@ -1,0 +1,181 @@
+"""Prompt-to-Prompt editing, end to end: a source prompt and its edits sampled together from one noise, or a
+real image inverted first (DDIM or null-text inversion) and then edited.
+
+Papers: *Prompt-to-Prompt Image Editing with Cross Attention Control* (Hertz et al., ICLR 2023) and
+*Null-text Inversion for Editing Real Images using Guided Diffusion Models* (Mokady et al., CVPR 2023).
+Algorithm: METHODS.md §1.1 (controllers.py has the formulas). Every row starts from the same noise x_T and,
+for the stochastic samplers, draws the same per-step noise (one generator per row, all seeded alike), so the
+rows differ only by their prompts and the edits; row 0 is then exactly what the same batch would give
+without any controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from inversion.ddim_inversion import ddim_invert, inversion_sampler
+from inversion.null_text import NullTextConfig, null_text_inversion, null_text_predictor
+from ldm.attention import attached, attention_layers
+from ldm.model import StableDiffusion
+from ldm.pipeline import SamplingConfig, check_image_size, denoise, encode_images, guided_unet, text_context
+from ldm.schedulers import NoiseSchedule, gaussian_noise, make_sampler
+
+from .alignment import equalizer, refinement_mapper, replacement_mapper, word_positions_in
+from .controllers import P2PController, Refine, Replace, Reweight
+from .local_blend import LocalBlend
+from .schedules import calls_for, cross_replace_alphas, default_map_level, self_replace_calls
+from .store import AttentionStore
+
+MODES = ("swap", "refine")
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    """What to edit and when. Defaults: the Prompt-to-Prompt notebook (squirrel -> lion: cross 0.8, self 0.4;
+    LocalBlend threshold 0.3 from the first step)."""
+
+    mode: str = "swap"  # "swap" (Replace: same word count) or "refine" (Refine: words added/removed)
+    cross_replace: float = 0.8  # fraction of steps whose cross-attention is replaced
+    cross_replace_words: Mapping[str, float] = field(default_factory=dict)  # per-word fractions
+    self_replace: tuple[float, float] = (0.0, 0.4)  # self-attention replaced for steps in [s0·N, s1·N)
+    reweight: Mapping[str, float] = field(default_factory=dict)  # word -> factor, chained after the mode
+    blend_words: tuple[str, ...] = ()  # LocalBlend words, each looked up in every prompt; () = no blend
+    blend_threshold: float = 0.3
+    blend_start: float = 0.0  # first blended step as a fraction of N (null-text notebook: 0.2)
+    map_level: int | None = None  # UNet level of stored / blended / shown maps (None: schedules.default_map_level)
+    self_min_level: int | None = None  # self-attention replaced at levels >= this (None: the map level)
+    store: bool = True  # keep the maps for visualisation
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+
+
+@dataclass
+class P2PResult:
+    prompts: list[str]
+    latents: torch.Tensor  # [B, C, h, w] final latents; row 0 is the source
+    maps: torch.Tensor | None  # [B, h', w', K] cross-attention at ``map_level`` (heads, layers, steps averaged)
+    map_level: int
+    controller: P2PController
+
+
+def resolve_map_level(model: StableDiffusion, config: P2PConfig) -> int:
+    levels = {layer.level for layer in attention_layers(model.unet).values() if layer.kind == "cross"}
+    map_level = default_map_level(model.unet) if config.map_level is None else config.map_level
+    if map_level not in levels:
+        raise ValueError(f"map level {map_level} has no cross-attention layer; this UNet has levels {sorted(levels)}")
+    return map_level
+
+
+def build_controller(model: StableDiffusion, prompts: Sequence[str], steps: int, latent_hw: tuple[int, int],
+                     config: P2PConfig = P2PConfig()) -> P2PController:
+    """The controller for ``prompts`` (row 0 = source) over ``steps`` UNet calls."""
+    if len(prompts) < 2:
+        raise ValueError("Prompt-to-Prompt needs a source prompt and at least one edited prompt")
+    tokenizer, source, edits = model.tokenizer, prompts[0], list(prompts[1:])
+    map_level = resolve_map_level(model, config)
+    self_min_level = map_level if config.self_min_level is None else config.self_min_level
+    if config.mode == "swap":
+        cross_edit = Replace(torch.stack([replacement_mapper(tokenizer, source, e) for e in edits]))
+    else:
+        mappers, aligned = zip(*(refinement_mapper(tokenizer, source, e) for e in edits))
+        cross_edit = Refine(torch.stack(mappers), torch.stack(aligned))
+    if config.reweight:
+        cross_edit = Reweight(equalizer(tokenizer, edits, config.reweight), cross_edit)
+    alphas = cross_replace_alphas(tokenizer, edits, steps, config.cross_replace, config.cross_replace_words)
+    store = AttentionStore(len(prompts), latent_hw, {map_level}) if config.store or config.blend_words else None
+    blend = None
+    if config.blend_words:
+        token_masks = torch.zeros(len(prompts), tokenizer.max_length)
+        for word in config.blend_words:
+            for row, positions in enumerate(word_positions_in(tokenizer, prompts, word, "blend")):
+                token_masks[row, positions] = 1.0
+        blend = LocalBlend(token_masks, map_level, config.blend_threshold, calls_for(config.blend_start, steps))
+    return P2PController(len(prompts), cross_edit, alphas, self_replace_calls(config.self_replace, steps),
+                         self_min_level, store, blend)
+
+
+@torch.no_grad()
+def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[str],
+                     cfg: SamplingConfig = SamplingConfig(), config: P2PConfig = P2PConfig(), *,
+                     noise: torch.Tensor | None = None, null_embeddings: Sequence[torch.Tensor] | None = None,
+                     attention_hooks: Sequence = (), progress: bool = False) -> P2PResult:
+    """Sample the source prompt and its edits together under a Prompt-to-Prompt controller.
+
+    :param noise: x_T [1, C, h, w] shared by all rows (an inversion's last pivot); default: drawn from the seed
+    :param null_embeddings: per-step unconditional embeddings [1, L, C] (null-text inversion)
+    :param attention_hooks: extra attention hooks attached after the controller (they see the edited maps)
+    """
+    prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
+    sampler = make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
+                           prediction_type=model.config.prediction_type)
+    generators = [torch.Generator("cpu").manual_seed(cfg.seed) for _ in prompts]  # same noise in every row
+    if null_embeddings is None:
+        context = text_context(model, prompts, None, cfg.guidance)  # [∅ × B; P_0 … P_{B−1}]
+        predict = guided_unet(model.unet, context, cfg.guidance, sampler)
+    else:
+        if len(null_embeddings) != cfg.steps:
+            raise ValueError(f"{len(null_embeddings)} null embeddings for {cfg.steps} steps; invert with the same steps")
+        context = model.encode_prompt(prompts)
+        predict = null_text_predictor(model.unet, list(null_embeddings), context, cfg.guidance, sampler)
+    if noise is None:
+        check_image_size(cfg.height, cfg.width, model.config.vae.downsample_factor)
+        f, channels = model.config.vae.downsample_factor, model.config.vae.latent_channels
+        shape = (len(prompts), channels, cfg.height // f, cfg.width // f)
+        latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma
+    else:
+        latents = noise.to(model.device, context.dtype).expand(len(prompts), -1, -1, -1)
+    controller = build_controller(model, prompts, cfg.steps, tuple(latents.shape[-2:]), config)
+    with contextlib.ExitStack() as stack:
+        controller.expected_calls = len(stack.enter_context(attached(model.unet, controller)))
+        for hook in attention_hooks:
+            stack.enter_context(attached(model.unet, hook))
+        latents = denoise(sampler, predict, latents, generators, hooks=[controller], progress=progress)
+    map_level = resolve_map_level(model, config)
+    maps = controller.store.average_maps(map_level) if controller.store is not None else None
+    return P2PResult(prompts, latents, maps, map_level, controller)
+
+
+@dataclass
+class Inversion:
+    method: str  # "ddim" or "null-text"
+    noise: torch.Tensor  # x_T = z*_N [1, C, h, w]
+    null_embeddings: list[torch.Tensor] | None  # per-step ∅_i (null-text) or None (the empty prompt)
+    details: object  # pivots (ddim) or the NullTextInversion
+
+
+def invert_image(model: StableDiffusion, image: torch.Tensor, prompt: str, cfg: SamplingConfig,
+                 method: str = "null-text", inversion_guidance: float = 1.0, batch: int = 1,
+                 null_config: NullTextConfig | None = None, progress: bool = False) -> Inversion:
+    """Encode ``image`` [1, 3, H, W] in [0, 1] (posterior mean, METHODS §0.4) and invert it on the DDIM grid
+    of ``cfg`` (which must be ddim with eta 0). ``batch``: the editing batch the null-text advance step uses."""
+    if cfg.scheduler != "ddim" or cfg.eta != 0:
+        raise ValueError(f"real-image editing inverts with deterministic DDIM; use scheduler 'ddim' with eta 0 "
+                         f"(got {cfg.scheduler!r}, eta {cfg.eta})")
+    check_image_size(image.shape[-2], image.shape[-1], model.config.vae.downsample_factor)
+    latents = encode_images(model, image)
+    sampler = inversion_sampler(model, cfg.steps)
+    if method == "ddim":
+        pivots = ddim_invert(model, latents, prompt, sampler, inversion_guidance, progress=progress)
+        return Inversion(method, pivots[-1], None, pivots)
+    if method == "null-text":
+        null_config = null_config or NullTextConfig(guidance=cfg.guidance)
+        result = null_text_inversion(model, latents, prompt, sampler, null_config, inversion_guidance, batch, progress)
+        return Inversion(method, result.noise, result.null_embeddings, result)
+    raise ValueError(f"inversion method {method!r} is not one of ('ddim', 'null-text')")
+
+
+def edit_real_image(model: StableDiffusion, image: torch.Tensor, source: str, edits: str | Sequence[str],
+                    cfg: SamplingConfig, config: P2PConfig = P2PConfig(), method: str = "null-text",
+                    inversion_guidance: float = 1.0, progress: bool = False) -> tuple[P2PResult, Inversion]:
+    """Invert ``image`` under the source prompt, then edit it; row 0 of the result is the reconstruction."""
+    n_prompts = 1 + (1 if isinstance(edits, str) else len(edits))
+    inverted = invert_image(model, image, source, cfg, method, inversion_guidance, n_prompts, progress=progress)
+    result = prompt_to_prompt(model, source, edits, cfg, config, noise=inverted.noise,
+                              null_embeddings=inverted.null_embeddings, progress=progress)
+    return result, inverted

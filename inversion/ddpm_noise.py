@@ -1,0 +1,230 @@
+"""Edit-friendly DDPM inversion: the noise maps that make a DDPM sampler reproduce a given image exactly.
+
+Paper: *An Edit Friendly DDPM Noise Space: Inversion and Manipulations* (Huberman-Spiegelglas, Kulikov &
+Michaeli, CVPR 2024), Sec. 3 and Algorithm 1. Reference code: inbarhub/DDPM_inversion
+(ddm_inversion/inversion_utils.py) and diffusers' LEDITS++ ``invert`` (METHODS.md §4).
+
+A DDPM sampler (DDIM with η > 0, *Denoising Diffusion Implicit Models* eq. 12 and 16) draws one noise map z_t
+per step:
+
+    x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t                                  ε̂ from CFG: ε_u + w(ε_c − ε_u)
+    σ_t = η √((1−ᾱ_p)/(1−ᾱ_t) · (1−ᾱ_t/ᾱ_p))                       p = t − 1000//N; ᾱ_p = ᾱ_0 if p < 0
+    μ_t = √ᾱ_p x̂0 + √(1−ᾱ_p−σ_t²) ε̂
+    x_p = μ_t + σ_t z_t
+
+The edit-friendly noise space inverts this for a given x0 in two passes:
+
+1. auxiliary path: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε̃_t with an *independent* ε̃_t ~ N(0, I) for every grid t
+   (not one ε for all t, as DDIM-style noising would do);
+2. for t = t_0 (largest) → t_{N−1} = 1: z_t = (x_p − μ_t(x_t)) / σ_t, and then the stored x_p is rewritten as
+   μ_t + σ_t z_t, the sampler's own arithmetic. Regenerating with the same prompt, guidance, η and z_t
+   therefore repeats every operation and returns x0 up to float rounding (no optimisation).
+
+editlab conventions (METHODS.md §4.3):
+- η²σ² under the root, as DDIM and LEDITS++. inbarhub/DDPM_inversion puts ησ² there; the two agree at η = 1.
+  η must be > 0: at η = 0 there is no noise to extract (use DDIM inversion).
+- The last map z_1 is kept (the public code zeroes it and breaks the x_1 → x0 step; its author agrees).
+- Grid: "leading" with offset 1 (100 steps: t = 991, 981, …, 1), as both references.
+- The model output is converted to ε (and x̂0) first, so v-prediction models work too.
+- CFG runs as one batched UNet call on [uncond; cond] (the reference makes two batch-1 calls; the results
+  differ at rounding level). Inversion and regeneration use the same batching, so reconstruction is exact.
+- The auxiliary noise comes from an explicit ``torch.Generator``, drawn for the smallest t first (t = 1, 11, …),
+  the order of diffusers' LEDITS++ ``invert``, so the same seed gives the same maps there.
+- Layout: ``latents[i]`` is the input x of step i (at ``timesteps[i]``), ``latents[N]`` = x0, and
+  ``noise_maps[i]`` is the z of step i. (The reference stores xts in increasing noise instead.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.pipeline import denoise
+from ldm.schedulers import DDIMSampler, NoiseSchedule, ddim_sigma, ddim_step, gaussian_noise, predict_eps_x0
+
+Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DDPMInversionConfig:
+    steps: int = 100  # N inference steps on the leading grid (t = 991 … 1); DDPM_inversion main_run.py
+    eta: float = 1.0  # η: σ_t = η·σ_DDPM (η²σ² convention); 1 is DDPM, the paper's setting
+    source_guidance: float = 3.5  # CFG scale w under the source prompt while extracting (cfg_src)
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be an integer in [1, 1000], got {self.steps!r}")
+        if not self.eta > 0:
+            raise ValueError(f"eta must be > 0 for edit-friendly inversion (got {self.eta}); with eta 0 the "
+                             "sampler adds no noise to extract: use DDIM inversion instead")
+
+
+@dataclass(frozen=True)
+class DDPMInversion:
+    """The edit-friendly code of one batch of images: regenerate with ``regenerate``."""
+
+    latents: torch.Tensor  # [N+1, B, C, h, w]: latents[i] = x at timesteps[i]; latents[N] = x0
+    noise_maps: torch.Tensor  # [N, B, C, h, w]: noise_maps[i] = z_t of step i (t_i -> t_{i+1})
+    timesteps: torch.Tensor  # [N] the grid, descending
+    eta: float
+    prediction_type: str = "epsilon"  # of the model that made it; regeneration converts the same way
+    source_prompts: tuple[str, ...] = ()
+    source_guidance: float = 1.0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def start_latent(self, skip: int) -> torch.Tensor:
+        """x at timesteps[skip]: where an edit that skips the first ``skip`` steps starts."""
+        check_skip(skip, self.num_steps)
+        return self.latents[skip]
+
+
+def check_skip(skip: int, num_steps: int) -> None:
+    if not isinstance(skip, int) or not 0 <= skip < num_steps:
+        raise ValueError(f"skip must be an integer in [0, {num_steps - 1}] for {num_steps} steps, got {skip!r}")
+
+
+def edit_friendly_sampler(num_steps: int, eta: float, prediction_type: str = "epsilon") -> DDIMSampler:
+    """DDIM(η) on SD's leading grid with offset 1: the sampler whose noise maps are extracted."""
+    return DDIMSampler(NoiseSchedule.scaled_linear(), num_steps, eta, prediction_type)
+
+
+def step_terms(sampler: DDIMSampler, model_output: torch.Tensor, i: int, x: torch.Tensor):
+    """(x̂0, ε̂, ᾱ_p, σ_t) of step i; the model output is converted to ε first (v-prediction too)."""
+    alpha_bar_t = sampler.schedule.alpha_bar(sampler.timesteps[i])
+    alpha_bar_prev = sampler.schedule.alpha_bar(sampler.previous_timestep(i))  # ᾱ_0 past the end
+    eps, x0 = predict_eps_x0(model_output, x, alpha_bar_t, sampler.prediction_type)
+    return x0, eps, alpha_bar_prev, ddim_sigma(alpha_bar_t, alpha_bar_prev, sampler.eta)
+
+
+def noise_step(sampler: DDIMSampler, model_output: torch.Tensor, i: int, x: torch.Tensor,
+               noise: torch.Tensor) -> torch.Tensor:
+    """x_p = √ᾱ_p x̂0 + √(1−ᾱ_p−σ_t²) ε̂ + σ_t z_t with a given z_t: the one update both inversion and
+    regeneration use (DDIM eq. 12)."""
+    x0, eps, alpha_bar_prev, sigma = step_terms(sampler, model_output, i, x)
+    return ddim_step(x0, eps, alpha_bar_prev, sigma, noise)
+
+
+def auxiliary_path(x0: torch.Tensor, sampler: DDIMSampler, generator: torch.Generator | Sequence[torch.Generator]
+                   ) -> torch.Tensor:
+    """[N+1, B, C, h, w]: x_{t_i} = √ᾱ_{t_i} x0 + √(1−ᾱ_{t_i}) ε̃_i with independent ε̃_i, and x0 last.
+
+    ε̃ is drawn for the smallest t first (as diffusers' LEDITS++). A list of generators draws each batch item
+    from its own generator, so item k does not depend on the batch size."""
+    path = [x0]
+    for i in reversed(range(sampler.num_steps)):
+        noise = gaussian_noise(x0.shape, generator, x0.device, x0.dtype)
+        path.append(sampler.add_noise(x0, noise, i))  # x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε̃_t
+    return torch.stack(path[::-1])  # N+1 × [B, C, h, w] -> [N+1, B, C, h, w], index i = step i
+
+
+@torch.no_grad()
+def extract_noise_maps(predict: Predictor, sampler: DDIMSampler, path: torch.Tensor, progress: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, noise_maps) from an auxiliary path [N+1, B, ...] (``auxiliary_path``).
+
+    Step i: z_i = (x_{i+1} − μ_i(x_i)) / σ_i, then x_{i+1} ← μ_i + σ_i z_i, so step i+1 starts from exactly
+    what the sampler will produce. The caller's ``path`` is not modified."""
+    if path.shape[0] != sampler.num_steps + 1:
+        raise ValueError(f"path has {path.shape[0]} latents; a {sampler.num_steps}-step sampler needs "
+                         f"{sampler.num_steps + 1} (one per grid step, then x0)")
+    latents = [path[0]]
+    noise_maps = []
+    for i in tqdm(range(sampler.num_steps), disable=not progress, leave=False, desc="inverting"):
+        x = latents[i]
+        output = predict(x, i, sampler.timesteps[i])
+        x0, eps, alpha_bar_prev, sigma = step_terms(sampler, output, i, x)
+        mean = ddim_step(x0, eps, alpha_bar_prev, sigma)  # μ_t
+        z = (path[i + 1] - mean) / sigma  # z_t = (x_p − μ_t) / σ_t
+        noise_maps.append(z)
+        latents.append(ddim_step(x0, eps, alpha_bar_prev, sigma, z))  # x_p ← μ_t + σ_t z_t
+    return torch.stack(latents), torch.stack(noise_maps)  # lists -> [N+1, B, ...], [N, B, ...]
+
+
+class NoiseMapSampler:
+    """A sampler whose step i adds σ_t·noise_maps[i] instead of fresh noise; plugs into ``ldm.pipeline.denoise``.
+
+    A map of batch 1 is shared by every row (several prompts, Prompt-to-Prompt)."""
+
+    name = "edit-friendly"
+
+    def __init__(self, sampler: DDIMSampler, noise_maps: torch.Tensor):
+        if noise_maps.shape[0] != sampler.num_steps:
+            raise ValueError(f"{noise_maps.shape[0]} noise maps for a {sampler.num_steps}-step sampler")
+        self.sampler, self.noise_maps = sampler, noise_maps
+        self.timesteps = sampler.timesteps
+
+    def __len__(self) -> int:
+        return self.sampler.num_steps
+
+    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return self.sampler.scale_model_input(x, i)
+
+    def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator=None) -> torch.Tensor:
+        return noise_step(self.sampler, model_output, i, x, self.noise_maps[i])
+
+
+def guided_predictor(unet, context: torch.Tensor, guidance: float | Sequence[float]) -> Predictor:
+    """predict(x, i, t) = ε_u + w_b (ε_c − ε_u) per row b, from one UNet call on [uncond; cond].
+
+    ``context`` is [uncond; cond] ([2B, 77, C]) when any w > 1, else the conditional rows [B, 77, C] alone.
+    One scale per row allows Prompt-to-Prompt batches (source at w_src, target at w_tar). The UNet gets x_t
+    unscaled (DDIM is a variance-preserving sampler: ``scale_model_input`` is the identity)."""
+    scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+    if (scales <= 1.0).all():
+        return lambda x, i, t: unet(x, t, context)
+
+    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        uncond, cond = unet(torch.cat([x, x]), t, context).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
+        return uncond + w * (cond - uncond)
+
+    return predict
+
+
+def prompt_context(model, prompts: Sequence[str], guidance: float | Sequence[float]) -> torch.Tensor:
+    """[uncond ("") rows; prompt rows] when any scale is > 1 (CFG), else the prompt rows alone."""
+    cond = model.encode_prompt(list(prompts))
+    if max(torch.as_tensor(guidance, dtype=torch.float32).flatten().tolist()) <= 1.0:
+        return cond
+    return torch.cat([model.encode_prompt([""] * len(prompts)), cond])
+
+
+@torch.no_grad()
+def invert(model, x0: torch.Tensor, source_prompts: str | Sequence[str], cfg: DDPMInversionConfig,
+           generator: torch.Generator | Sequence[torch.Generator], progress: bool = False) -> DDPMInversion:
+    """Edit-friendly noise maps of latents ``x0`` [B, C, h, w] (model latents, e.g. ``encode_images`` without a
+    generator: the mode, as both references) under the source prompt(s) at ``cfg.source_guidance``."""
+    prompts = [source_prompts] * x0.shape[0] if isinstance(source_prompts, str) else list(source_prompts)
+    if len(prompts) != x0.shape[0]:
+        raise ValueError(f"{len(prompts)} source prompts for {x0.shape[0]} latents; give one or one per latent")
+    sampler = edit_friendly_sampler(cfg.steps, cfg.eta, model.config.prediction_type)
+    context = prompt_context(model, prompts, cfg.source_guidance)
+    x0 = x0.to(model.device, context.dtype)
+    predict = guided_predictor(model.unet, context, cfg.source_guidance)
+    latents, noise_maps = extract_noise_maps(predict, sampler, auxiliary_path(x0, sampler, generator), progress)
+    return DDPMInversion(latents, noise_maps, sampler.timesteps, cfg.eta, sampler.prediction_type, tuple(prompts),
+                         cfg.source_guidance)
+
+
+@torch.no_grad()
+def regenerate(predict: Predictor, inversion: DDPMInversion, skip: int = 0, hooks: Sequence = (),
+               batch: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Run the sampler from step ``skip`` with the stored noise maps; returns the final latents.
+
+    ``predict`` may use another prompt and guidance (an edit). ``batch`` repeats a batch-1 inversion for
+    several prompts (the maps are shared)."""
+    sampler = edit_friendly_sampler(inversion.num_steps, inversion.eta, inversion.prediction_type)
+    start = inversion.start_latent(skip)
+    if batch is not None and batch != start.shape[0]:
+        if start.shape[0] != 1:
+            raise ValueError(f"cannot spread an inversion of batch {start.shape[0]} over {batch} rows; invert "
+                             "one image to edit it under several prompts")
+        start = start.expand(batch, -1, -1, -1)
+    return denoise(NoiseMapSampler(sampler, inversion.noise_maps), predict, start, None, start=skip, hooks=hooks,
+                   progress=progress)
