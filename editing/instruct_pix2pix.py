@@ -39,10 +39,10 @@ from typing import Sequence
 import torch
 
 from ldm.model import StableDiffusion
-from ldm.pipeline import Predictor, check_image_size, denoise, initial_noise
+from ldm.pipeline import Predictor, denoise, initial_noise
 from ldm.schedulers import NoiseSchedule, make_sampler
 
-from .ip2p_sizing import size_multiple
+from .ip2p_sizing import check_edit_size
 
 
 @dataclass(frozen=True)
@@ -81,22 +81,21 @@ def image_condition(model: StableDiffusion, images: torch.Tensor) -> torch.Tenso
     return posterior.mode()
 
 
-@torch.no_grad()
 def instruction_context(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
                         instruction_embedding: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-attention context of the three rows, [c_T; ∅_T; ∅_T] ([3B, 77, C]).
 
     c_T is CLIP(instruction), or ``instruction_embedding`` ([77, C] or [B, 77, C]) used as it is: the hook for
-    a learned instruction (Visii, METHODS §10) that replaces the encoded text.
+    a learned instruction (Visii, METHODS §10) that replaces the encoded text; gradients flow back to it.
     """
     if (instructions is None) == (instruction_embedding is None):
         raise ValueError("give either instructions or an instruction embedding (exactly one of the two)")
-    null = model.encode_prompt([""] * batch)  # ∅_T
-    if instruction_embedding is None:
-        if len(instructions) != batch:
-            raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
-        cond = model.encode_prompt(list(instructions))
-    else:
+    if instructions is not None and len(instructions) != batch:
+        raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
+    with torch.no_grad():
+        null = model.encode_prompt([""] * batch)  # ∅_T
+        cond = model.encode_prompt(list(instructions)) if instructions is not None else None
+    if cond is None:
         cond = _embedding_batch(instruction_embedding, batch, tuple(null.shape[1:])).to(null.device, null.dtype)
     return torch.cat([cond, null, null])  # 3 × [B, 77, C] -> [3B, 77, C]
 
@@ -137,7 +136,7 @@ def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[st
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
     height, width = images.shape[-2:]
-    check_image_size(height, width, size_multiple(model.config))
+    check_edit_size(width, height, model.config)
     batch = images.shape[0]
     sampler = edit_sampler(cfg, model.config.prediction_type)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)

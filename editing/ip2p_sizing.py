@@ -33,6 +33,14 @@ def size_multiple(config: ModelConfig) -> int:
     return config.vae.downsample_factor * 2 ** (len(config.unet.channel_mult) - 1)
 
 
+def check_edit_size(width: int, height: int, config: ModelConfig) -> None:
+    multiple = size_multiple(config)
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise ValueError(f"image size {width}x{height} is not a multiple of {multiple} (VAE factor × UNet "
+                         f"downsamplings); size it with prepare_image or crop it to "
+                         f"{max(multiple, width // multiple * multiple)}x{max(multiple, height // multiple * multiple)}")
+
+
 def edit_size(width: int, height: int, resolution: int = 512, multiple: int = 64) -> tuple[int, int]:
     """(W', H') of edit_cli.py's rule (module docstring)."""
     if width <= 0 or height <= 0:

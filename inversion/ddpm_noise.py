@@ -36,6 +36,7 @@ editlab conventions (METHODS.md §4.3):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -77,6 +78,14 @@ class DDPMInversion:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
+
+    def row(self, k: int) -> "DDPMInversion":
+        """The inversion of batch item k alone (batch 1)."""
+        if not 0 <= k < self.latents.shape[1]:
+            raise ValueError(f"row {k} out of range for an inversion of batch {self.latents.shape[1]}")
+        prompts = self.source_prompts[k:k + 1] if self.source_prompts else ()
+        return dataclasses.replace(self, latents=self.latents[:, k:k + 1], noise_maps=self.noise_maps[:, k:k + 1],
+                                   source_prompts=prompts)
 
     def start_latent(self, skip: int) -> torch.Tensor:
         """x at timesteps[skip]: where an edit that skips the first ``skip`` steps starts."""
@@ -210,6 +219,29 @@ def invert(model, x0: torch.Tensor, source_prompts: str | Sequence[str], cfg: DD
     latents, noise_maps = extract_noise_maps(predict, sampler, auxiliary_path(x0, sampler, generator), progress)
     return DDPMInversion(latents, noise_maps, sampler.timesteps, cfg.eta, sampler.prediction_type, tuple(prompts),
                          cfg.source_guidance)
+
+
+@torch.no_grad()
+def sample_native(model, prompts: Sequence[str], latent_shape: tuple[int, int], cfg: DDPMInversionConfig,
+                  generator: torch.Generator) -> DDPMInversion:
+    """A plain DDPM sampling run that keeps its *native* noise: x_T and every z_t ~ N(0, I), independent.
+
+    Returns the run as a ``DDPMInversion`` (trajectory in ``latents``, the drawn z_t in ``noise_maps``), so
+    its noise can be compared with the edit-friendly maps of the image it produced (Sec. 2.2 of the paper).
+    """
+    prompts = list(prompts)
+    sampler = edit_friendly_sampler(cfg.steps, cfg.eta, model.config.prediction_type)
+    context = prompt_context(model, prompts, cfg.source_guidance)
+    shape = (len(prompts), model.config.vae.latent_channels, *latent_shape)
+    x_T = gaussian_noise(shape, generator, model.device, context.dtype)
+    noise_maps = gaussian_noise((cfg.steps, *shape), generator, model.device, context.dtype)
+    predict = guided_predictor(model.unet, context, cfg.source_guidance)
+    trajectory = [x_T]
+    for i in range(cfg.steps):
+        trajectory.append(noise_step(sampler, predict(trajectory[i], i, sampler.timesteps[i]), i, trajectory[i],
+                                     noise_maps[i]))
+    return DDPMInversion(torch.stack(trajectory), noise_maps, sampler.timesteps, cfg.eta, sampler.prediction_type,
+                         tuple(prompts), cfg.source_guidance)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .model import StableDiffusion
-from .schedulers import NoiseSchedule, make_sampler
+from .schedulers import NoiseSchedule, gaussian_noise, make_sampler
 
 Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
@@ -96,7 +96,7 @@ def initial_noise(model: StableDiffusion, batch: int, height: int, width: int, g
     """Gaussian latents [B, 4, H/f, W/f], drawn on the generator's device as diffusers' randn_tensor."""
     f = model.config.vae.downsample_factor
     shape = (batch, model.config.vae.latent_channels, height // f, width // f)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(model.device)
+    return gaussian_noise(shape, generator, model.device, dtype)
 
 
 @torch.no_grad()
@@ -154,7 +154,7 @@ def sdedit(model: StableDiffusion, images: torch.Tensor, prompts: Sequence[str],
     if start >= len(sampler.timesteps):
         raise ValueError(f"strength {strength} with {cfg.steps} steps leaves no step to run; raise either")
     z0 = encode_images(model, images, generator).to(context.dtype)
-    noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+    noise = gaussian_noise(z0.shape, generator, z0.device, z0.dtype)
     latents = sampler.add_noise(z0, noise, start)  # x_t0 = √ᾱ_t0 z0 + √(1−ᾱ_t0) ε
     predict = guided_unet(model.unet, context, cfg.guidance, sampler)
     return denoise(sampler, predict, latents, generator, start=start, hooks=hooks, progress=progress)

@@ -45,7 +45,7 @@ class DiagonalGaussian:
         """z = μ + σ·ε, ε drawn on ``generator``'s device as diffusers does (randn_tensor)."""
         device = generator.device if generator is not None else self.mean.device
         eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        return self.mean + self.std * eps.to(self.mean.device)  # not gaussian_noise: the generator is optional
 
 
 class VAEMidBlock(nn.Module):

@@ -89,10 +89,13 @@ def random_like_shape(name: str, shape: tuple[int, ...], generator: torch.Genera
 
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Overwrite every parameter with ``random_like_shape`` values drawn from ``seed``."""
+    """Overwrite every parameter, in place, with values distributed as ``random_like_shape``'s."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in module.named_parameters():
-        param.copy_(random_like_shape(name, tuple(param.shape), generator))
+        if param.ndim <= 1:
+            param.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=generator)
+        else:
+            param.normal_(0.0, 1 / math.sqrt(param[0].numel()), generator=generator)
     return module
 
 

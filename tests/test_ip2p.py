@@ -144,6 +144,10 @@ def test_instruction_embedding_replaces_the_encoded_text(model):
         edit(model, image, None, cfg, instruction_embedding=torch.zeros(77, 64))
     with pytest.raises(ValueError, match="exactly one of the two"):
         edit(model, image, INSTRUCTIONS[:1], cfg, instruction_embedding=embedding)
+    learned = torch.zeros(77, 32, requires_grad=True)  # Visii optimises it through the context: gradients reach it
+    context = instruction_context(model, None, 2, learned)
+    (context[:2] * 3).sum().backward()
+    assert torch.equal(learned.grad, torch.full((77, 32), 6.0))
 
 
 def test_bad_inputs_get_one_line_errors(model):

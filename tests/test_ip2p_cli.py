@@ -120,3 +120,11 @@ def test_cli_errors_are_one_line(files, capsys, tmp_path):
                  "--instruction", "x", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert code == 2 and "takes 4 input channels, InstructPix2Pix needs 8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_keep_size_floors_the_input_to_the_size_multiple(files, tmp_path):
+    assert run_ip2p(files, "--instruction", "x", "--steps", "1", "--keep-size", "--out", tmp_path / "kept.png") == 2
+    out = tmp_path / "kept.png"  # --resolution (given by run_ip2p) and --keep-size contradict; without it:
+    assert main(["ip2p", "--weights", str(files / "tiny-ip2p.safetensors"), "--image", str(files / "input.png"),
+                 "--instruction", "x", "--steps", "1", "--keep-size", "--out", str(out)]) == 0
+    assert pixels(out).shape == (40, 56, 3) and read_parameters(out)["sizing"] == "keep-size"  # 60×40 -> 56×40

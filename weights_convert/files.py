@@ -116,7 +116,13 @@ def _read_safetensors(path: Path) -> Checkpoint:
 def _read_torch(path: Path, fmt: str) -> Checkpoint:
     try:
         # weights_only=True: only tensors and plain containers can be unpickled; never falls back.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
+        # torch.load trusts a ".safetensors" name, so such a file (a pickle, by its bytes) goes in as a file
+        # object; everything else by path, memory-mapped when zip-based (multi-GB checkpoints).
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
     except pickle.UnpicklingError as err:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"it would import {culprit.group(1)}" if culprit else "it holds more than tensors"

@@ -9,19 +9,20 @@ import torch
 from ..options import DTYPES
 
 NAME = "bench"
-HELP = "benchmark editlab against diffusers side by side (unet: one UNet forward; sample: text to image)"
-TARGETS = ("unet", "sample")
+HELP = ("benchmark editlab against diffusers side by side (unet: one UNet forward; sample: text to image); "
+        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images")
+TARGETS = ("unet", "sample", "p2p")
 
 
 def add_arguments(parser):
     parser.add_argument("target", choices=TARGETS)
     parser.add_argument("--preset", default=None, help="model config (default: sd15 for unet; toy on CPU / "
-                                                       "sd15 on GPU for sample)")
+                                                       "sd15 on GPU for sample and p2p)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, fp16 on GPU")
     parser.add_argument("--batch", type=int, default=2, help="unet: batch (2 = one guided step)")
     parser.add_argument("--size", type=int, default=None, help="unet: latent side (64); sample: image side")
-    parser.add_argument("--steps", type=int, default=None, help="sample: steps (20 on CPU, 50 on GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="sample, p2p: steps (20 on CPU, 50 on GPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--channels-last", action="store_true", help="unet: editlab in channels_last layout")

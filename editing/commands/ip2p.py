@@ -76,9 +76,11 @@ def run(args):
     model = load_model(args)
     check_ip2p_model(model)
     source = open_rgb(args.image)
-    image = prepare_image(source, model.config, args.resolution or native_size(model), args.keep_size)
+    resolution = args.resolution or native_size(model)
+    image = prepare_image(source, model.config, resolution, args.keep_size)
     base = dict(command=NAME, weights=weights_path(args).name, weights_sha256=file_sha256(weights_path(args)),
-                dtype=args.dtype, image_sha256=file_sha256(args.image), scheduler=args.scheduler,
+                dtype=args.dtype, image=args.image.name, image_sha256=file_sha256(args.image),
+                sizing="keep-size" if args.keep_size else f"edit_cli resolution {resolution}", scheduler=args.scheduler,
                 spacing=args.spacing or ("log-linear" if args.scheduler == "euler-a" else "leading"),
                 steps=args.steps, eta=args.eta, seed=args.seed, height=image.shape[-2], width=image.shape[-1],
                 **recorded)

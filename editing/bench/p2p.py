@@ -1,0 +1,56 @@
+"""bench p2p: a 2-prompt Prompt-to-Prompt edit beside the plain generation of the same two images.
+
+Both runs make the same UNet calls (N steps × batch 4: [∅, ∅, P_0, P_1]), so the ratio measures what the
+controller adds: the explicit, query-chunked attention in the layers it edits or stores, the edits, the
+store and the local blend. Targets at SD 1.5 shapes on a GPU (PERFORMANCE.md §5.2, §6.4): ≤ 1.3× time,
+≤ 1.2× peak memory. Timed in alternation in one run (editing/bench/__init__.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ldm.config import PRESETS
+from ldm.model import StableDiffusion
+from ldm.pipeline import SamplingConfig, text_to_image
+
+from . import machine_description, time_alternating
+
+SOURCE, TARGET = "a red circle on a blue background", "a red square on a blue background"
+
+
+def run(preset: str, size: int, steps: int, dtype: torch.dtype, device: torch.device, repeats: int,
+        warmup: int, scheduler: str = "ddim") -> str:
+    from editing.p2p.edit import P2PConfig, prompt_to_prompt
+
+    torch.manual_seed(0)
+    model = StableDiffusion(PRESETS[preset]()).eval()
+    model.to(device)
+    model.unet.to(dtype)
+    model.text_encoder.to(dtype)
+    cfg = SamplingConfig(steps=steps, guidance=7.5, scheduler=scheduler, seed=0, height=size, width=size)
+    config = P2PConfig(blend_words=("circle", "square"))  # notebook defaults + a local blend + the map store
+
+    def edit():
+        return prompt_to_prompt(model, SOURCE, TARGET, cfg, config)
+
+    def plain():
+        return text_to_image(model, [SOURCE, TARGET], cfg, progress=False)
+
+    with torch.inference_mode():
+        timings = time_alternating({"p2p": edit, "plain": plain}, repeats, warmup, device)
+        explicit = edit().controller.explicit_per_step
+    p2p, base = timings["p2p"], timings["plain"]
+    lines = [f"Prompt-to-Prompt, 2 prompts, preset {preset}, {size}x{size}, {steps} {scheduler} steps, CFG batch 4, "
+             f"{dtype}, {device} ({machine_description(device)})",
+             f"  explicit attention layers per step: {sum(map(len, explicit)) / len(explicit):.1f} on average "
+             f"(first step {len(explicit[0])}, last {len(explicit[-1])}); both runs make {steps} UNet calls "
+             f"of batch 4 ({4 * steps} forward-equivalents)"]
+    for t in (p2p, base):
+        memory = f", peak {t.peak_bytes / 2**20:.0f} MiB" if t.peak_bytes else ""
+        lines.append(f"  {t.name:6s} {t.median:.4f} s per edit, {t.median / steps * 1e3:.2f} ms per step "
+                     f"(median of {len(t.seconds)}){memory}")
+    lines.append(f"  time ratio p2p/plain = {p2p.median / base.median:.3f} (target <= 1.3 at SD 1.5 shapes, GPU)")
+    if p2p.peak_bytes and base.peak_bytes:
+        lines.append(f"  peak memory ratio p2p/plain = {p2p.peak_bytes / base.peak_bytes:.3f} (target <= 1.2)")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""editlab p2p: Prompt-to-Prompt editing (Hertz et al., ICLR 2023) of a generated or a real image.
+
+Writes into --out DIR: source.png (the source prompt's image; with --image the reconstruction), edited.png
+(edited-1.png, ... for several --edit), attention-source.png and attention-edited.png (per-token
+cross-attention maps). Every PNG carries the run's parameters; files of another run are refused before any
+work starts, and each file is written atomically.
+
+Defaults follow the Prompt-to-Prompt notebook (cross 0.8, self 0.4, blend threshold 0.3) with DDIM 50 steps
+and guidance 7.5; with --image those of the null-text notebook (self 0.5, self-attention one level higher,
+blending from 20% of the steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ldm.images import check_output, file_sha256, load_image, save_png
+from ldm.pipeline import decode_latents
+
+from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
+                       run_parameters, sampling_config)
+
+NAME = "p2p"
+HELP = "Prompt-to-Prompt: edit an image by swapping, adding or reweighting words of its prompt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="source prompt")
+    parser.add_argument("--edit", required=True, action="append", help="edited prompt (repeat for several)")
+    parser.add_argument("--mode", choices=["swap", "refine"], default="swap",
+                        help="swap: words replaced (same word count); refine: words added or removed")
+    parser.add_argument("--reweight", nargs="+", default=[], metavar="WORD=VALUE",
+                        help="scale a word's cross-attention in the edited prompt (negative allowed)")
+    parser.add_argument("--blend", nargs="+", default=[], metavar="WORD",
+                        help="local blend: edit only where these words attend (looked up in every prompt)")
+    parser.add_argument("--blend-threshold", type=float, default=0.3)
+    parser.add_argument("--blend-start", type=float, default=None,
+                        help="first blended step as a fraction (default 0; 0.2 with --image)")
+    parser.add_argument("--cross-replace", nargs="+", default=["0.8"], metavar="F | WORD=F",
+                        help="fraction of steps with replaced cross-attention: one number and/or per word")
+    parser.add_argument("--self-replace", nargs=2, type=float, default=None, metavar=("A", "B"),
+                        help="self-attention replaced for steps in [A·N, B·N) (default 0 0.4; 0 0.5 with --image)")
+    parser.add_argument("--self-level", type=int, default=None,
+                        help="self-attention replaced at UNet levels >= this (default: the map level, SD's ≤16²; "
+                             "one less with --image, SD's ≤32²)")
+    parser.add_argument("--map-level", type=int, default=None,
+                        help="UNet level of the stored, blended and shown maps (default: SD's 16² level)")
+    parser.add_argument("--image", default=None, help="real image to invert and edit")
+    parser.add_argument("--inversion", choices=["ddim", "null-text"], default="null-text")
+    parser.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance while DDIM-inverting")
+    parser.add_argument("--tile", type=int, default=96, help="side of each attention map tile in pixels")
+    add_sampling_arguments(parser)
+    add_output_arguments(parser, suffix="")
+
+
+def parse_word_values(items: list[str], option: str) -> dict[str, float]:
+    values = {}
+    for item in items:
+        word, sep, value = item.rpartition("=")
+        try:
+            if not sep or not word:
+                raise ValueError
+            values[word] = float(value)
+        except ValueError:
+            raise ValueError(f"{option} {item!r}: expected WORD=NUMBER, e.g. {option} cat=0.5") from None
+    return values
+
+
+def parse_cross_replace(items: list[str]) -> tuple[float, dict[str, float]]:
+    """'0.8' and/or 'WORD=F' entries -> (default fraction, per-word fractions)."""
+    plain = [item for item in items if "=" not in item]
+    if len(plain) > 1:
+        raise ValueError(f"--cross-replace takes one default fraction, got {plain}; give per-word ones as WORD=F")
+    try:
+        default = float(plain[0]) if plain else 0.8
+    except ValueError:
+        raise ValueError(f"--cross-replace {plain[0]!r}: expected a number in [0, 1] or WORD=F") from None
+    return default, parse_word_values([item for item in items if "=" in item], "--cross-replace")
+
+
+def p2p_config(args, model, real: bool):
+    """The P2PConfig of the command line, with the map and self-attention levels resolved for the model."""
+    from editing.p2p.edit import P2PConfig, resolve_map_level  # imported here: the CLI lists every command
+
+    cross, cross_words = parse_cross_replace(args.cross_replace)
+    config = P2PConfig(mode=args.mode, cross_replace=cross, cross_replace_words=cross_words,
+                       self_replace=tuple(args.self_replace or ((0.0, 0.5) if real else (0.0, 0.4))),
+                       reweight=parse_word_values(args.reweight, "--reweight"), blend_words=tuple(args.blend),
+                       blend_threshold=args.blend_threshold,
+                       blend_start=args.blend_start if args.blend_start is not None else (0.2 if real else 0.0),
+                       map_level=args.map_level)
+    map_level = resolve_map_level(model, config)
+    self_level = args.self_level if args.self_level is not None else max(0, map_level - 1) if real else map_level
+    return dataclasses.replace(config, map_level=map_level, self_min_level=self_level)
+
+
+def run(args):
+    from editing.p2p.edit import edit_real_image, prompt_to_prompt
+    from editing.p2p.visualize import attention_grid
+
+    model = load_model(args)
+    image = None
+    if args.image:
+        size = (args.width, args.height) if args.width and args.height else None
+        image = load_image(args.image, size)
+        args.height, args.width = image.shape[-2], image.shape[-1]
+    cfg = sampling_config(args, model)
+    config = p2p_config(args, model, real=image is not None)
+    params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, edits=args.edit, mode=config.mode,
+                            cross_replace=config.cross_replace, cross_replace_words=dict(config.cross_replace_words),
+                            self_replace=list(config.self_replace), self_level=config.self_min_level,
+                            map_level=config.map_level, reweight=dict(config.reweight), blend=list(config.blend_words),
+                            blend_threshold=config.blend_threshold, blend_start=config.blend_start)
+    if image is not None:
+        params.update(image_sha256=file_sha256(args.image), inversion=args.inversion,
+                      inversion_guidance=args.inversion_guidance)
+    prompts = [args.prompt] + args.edit
+    names = ["source"] + (["edited"] if len(args.edit) == 1 else [f"edited-{k}" for k in range(1, len(prompts))])
+    outputs = []
+    for row, name in enumerate(names):
+        outputs.append((args.out / f"{name}.png", "image", row))
+        outputs.append((args.out / f"attention-{name}.png", "attention", row))
+    for path, kind, row in outputs:  # refuse another run's files before any work
+        check_output(path, {**params, "output": kind, "row": row}, args.force)
+
+    if image is None:
+        result = prompt_to_prompt(model, args.prompt, args.edit, cfg, config, progress=True)
+    else:
+        result, _ = edit_real_image(model, image, args.prompt, args.edit, cfg, config, args.inversion,
+                                    args.inversion_guidance, progress=True)
+    images = decode_latents(model, result.latents)
+    for path, kind, row in outputs:
+        picture = images[row] if kind == "image" else attention_grid(model.tokenizer, prompts[row],
+                                                                     result.maps[row], tile=args.tile)
+        print(save_png(path, picture, {**params, "output": kind, "row": row}, force=args.force))

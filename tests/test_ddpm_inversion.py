@@ -1,0 +1,165 @@
+"""Edit-friendly DDPM inversion (inversion/ddpm_noise.py): exact reconstruction (last step included), the
+auxiliary path, agreement with diffusers' LEDITS++ ``invert``, and the noise statistics of Sec. 2.2."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from editing.noise_space import noise_statistics
+from inversion.ddpm_noise import (DDPMInversion, DDPMInversionConfig, auxiliary_path, edit_friendly_sampler, extract_noise_maps,
+                                  guided_predictor, invert, prompt_context, regenerate, sample_native)
+from ldm.config import ModelConfig, UNetConfig, tiny_sd1, tiny_sd2
+from ldm.model import StableDiffusion
+from ldm.pipeline import encode_images
+from ldm.schedulers import ddim_sigma
+from ldm.unet import UNet
+from tests.peers import randomize_
+
+PROMPT = "a red circle on a blue background"
+
+
+def _model(cfg: ModelConfig, seed: int = 3) -> StableDiffusion:
+    return randomize_(StableDiffusion(cfg), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return _model(tiny_sd1())
+
+
+def _image(side: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+class Recorder:
+    """Step hook keeping every latent the sampler produces."""
+
+    def __init__(self):
+        self.latents = []
+
+    def end_step(self, i, t, latents):
+        self.latents.append(latents.clone())
+        return latents
+
+
+def _reconstruct(predict, inversion):
+    recorder = Recorder()
+    final = regenerate(predict, inversion, hooks=[recorder])
+    return final, torch.stack(recorder.latents)
+
+
+@pytest.mark.parametrize("eta,steps", [(1.0, 10), (0.5, 10), (1.0, 25), (0.5, 4)])
+def test_reconstruction_is_exact(sd1, eta, steps):
+    x0 = encode_images(sd1, _image())
+    x0_before = x0.clone()
+    inversion = invert(sd1, x0, PROMPT, DDPMInversionConfig(steps=steps, eta=eta), torch.Generator().manual_seed(0))
+    assert torch.equal(x0, x0_before)  # the caller's latents are untouched
+    assert inversion.latents.shape == (steps + 1, *x0.shape) and inversion.noise_maps.shape == (steps, *x0.shape)
+    assert inversion.noise_maps[-1].abs().mean() > 0.1  # the last map is kept (the public code zeroes it)
+    predict = guided_predictor(sd1.unet, prompt_context(sd1, [PROMPT], 3.5), 3.5)
+    final, path = _reconstruct(predict, inversion)
+    assert (final - x0).abs().max() <= 1e-5
+    assert (path - inversion.latents[1:]).abs().max() <= 1e-5  # every intermediate latent, not only x0
+
+
+def test_reconstruction_v_prediction():
+    model = _model(tiny_sd2())
+    x0 = encode_images(model, _image())
+    inversion = invert(model, x0, PROMPT, DDPMInversionConfig(steps=6), torch.Generator().manual_seed(0))
+    assert inversion.prediction_type == "v_prediction"
+    predict = guided_predictor(model.unet, prompt_context(model, [PROMPT], 3.5), 3.5)
+    assert (regenerate(predict, inversion) - x0).abs().max() <= 1e-5
+
+
+def test_zeroing_the_last_noise_map_breaks_reconstruction(sd1):
+    """METHODS.md §4.3.1: inbarhub/DDPM_inversion sets z_1 = 0; then x_1 -> x0 misses exactly σ_1·z_1."""
+    x0 = encode_images(sd1, _image())
+    inversion = invert(sd1, x0, PROMPT, DDPMInversionConfig(steps=5), torch.Generator().manual_seed(0))
+    zeroed = inversion.noise_maps.clone()
+    zeroed[-1] = 0
+    predict = guided_predictor(sd1.unet, prompt_context(sd1, [PROMPT], 3.5), 3.5)
+    error = (regenerate(predict, dataclasses.replace(inversion, noise_maps=zeroed)) - x0).abs().max()
+    sigma_1 = ddim_sigma(_alpha_bar(1), _alpha_bar(-1), 1.0)  # t = 1 -> ᾱ_0
+    assert error == pytest.approx(float(sigma_1 * inversion.noise_maps[-1].abs().max()), rel=1e-3)
+    assert error > 1e-3
+
+
+def _alpha_bar(t: int) -> torch.Tensor:
+    return edit_friendly_sampler(10, 1.0).schedule.alpha_bar(t)
+
+
+def test_auxiliary_path_draws_independent_noise_smallest_t_first():
+    sampler = edit_friendly_sampler(5, 1.0)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    path = auxiliary_path(x0, sampler, torch.Generator().manual_seed(0))
+    draws = torch.randn(5, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # t = 1, 201, ..., 801
+    assert sampler.timesteps.tolist() == [801, 601, 401, 201, 1]
+    assert torch.equal(path[-1], x0)
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        a = float(_alpha_bar(t))
+        expected = a ** 0.5 * x0 + (1 - a) ** 0.5 * draws[4 - i]  # x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε̃_t
+        assert (path[i] - expected).abs().max() <= 1e-5
+    # one generator per batch item: item k does not depend on the batch
+    single = auxiliary_path(x0[1:], sampler, [torch.Generator().manual_seed(9)])
+    pair = auxiliary_path(x0, sampler, [torch.Generator().manual_seed(8), torch.Generator().manual_seed(9)])
+    assert torch.equal(single[:, 0], pair[:, 1])
+
+
+def test_bad_inputs_are_one_line_errors(sd1):
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        DDPMInversionConfig(eta=0.0)
+    x0 = torch.zeros(2, 4, 16, 16)
+    with pytest.raises(ValueError, match="source prompts"):
+        invert(sd1, x0, ["a", "b", "c"], DDPMInversionConfig(steps=2), torch.Generator())
+    sampler = edit_friendly_sampler(4, 1.0)
+    with pytest.raises(ValueError, match="needs 5"):
+        extract_noise_maps(lambda x, i, t: x, sampler, torch.zeros(3, 1, 4, 8, 8))
+
+
+def test_sd15_shaped_reconstruction():
+    """SD 1.5 shapes at reduced cost: the SD 1.5 UNet layout (4 levels, 2 ResBlocks, 8 heads, attention at
+    the first three, 768-wide text) at 1/10 of its width, on a 64×64×4 latent (512² images)."""
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), n_heads=8, context_dim=768)
+    unet = randomize_(UNet(cfg), 0).eval()
+    context = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))  # [uncond; cond]
+    x0 = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    for eta, steps in [(1.0, 3), (0.5, 2)]:
+        sampler = edit_friendly_sampler(steps, eta)
+        predict = guided_predictor(unet, context, 3.5)
+        with torch.no_grad():
+            latents, noise_maps = extract_noise_maps(predict, sampler, auxiliary_path(x0, sampler, torch.Generator()))
+        inversion = DDPMInversion(latents, noise_maps, sampler.timesteps, eta)
+        assert (regenerate(predict, inversion) - x0).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_sd15_unet_reconstruction():
+    """The real SD 1.5 UNet (random weights, 3.4 GB fp32) on a 64×64 latent, 2 steps: minutes on a 2-core CPU."""
+    from ldm.config import sd15
+
+    with torch.device("meta"):
+        unet = UNet(sd15().unet)
+    unet = randomize_(unet.to_empty(device="cpu"), 0).eval()
+    context = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))
+    x0 = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    sampler = edit_friendly_sampler(2, 1.0)
+    predict = guided_predictor(unet, context, 3.5)
+    with torch.no_grad():
+        latents, noise_maps = extract_noise_maps(predict, sampler, auxiliary_path(x0, sampler, torch.Generator()))
+    inversion = DDPMInversion(latents, noise_maps, sampler.timesteps, 1.0)
+    assert (regenerate(predict, inversion) - x0).abs().max() <= 1e-5
+
+
+def test_edit_friendly_maps_have_higher_variance_and_negative_correlation(sd1):
+    """Sec. 2.2 of the paper, on the tiny model: native maps ~ N(0, I) (variance 1, uncorrelated); the
+    edit-friendly maps of the image the native run produced have variance > 1 and corr(z_t, z_t−1) < 0."""
+    cfg = DDPMInversionConfig(steps=10)
+    generator = torch.Generator().manual_seed(0)
+    native = sample_native(sd1, [PROMPT], (16, 16), cfg, generator)
+    friendly = invert(sd1, native.latents[-1], PROMPT, cfg, generator)
+    native_var, native_corr = noise_statistics(native.noise_maps)
+    friendly_var, friendly_corr = noise_statistics(friendly.noise_maps)
+    assert (native_var - 1).abs().max() < 0.2 and native_corr.abs().max() < 0.1
+    assert (friendly_var > 1.5 * native_var).all()
+    assert (friendly_corr < -0.1).all()
