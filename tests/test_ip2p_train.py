@@ -1,5 +1,5 @@
 """InstructPix2Pix training (editing/ip2p_train.py), its toy pair recipe (editing/ip2p_data.py) and the
-``editlab ip2p-train`` command, on tiny models."""
+``editlab train-ip2p`` command, on tiny models."""
 
 import numpy as np
 import pytest
@@ -114,7 +114,7 @@ def test_training_lowers_the_loss_on_fixed_draws(base):
 def test_train_command_writes_an_editable_model(base, tmp_path):
     base.save(tmp_path / "base.safetensors")
     out = tmp_path / "ip2p.safetensors"
-    args = ["ip2p-train", "--weights", str(tmp_path / "base.safetensors"), "--size", "16", "--pairs", "6",
+    args = ["train-ip2p", "--weights", str(tmp_path / "base.safetensors"), "--size", "16", "--pairs", "6",
             "--steps", "2", "--batch", "2", "--out", str(out)]
     assert main(args) == 0
     model = StableDiffusion.load(out)

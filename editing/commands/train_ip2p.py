@@ -1,7 +1,7 @@
-"""editlab ip2p-train: fine-tune a text-to-image model into an InstructPix2Pix editor on paired data.
+"""editlab train-ip2p: fine-tune a text-to-image model into an InstructPix2Pix editor on paired data.
 
-    editlab ip2p-train --out toy-ip2p.safetensors                       (the toy model on toy edit pairs)
-    editlab ip2p-train --weights sd15.safetensors --data PAIRS_FOLDER --size 256 --out ip2p.safetensors
+    editlab train-ip2p --out toy-ip2p.safetensors                       (the toy model on toy edit pairs)
+    editlab train-ip2p --weights sd15.safetensors --data PAIRS_FOLDER --size 256 --out ip2p.safetensors
 
 The UNet's conv_in is widened to 8 channels (zero-initialised) unless the model already has them; the VAE and
 text encoder stay frozen. The output file records the recipe, the data and the final loss in its metadata.
@@ -19,7 +19,7 @@ from ..ip2p_data import PairFolder, ToyEditPairs
 from ..ip2p_train import IP2PTrainConfig, train_ip2p, widen_conv_in
 from ..options import add_model_arguments, load_model, native_size, weights_path
 
-NAME = "ip2p-train"
+NAME = "train-ip2p"
 HELP = "train InstructPix2Pix (instruction-following image editing) from a text-to-image model"
 RECIPE = "editlab-ip2p-v1"
 
