@@ -91,6 +91,9 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
                         batch: int = 1, progress: bool = False) -> NullTextInversion:
     """Null-text inversion of one latent [1, C, h, w] under ``prompt`` (see the module docstring)."""
     check_deterministic(sampler)
+    if config.guidance <= 1.0:
+        raise ValueError(f"null-text inversion fits the unconditional branch of guidance, which guidance "
+                         f"{config.guidance} does not use; plain DDIM inversion reconstructs at w <= 1")
     if len(sampler.timesteps) > 100:
         raise ValueError(f"null-text inversion's learning rate 1e-2·(1 − i/100) is defined for at most 100 "
                          f"steps, got {len(sampler.timesteps)}; use fewer steps")
@@ -128,6 +131,8 @@ def null_text_predictor(unet, null_embeddings: list[torch.Tensor], cond: torch.T
     """predict(x, i, t) for B rows with context [∅_i × B; cond] at step i (editing an inverted image)."""
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        if guidance <= 1.0:  # no unconditional branch to replace
+            return guided_unet(unet, cond, guidance, sampler)(x, i, t)
         null = null_embeddings[i].to(cond.dtype).expand(cond.shape[0], -1, -1)
         return guided_unet(unet, torch.cat([null, cond]), guidance, sampler)(x, i, t)
 

@@ -57,7 +57,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q, k, v = (self._split_heads(t) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        if any(getattr(h, "wants_probabilities", lambda layer: False)(self) for h in self.hooks):
+        # every hook is asked (no short-circuit): controllers count the layers they are offered
+        if any([getattr(h, "wants_probabilities", lambda layer: False)(self) for h in self.hooks]):
             out = self._explicit(q, k, v)
         else:
             out = self.attend(q, k, v)

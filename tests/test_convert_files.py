@@ -89,6 +89,11 @@ def test_formats_are_told_apart_by_content_not_extension(tmp_path, ldm_file):
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "zip.pt")
     formats = {name: sniff_format(tmp_path / name) for name in ("really-safetensors.ckpt", "legacy.safetensors", "zip.pt")}
     assert formats == {"really-safetensors.ckpt": "safetensors", "legacy.safetensors": "torch-legacy", "zip.pt": "torch-zip"}
+    for pad in range(256):  # a safetensors header whose length starts with byte 0x80, like a pickle
+        save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={"pad": "p" * pad})
+        if (tmp_path / "x.safetensors").read_bytes()[0] == 0x80:
+            break
+    assert (tmp_path / "x.safetensors").read_bytes()[0] == 0x80 and sniff_format(tmp_path / "x.safetensors") == "safetensors"
     reference = load_converted(ldm_file, config=CFG).tensors
     for name in formats:
         tensors = load_converted(tmp_path / name, config=CFG).tensors

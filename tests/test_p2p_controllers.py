@@ -1,6 +1,8 @@
 """Prompt-to-Prompt controllers: the edit functions, LocalBlend's union, the layer call count, which layers go
 to the explicit attention path, and query chunking."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -54,6 +56,23 @@ def test_edit_functions():
     out = Reweight(scale, identity)(source, edited)
     assert torch.equal(out[0, ..., 2], 2 * source[..., 2]) and torch.equal(out[1, ..., 2], -source[..., 2])
     assert torch.equal(Reweight(scale)(source, edited)[0, ..., 3], source[..., 3])  # alone: on A_0
+
+
+def test_controller_edits_only_the_conditional_edited_rows():
+    swap = torch.eye(77)[:, torch.tensor([0, 2, 1] + list(range(3, 77)))]  # tokens 1 and 2 exchanged
+    controller = P2PController(3, Replace(swap.expand(2, 77, 77)), torch.ones(4, 2, 77), range(0, 2), 1)
+    probs = random_probs(6, 2, 5, 77)  # [uncond × 3; cond × 3] rows, 2 heads, 5 queries
+    cross, shallow_self = SimpleNamespace(kind="cross", level=0), SimpleNamespace(kind="self", level=0)
+    deep_self = SimpleNamespace(kind="self", level=1)
+    controller.begin_step(0, 0)
+    out = controller.edit_probabilities(cross, probs, slice(0, 5))
+    assert torch.equal(out[:4], probs[:4])  # unconditional rows and the source row pass unchanged
+    assert torch.equal(out[4:, ..., 1], probs[3, ..., 2].expand(2, 2, 5))  # edited rows: A_0 through M
+    assert torch.equal(controller.edit_probabilities(shallow_self, probs, slice(0, 5)), probs)  # level 0 < 1
+    out = controller.edit_probabilities(deep_self, probs, slice(0, 5))
+    assert torch.equal(out[:4], probs[:4]) and torch.equal(out[4:], probs[3:4].expand(2, 2, 5, 77))  # A_j ← A_0
+    controller.begin_step(2, 0)  # past the self range
+    assert torch.equal(controller.edit_probabilities(deep_self, probs, slice(0, 5)), probs)
 
 
 def test_local_blend_union_is_a_logical_or():

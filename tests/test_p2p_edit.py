@@ -15,8 +15,8 @@ import torch
 
 from editing.p2p.edit import P2PConfig, prompt_to_prompt
 from editing.p2p.visualize import LABEL_HEIGHT, attention_grid, token_labels
-from ldm.attention import attached
-from ldm.config import tiny_sd1
+from ldm.attention import attached, attention_layers
+from ldm.config import tiny_sd1, tiny_sd2
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig, text_to_image
 
@@ -122,3 +122,12 @@ def test_bad_inputs_fail_before_sampling_with_the_word_named(model):
         P2PConfig(mode="insert")
     with pytest.raises(ValueError, match="map level 5"):
         prompt_to_prompt(model, SOURCE, TARGET, CFG, P2PConfig(map_level=5))
+
+
+def test_sd2_style_model_v_prediction_and_its_own_levels():
+    torch.manual_seed(0)
+    model = StableDiffusion(tiny_sd2()).eval()  # attention only at levels 1 and 2, head size 16, v-prediction
+    result = prompt_to_prompt(model, SOURCE, SOURCE, CFG, P2PConfig(blend_words=("cat",)))
+    assert result.map_level == 2 and result.maps.shape == (2, 4, 4, 77)
+    assert torch.equal(result.latents[1], result.latents[0])
+    assert result.controller.calls_per_step == [len(attention_layers(model.unet))] * CFG.steps

@@ -26,7 +26,7 @@ from ldm.vae import AutoencoderKL
 from . import architecture
 from .detect import LAYOUTS, detect_file_layout, detect_folder_layout, detect_ldm_family, vae_prefix
 from .diffusers_folder import read_component, read_diffusers_folder, weight_files
-from .files import read_checkpoint, sha256_of
+from .files import Checkpoint, read_checkpoint, sha256_of
 from .ldm_checkpoint import EMA_BOOKKEEPING, convert_ldm_checkpoint
 from .ldm_unet import EMA_PREFIX, has_ema
 from .ldm_vae import convert_vae
@@ -97,7 +97,7 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
         mapping, config, files = _from_ldm(src, checkpoint.tensors, model, prediction, ema, config, info)
         mapping.ignored.update(checkpoint.skipped)
     elif layout == "diffusers":
-        mapping, config, files = _from_diffusers(src, model, prediction, config, info)
+        mapping, config, files = _from_diffusers(src, model, prediction, config)
     else:
         mapping, config, files = _from_editlab(src, checkpoint, prediction, config)
     info.update(family=config.family, prediction=config.prediction_type)
@@ -112,7 +112,11 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
     return Converted(config, tensors, report, metadata)
 
 
-def _from_ldm(src, tensors, model, prediction, ema, config, info):
+Parts = tuple[Mapping, ModelConfig, list[Path]]  # the renamed tensors, the config, the files read
+
+
+def _from_ldm(src: Path, tensors: dict[str, torch.Tensor], model: str | None, prediction: str | None,
+              ema: bool | None, config: ModelConfig | None, info: dict[str, str]) -> Parts:
     family = model or detect_ldm_family(src, tensors)
     present = has_ema(tensors)
     if ema and not present:
@@ -132,7 +136,7 @@ def _from_ldm(src, tensors, model, prediction, ema, config, info):
     return mapping, config.replace(prediction_type=prediction, family=family), [src]
 
 
-def _from_diffusers(src, model, prediction, config, info):
+def _from_diffusers(src: Path, model: str | None, prediction: str | None, config: ModelConfig | None) -> Parts:
     source = read_diffusers_folder(src, model)
     prediction = _prediction(src, source.family, prediction, source.prediction_type, config)
     if config is None:
@@ -140,7 +144,7 @@ def _from_diffusers(src, model, prediction, config, info):
     return source.mapping, config.replace(prediction_type=prediction, family=source.family), source.files
 
 
-def _from_editlab(src, checkpoint, prediction, config):
+def _from_editlab(src: Path, checkpoint: Checkpoint, prediction: str | None, config: ModelConfig | None) -> Parts:
     if "config" not in checkpoint.metadata:
         raise WeightsError(f"{src}: not an editlab file (no config in its metadata); drop --layout editlab")
     config = config or ModelConfig.from_json(checkpoint.metadata["config"])

@@ -1,7 +1,7 @@
 """Reading weight files safely, and telling formats apart by their bytes (CHECKPOINTS.md §2).
 
-- safetensors: an 8-byte little-endian header length, then a JSON header starting with ``{``. Read with
-  ``safe_open``: no code runs.
+- safetensors: an 8-byte little-endian header length, then a JSON header starting with ``{"``. Read with
+  ``safe_open``: no code runs. Tested first, as the length's first byte can be 0x80.
 - torch zip (``.ckpt``, ``.pth``, ``.bin`` since torch 1.6): starts with ``PK``; legacy torch pickles start with
   byte 0x80. Both go through ``torch.load(path, map_location="cpu", weights_only=True)`` and nothing else: a
   file that the restricted unpickler refuses is refused here too, never retried with ``weights_only=False``.
@@ -67,16 +67,16 @@ def sniff_format(path: str | Path) -> str:
         head = f.read(64)
     if size == 0:
         raise WeightsError(f"{path}: the file is empty (an interrupted download?)")
+    if head[8:10] in (b'{"', b"{}"):  # checked first: the header length's low byte may well be 0x80
+        header_len = struct.unpack("<Q", head[:8])[0]
+        if 8 + header_len > size:
+            raise WeightsError(f"{path}: damaged or truncated safetensors file (header of {header_len} bytes, "
+                               f"file of {size}); download it again")
+        return "safetensors"
     if head.startswith(b"PK"):
         return "torch-zip"
     if head[:1] == b"\x80":
         return "torch-legacy"
-    if len(head) >= 9 and head[8:9] == b"{":
-        header_len = struct.unpack("<Q", head[:8])[0]
-        if 8 + header_len > size:
-            raise WeightsError(f"{path}: truncated safetensors file (header of {header_len} bytes, file of {size}); "
-                               "download it again")
-        return "safetensors"
     for magic, what in _OTHER_FORMATS:
         if head.startswith(magic):
             raise WeightsError(f"{path}: this is {what}, not a checkpoint; pass a .ckpt, .safetensors or diffusers folder")

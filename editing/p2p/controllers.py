@@ -34,6 +34,9 @@ class Replace:
     def __init__(self, mappers: torch.Tensor):
         self.mappers = mappers  # [B−1, K, K]
 
+    def to(self, device) -> "Replace":
+        return Replace(self.mappers.to(device))
+
     def __call__(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
         # E[j, h, q, n] = Σ_w A_0[h, q, w] M_j[w, n]   ([heads, q, K], [B−1, K, K] -> [B−1, heads, q, K])
         return torch.einsum("hqw,bwn->bhqn", source, self.mappers.to(source))
@@ -44,6 +47,9 @@ class Refine:
 
     def __init__(self, mappers: torch.Tensor, aligned: torch.Tensor):
         self.mappers, self.aligned = mappers, aligned  # [B−1, K] long, [B−1, K] in {0, 1}
+
+    def to(self, device) -> "Refine":
+        return Refine(self.mappers.to(device), self.aligned.to(device))
 
     def __call__(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
         taken = source[:, :, self.mappers].permute(2, 0, 1, 3)  # [heads, q, B−1, K] -> [B−1, heads, q, K]
@@ -56,6 +62,9 @@ class Reweight:
 
     def __init__(self, scale: torch.Tensor, previous: Replace | Refine | None = None):
         self.scale, self.previous = scale, previous  # [B−1, K]
+
+    def to(self, device) -> "Reweight":
+        return Reweight(self.scale.to(device), self.previous.to(device) if self.previous is not None else None)
 
     def __call__(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
         base = self.previous(source, edited) if self.previous is not None else source.expand_as(edited)
@@ -83,6 +92,7 @@ class P2PController:
         if blend is not None and (store is None or blend.level not in store.levels):
             raise ValueError("local blending needs an AttentionStore that keeps the blend level's maps")
         self.n_prompts, self.cross_edit, self.cross_alphas = n_prompts, cross_edit, cross_alphas
+        self.cross_active = [] if cross_alphas is None else cross_alphas.flatten(1).any(dim=1).tolist()
         self.self_calls, self.self_min_level = self_calls, self_min_level
         self.store, self.blend = store, blend
         self.step = 0
@@ -92,11 +102,18 @@ class P2PController:
         self.explicit_per_step: list[list[str]] = []  # layers sent to the explicit path, per step
 
     def _edits_cross(self, layer) -> bool:
-        return (layer.kind == "cross" and self.cross_edit is not None
-                and bool(self.cross_alphas[self.step].any()))
+        return layer.kind == "cross" and self.cross_edit is not None and self.cross_active[self.step]
 
     def _edits_self(self, layer) -> bool:
         return layer.kind == "self" and self.step in self.self_calls and layer.level >= self.self_min_level
+
+    def to(self, device) -> "P2PController":
+        """Move the edit tensors to the model's device once (not on every attention chunk)."""
+        if self.cross_edit is not None:
+            self.cross_edit, self.cross_alphas = self.cross_edit.to(device), self.cross_alphas.to(device)
+        if self.blend is not None:
+            self.blend.token_masks = self.blend.token_masks.to(device)
+        return self
 
     # --- step hook --------------------------------------------------------------------------------------
     def begin_step(self, i: int, t) -> None:
@@ -110,7 +127,7 @@ class P2PController:
                                f"expected {self.expected_calls}: the UNet ran more than once per step or the "
                                "hook did not reach every layer")
         if self.store is not None:
-            self.store.steps += 1
+            self.store.end_step(i, t, latents)
         if self.blend is not None:
             latents = self.blend(i, latents, self.store.summed_maps(self.blend.level))
         return latents

@@ -120,7 +120,8 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
         predict = guided_unet(model.unet, context, cfg.guidance, sampler)
     else:
         if len(null_embeddings) != cfg.steps:
-            raise ValueError(f"{len(null_embeddings)} null embeddings for {cfg.steps} steps; invert with the same steps")
+            raise ValueError(f"{len(null_embeddings)} null embeddings for {cfg.steps} steps; invert with the same "
+                             "number of steps")
         context = model.encode_prompt(prompts)
         predict = null_text_predictor(model.unet, list(null_embeddings), context, cfg.guidance, sampler)
     if noise is None:
@@ -130,7 +131,7 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
         latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma
     else:
         latents = noise.to(model.device, context.dtype).expand(len(prompts), -1, -1, -1)
-    controller = build_controller(model, prompts, cfg.steps, tuple(latents.shape[-2:]), config)
+    controller = build_controller(model, prompts, cfg.steps, tuple(latents.shape[-2:]), config).to(model.device)
     with contextlib.ExitStack() as stack:
         controller.expected_calls = len(stack.enter_context(attached(model.unet, controller)))
         for hook in attention_hooks:
@@ -174,8 +175,11 @@ def edit_real_image(model: StableDiffusion, image: torch.Tensor, source: str, ed
                     cfg: SamplingConfig, config: P2PConfig = P2PConfig(), method: str = "null-text",
                     inversion_guidance: float = 1.0, progress: bool = False) -> tuple[P2PResult, Inversion]:
     """Invert ``image`` under the source prompt, then edit it; row 0 of the result is the reconstruction."""
-    n_prompts = 1 + (1 if isinstance(edits, str) else len(edits))
-    inverted = invert_image(model, image, source, cfg, method, inversion_guidance, n_prompts, progress=progress)
+    prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
+    f = model.config.vae.downsample_factor
+    latent_hw = (image.shape[-2] // f, image.shape[-1] // f)
+    build_controller(model, prompts, cfg.steps, latent_hw, config)  # check words and prompts before inverting
+    inverted = invert_image(model, image, source, cfg, method, inversion_guidance, len(prompts), progress=progress)
     result = prompt_to_prompt(model, source, edits, cfg, config, noise=inverted.noise,
                               null_embeddings=inverted.null_embeddings, progress=progress)
     return result, inverted
