@@ -18,7 +18,8 @@ Michaeli, CVPR 2024), Sec. 4-5. Reference code: inbarhub/DDPM_inversion main_run
    with its own generator (seed + k), and edits them in one batch.
 4. "Ours + P2P" (``edit_with_controller``): the source and target prompts run side by side from the same
    inverted latent and the same noise maps while a Prompt-to-Prompt controller edits the target row's
-   attention (defaults: T_skip 12, w_tar 9, cross-attention replaced for 60% of the steps, self 20%).
+   attention (defaults: T_skip 12, w_tar 9, Replace or Refine, cross-attention replaced in the first
+   ⌊0.6·N⌋ regenerated steps, self-attention in the first ⌊0.2·N⌋, N = all steps: main_run.py ``p2pinv``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from inversion.ddpm_noise import (DDPMInversion, DDPMInversionConfig, check_skip
                                   prompt_context, regenerate)
 from ldm.attention import attached
 from ldm.pipeline import check_image_size, encode_images
+
+from .p2p import P2PConfig, build_controller
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,25 @@ def invert_and_edit(model, images: torch.Tensor, source_prompt: str, target_prom
     return edit(model, inversion, target_prompt, edit_cfg, progress=progress), inversion
 
 
+class ExecutedSteps:
+    """Step hooks of a controller, re-indexed by executed step: i − skip = 0, 1, …, N − skip − 1.
+
+    The reference (``p2pinv``) counts a P2P schedule built for all N steps from the first regenerated step
+    (xa 0.6 → the first ⌊0.6·N⌋ executed steps), and so do the controllers driven through this adapter."""
+
+    def __init__(self, controller, skip: int):
+        self.controller, self.skip = controller, skip
+
+    def begin_step(self, i: int, t) -> None:
+        if hasattr(self.controller, "begin_step"):
+            self.controller.begin_step(i - self.skip, t)
+
+    def end_step(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.controller, "end_step"):
+            return self.controller.end_step(i - self.skip, t, latents)
+        return latents
+
+
 @torch.no_grad()
 def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, target_prompt: str, controller,
                          cfg: DDPMP2PConfig = DDPMP2PConfig(), select=None, progress: bool = False) -> torch.Tensor:
@@ -113,9 +135,10 @@ def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, ta
 
     Batch [source; target] starts from the same latent x at step ``cfg.skip`` and adds the same σ_t z_t to
     both rows; the source row runs at the inversion's w_src (so it follows the inverted image) and the
-    target row at ``cfg.target_guidance``. ``controller`` is any attention hook (``ldm.attention``) that may
-    also have the step hooks ``begin_step(i, t)`` / ``end_step(i, t, latents)`` of ``ldm.pipeline.denoise``;
-    step indices i run from ``cfg.skip`` to N−1. Returns the final latents [2, C, h, w] (source, target).
+    target row at ``cfg.target_guidance``. The UNet sees [uncond × 2; source, target]. ``controller`` is any
+    attention hook (``ldm.attention``), attached to the ``select``ed layers, that may also have the step hooks
+    ``begin_step(i, t)`` / ``end_step(i, t, latents)``; they get the executed-step index (``ExecutedSteps``).
+    Returns the final latents [2, C, h, w] (source, target).
     """
     if inversion.latents.shape[1] != 1:
         raise ValueError(f"edit_with_controller takes a batch-1 inversion, got batch {inversion.latents.shape[1]}; "
@@ -124,5 +147,27 @@ def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, ta
     prompts = [source_prompt, target_prompt]
     guidance = [inversion.source_guidance, cfg.target_guidance]
     predict = guided_predictor(model.unet, prompt_context(model, prompts, guidance), guidance)
-    with attached(model.unet, controller, select):
-        return regenerate(predict, inversion, cfg.skip, hooks=[controller], batch=2, progress=progress)
+    with attached(model.unet, controller, select) as layers:
+        if hasattr(controller, "expected_calls"):  # P2PController checks it sees every layer once per step
+            controller.expected_calls = len(layers)
+        return regenerate(predict, inversion, cfg.skip, hooks=[ExecutedSteps(controller, cfg.skip)], batch=2,
+                          progress=progress)
+
+
+def p2p_controller(model, source_prompt: str, target_prompt: str, num_steps: int, latent_hw: tuple[int, int],
+                   cfg: DDPMP2PConfig = DDPMP2PConfig()):
+    """The reference's P2P controller for ``p2pinv``: Replace when the prompts have as many words, else
+    Refine; cross-attention replaced in the first ⌊N·cross⌋ executed steps, self-attention in the first
+    ⌊N·self⌋ (N = all inversion steps, as the reference), no local blend, no attention store."""
+    words = [len(model.tokenizer.word_positions(prompt)) for prompt in (source_prompt, target_prompt)]
+    config = P2PConfig(mode="swap" if words[0] == words[1] else "refine", cross_replace=cfg.cross_replace,
+                       self_replace=(0.0, cfg.self_replace), store=False)
+    return build_controller(model, [source_prompt, target_prompt], num_steps, latent_hw, config).to(model.device)
+
+
+def edit_with_p2p(model, inversion: DDPMInversion, source_prompt: str, target_prompt: str,
+                  cfg: DDPMP2PConfig = DDPMP2PConfig(), progress: bool = False) -> torch.Tensor:
+    """"Ours + P2P" with editlab's Prompt-to-Prompt controller; returns latents [2, C, h, w] (source, target)."""
+    latent_hw = tuple(inversion.latents.shape[-2:])
+    controller = p2p_controller(model, source_prompt, target_prompt, inversion.num_steps, latent_hw, cfg)
+    return edit_with_controller(model, inversion, source_prompt, target_prompt, controller, cfg, progress=progress)

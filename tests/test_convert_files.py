@@ -207,7 +207,8 @@ def test_vae_swap(tmp_path, capsys, ldm_file, vae_file):
     assert torch.equal(swapped.vae.encoder.mid_block.attentions[0].to_q.weight, standalone["encoder.mid.attn_1.q.weight"][:, :, 0, 0])
     assert all(torch.equal(a, b) for a, b in zip(swapped.unet.state_dict().values(), original.unet.state_dict().values()))
     meta = metadata_of(tmp_path / "swapped.safetensors")
-    assert meta["vae_source"] == "vae-ft.ckpt" and meta["source_layout"] == "editlab"
+    assert meta["vae_source"] == "vae-ft.ckpt" and meta["source"] == "tiny-sd1.safetensors"  # provenance kept
+    assert meta["source_layout"] == "ldm" and meta["source_sha256"] == hashlib.sha256(ldm_file.read_bytes()).hexdigest()
     assert meta["vae_source_sha256"] == hashlib.sha256(vae_file.read_bytes()).hexdigest()
     direct = load_converted(ldm_file, config=CFG, vae=vae_file)  # swapped while converting the single file
     assert torch.equal(direct.tensors["vae.decoder.conv_in.weight"], standalone["decoder.conv_in.weight"])

@@ -27,7 +27,7 @@ from . import architecture
 from .detect import LAYOUTS, detect_file_layout, detect_folder_layout, detect_ldm_family, vae_prefix
 from .diffusers_folder import read_component, read_diffusers_folder, weight_files
 from .files import Checkpoint, read_checkpoint, sha256_of
-from .ldm_checkpoint import EMA_BOOKKEEPING, convert_ldm_checkpoint
+from .ldm_checkpoint import convert_ldm_checkpoint
 from .ldm_unet import EMA_PREFIX, has_ema
 from .ldm_vae import convert_vae
 from .report import ConversionReport, Mapping, assemble
@@ -103,6 +103,8 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
     info.update(family=config.family, prediction=config.prediction_type)
     metadata = {"source": src.name, "source_sha256": sha256_of(files, src if src.is_dir() else None),
                 "source_layout": layout, "source_family": config.family, "source_ema": info.get("ema", "absent")}
+    if layout == "editlab":  # keep the provenance of the checkpoint the editlab file was converted from
+        metadata.update({k: v for k, v in checkpoint.metadata.items() if k.startswith("source")})
     if vae is not None:
         _swap_vae(mapping, Path(vae), config, info, metadata)
 
@@ -181,7 +183,7 @@ def _swap_vae(mapping: Mapping, path: Path, config: ModelConfig, info: dict[str,
         tensors, prefix, files = checkpoint.tensors, vae_prefix(list(checkpoint.tensors)), [path]
     vae = convert_vae({k: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(EMA_PREFIX)}, prefix)
     for key in tensors:
-        if key in EMA_BOOKKEEPING or key.startswith(EMA_PREFIX):
+        if key.startswith(EMA_PREFIX):
             vae.ignore(key, "EMA copy or bookkeeping in the VAE file")
         elif not key.startswith(prefix):
             vae.unknown(key)

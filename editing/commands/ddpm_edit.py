@@ -11,7 +11,7 @@ from inversion.ddpm_noise import DDPMInversionConfig
 from ldm.images import file_sha256, load_image, save_png
 from ldm.pipeline import decode_latents
 
-from ..ddpm_edit import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_controller, invert_image
+from ..ddpm_edit import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image, p2p_controller
 from ..options import UserError, add_model_arguments, load_model, weights_path
 
 NAME = "ddpm-edit"
@@ -62,16 +62,6 @@ def edit_config(args):
                          self_replace=_given(args.self_replace, base.self_replace))
 
 
-def p2p_controller(model, args, cfg: DDPMP2PConfig):
-    """The Prompt-to-Prompt controller for the (source, target) pair (editing.p2p)."""
-    try:
-        from ..p2p import make_controller
-    except ImportError:
-        raise UserError("--p2p needs the Prompt-to-Prompt controllers (editing.p2p), which this install lacks")
-    return make_controller(model, [args.source_prompt, args.target_prompt], num_steps=args.steps - cfg.skip,
-                           cross_replace=cfg.cross_replace, self_replace=cfg.self_replace)
-
-
 def run(args):
     if args.samples < 1:
         raise UserError(f"--samples {args.samples}: give at least 1")
@@ -82,10 +72,13 @@ def run(args):
     model = load_model(args)
     size = (args.width, args.height) if args.width and args.height else None
     image = load_image(args.image, size)
+    if args.p2p:  # check the prompts (word alignment) before the inversion runs
+        factor = model.config.vae.downsample_factor
+        p2p_controller(model, args.source_prompt, args.target_prompt, args.steps,
+                       (image.shape[-2] // factor, image.shape[-1] // factor), cfg)
     inversion = invert_image(model, image, args.source_prompt, inversion_cfg, args.seed, args.samples, progress=True)
     if args.p2p:
-        rows = [edit_with_controller(model, inversion.row(k), args.source_prompt, args.target_prompt,
-                                     p2p_controller(model, args, cfg), cfg, progress=True)[1:]
+        rows = [edit_with_p2p(model, inversion.row(k), args.source_prompt, args.target_prompt, cfg, progress=True)[1:]
                 for k in range(args.samples)]
         latents = torch.cat(rows)  # the target rows, [samples, C, h, w]
     else:
