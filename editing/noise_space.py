@@ -1,7 +1,7 @@
 """Manipulations and statistics of the edit-friendly DDPM noise space.
 
 Paper: *An Edit Friendly DDPM Noise Space: Inversion and Manipulations* (Huberman-Spiegelglas, Kulikov &
-Michaeli, CVPR 2024). Sec. 2.2 and 3 observe that, unlike the native DDPM noise (z_t ~ N(0, I), independent
+Michaeli, CVPR 2024). Sec. 2.2 observes that, unlike the native DDPM noise (z_t ~ N(0, I), independent
 across t), the edit-friendly maps z_t of an image have a higher variance and are negatively correlated
 between consecutive timesteps, and that simple operations on them act on the image:
 

@@ -1,7 +1,7 @@
 """Edit-friendly DDPM inversion: the noise maps that make a DDPM sampler reproduce a given image exactly.
 
 Paper: *An Edit Friendly DDPM Noise Space: Inversion and Manipulations* (Huberman-Spiegelglas, Kulikov &
-Michaeli, CVPR 2024), Sec. 3 and Algorithm 1. Reference code: inbarhub/DDPM_inversion
+Michaeli, CVPR 2024), Sec. 2.2 and its inversion algorithm. Reference code: inbarhub/DDPM_inversion
 (ddm_inversion/inversion_utils.py) and diffusers' LEDITS++ ``invert`` (METHODS.md §4).
 
 A DDPM sampler (DDIM with η > 0, *Denoising Diffusion Implicit Models* eq. 12 and 16) draws one noise map z_t
@@ -189,6 +189,8 @@ def guided_predictor(unet, context: torch.Tensor, guidance: float | Sequence[flo
         return lambda x, i, t: unet(x, t, context)
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        if len(scales) not in (1, x.shape[0]):
+            raise ValueError(f"{len(scales)} guidance scales for a batch of {x.shape[0]}; give one or one per row")
         uncond, cond = unet(torch.cat([x, x]), t, context).chunk(2)  # [2B, ...] -> 2 × [B, ...]
         w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
         return uncond + w * (cond - uncond)

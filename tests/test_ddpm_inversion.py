@@ -183,3 +183,81 @@ def test_edit_friendly_maps_have_higher_variance_and_negative_correlation(sd1):
     assert (friendly_var > 1.5 * native_var).all()
     # every consecutive pair but the last (t = 11 -> 1, where this untrained model's ε̂ decides the sign)
     assert (friendly_corr[:-1] < -0.1).all()
+
+
+# --- agreement with diffusers' LEDITS++ inversion (METHODS.md §4.2) ----------------------------------------
+
+
+def _ledits_pipeline(model):
+    """diffusers' LEditsPPPipelineStableDiffusion on ``model``'s weights with SD's DDIM scheduler, plus a spy on
+    its noise computation (to read the corrected latents, which ``invert`` keeps only for the last step)."""
+    from diffusers import LEditsPPPipelineStableDiffusion
+    from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion as ledits
+
+    from editing.bench.peers import diffusers_components, diffusers_scheduler
+
+    unet, vae, text, tokenizer = diffusers_components(model)
+    scheduler = diffusers_scheduler("ddim", model.config.prediction_type)
+    add_noise = scheduler.add_noise  # diffusers 0.42 passes float timesteps (torch.Tensor([t])) -> IndexError
+    scheduler.add_noise = lambda x, noise, t: add_noise(x, noise, t.long())
+    pipe = LEditsPPPipelineStableDiffusion(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    corrected = []
+
+    def spy(*args):
+        z, x_prev = compute_noise(*args)
+        corrected.append(x_prev.clone())
+        return z, x_prev
+
+    compute_noise = ledits.compute_noise
+    return pipe, corrected, (ledits, "compute_noise", spy)
+
+
+def _ledits_invert(monkeypatch, model, image, source_prompt, steps, seed):
+    pipe, corrected, patch = _ledits_pipeline(model)
+    monkeypatch.setattr(*patch)
+    # skip=0: LEDITS++ otherwise builds a grid of ⌊N·(1+skip)⌋ steps and inverts only its last N
+    pipe.invert(image, source_prompt=source_prompt, source_guidance_scale=3.5, num_inversion_steps=steps, skip=0.0,
+                generator=torch.Generator().manual_seed(seed))
+    return pipe, torch.stack(corrected)
+
+
+STEPS_PEER = 10
+
+
+def test_matches_diffusers_ledits_pp_inversion(sd1, monkeypatch):
+    """Same weights, image, grid (leading, offset 1, skip 0), η = 1 (LEDITS++ forces it), mode encoding and
+    random draws (one generator; noise drawn for the smallest t first in both): the same noise maps and
+    latents. LEDITS++ runs ε̂ = ε_u alone for its default empty source prompt; editlab runs CFG on a batch
+    [∅; ∅], equal up to rounding. z = (x_p − μ)/σ divides UNet rounding differences (~1e-6) by σ (0.02 at the
+    last step), so the maps are compared relative to their size (|z| reaches ~50 with random weights)."""
+    image = _image()
+    pipe, theirs = _ledits_invert(monkeypatch, sd1, image, "", STEPS_PEER, seed=0)
+    x0 = encode_images(sd1, image)
+    ours = invert(sd1, x0, "", DDPMInversionConfig(steps=STEPS_PEER), torch.Generator().manual_seed(0))
+    assert pipe.inversion_steps.tolist() == ours.timesteps.tolist() == list(range(901, 0, -100))
+    assert (pipe.init_latents - ours.latents[0]).abs().max() <= 1e-5  # x_T: same draw, same formula
+    assert (theirs - ours.latents[1:]).abs().max() <= 1e-4  # the rewritten latents x_p = μ + σ z
+    assert (pipe.zs - ours.noise_maps).abs().max() <= 1e-5 * ours.noise_maps.abs().max()
+
+
+def test_ledits_pp_guides_away_from_a_source_prompt(sd1, monkeypatch):
+    """diffusers 0.42 LEDITS++ ``invert`` unpacks ``encode_prompt``'s (prompt, negative) embeddings as
+    (uncond, cond): with a source prompt it computes ε̂ = ε_src + w(ε_∅ − ε_src), guidance *away* from the
+    prompt. editlab uses ε̂ = ε_∅ + w(ε_src − ε_∅); with the two contexts swapped, the maps agree."""
+    image = _image()
+    pipe, theirs = _ledits_invert(monkeypatch, sd1, image, PROMPT, STEPS_PEER, seed=4)
+    x0 = encode_images(sd1, image)
+    ours = invert(sd1, x0, PROMPT, DDPMInversionConfig(steps=STEPS_PEER), torch.Generator().manual_seed(4))
+    assert (pipe.zs - ours.noise_maps).abs().max() > 1e-2 * ours.noise_maps.abs().max()  # the conventions differ
+
+    uncond, cond = prompt_context(sd1, [PROMPT], 3.5).chunk(2)
+    swapped = guided_predictor(sd1.unet, torch.cat([cond, uncond]), 3.5)
+    sampler = edit_friendly_sampler(STEPS_PEER, 1.0)
+    with torch.no_grad():
+        latents, noise_maps = extract_noise_maps(swapped, sampler,
+                                                 auxiliary_path(x0, sampler, torch.Generator().manual_seed(4)))
+    assert (theirs - latents[1:]).abs().max() <= 1e-4
+    assert (pipe.zs - noise_maps).abs().max() <= 1e-5 * noise_maps.abs().max()

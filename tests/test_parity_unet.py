@@ -2,7 +2,8 @@
 
 Tiny SD 1-style, SD 2-style (linear projections, head size) and 8-channel (InstructPix2Pix) models go through
 a diffusers folder written by save_pretrained and ``editlab convert``; the full SD 1.5 UNet goes through the
-same conversion function in memory. Measured max|a − b| / max|a|: 0 (bit-identical) for the tiny models.
+same conversion function in memory. Measured max|a − b| / max|a|: 0 (bit-identical) for the tiny models and
+for SD 1.5 (peak RSS 4.6 GB; ~90 s CPU time, most of it the two full-size forwards).
 """
 
 import pytest

@@ -33,6 +33,7 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=4, help="images (batch) the statistics average over")
     parser.add_argument("--every", type=int, default=10, help="print every k-th step")
+    parser.add_argument("--size", type=int, default=None, help="side of the sampled images (default: the model's)")
 
 
 @torch.no_grad()
@@ -41,6 +42,7 @@ def measure(model, prompt: str, cfg: DDPMInversionConfig, seed: int, samples: in
     """Per-step variance and consecutive correlation of native and edit-friendly maps (averaged over samples)."""
     factor = model.config.vae.downsample_factor
     side = side or native_size(model)
+    check_image_size(side, side, factor)
     generator = torch.Generator("cpu").manual_seed(seed)
     native = sample_native(model, [prompt] * samples, (side // factor, side // factor), cfg, generator)
     if image is None:
@@ -78,5 +80,5 @@ def run(args):
     cfg = DDPMInversionConfig(steps=args.steps, eta=args.eta, source_guidance=args.guidance)
     model = load_model(args)
     image = load_image(args.image) if args.image else None
-    stats = measure(model, args.prompt, cfg, args.seed, args.samples, image)
+    stats = measure(model, args.prompt, cfg, args.seed, args.samples, image, args.size)
     print(report(stats, args.every))

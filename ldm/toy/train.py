@@ -52,13 +52,13 @@ class ToyRecipe:
     vae_natural: int = 6  # of each VAE batch: procedural natural-looking images (the rest are toy images)
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    steps: int = 3000  # diffusion steps
+    steps: int = 1500  # diffusion steps
     batch: int = 32
     lr: float = 1e-3
-    warmup: int = 200
+    warmup: int = 100
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0  # None: plain ε-MSE
-    ema_decay: float = 0.998
+    ema_decay: float = 0.995
 
     def __post_init__(self):
         if not 0 <= self.vae_natural < self.vae_batch:
@@ -214,18 +214,24 @@ def train_vae(recipe: ToyRecipe, images: torch.Tensor, out: Path, resume: bool =
     return model
 
 
-def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str], out: Path,
-                    resume: bool = False) -> StableDiffusion:
-    """Stage 2 from out/vae.safetensors; writes out/toy-sd.safetensors (fp16 tensors, EMA weights)."""
+def initial_diffusion_model(recipe: ToyRecipe, out: Path) -> StableDiffusion:
+    """The trained VAE of out/vae.safetensors with a freshly initialised text encoder and UNet."""
     model = StableDiffusion.load(out / "vae.safetensors")
     torch.manual_seed(recipe.seed + 1)  # initialisation of the text encoder and UNet, independent of stage 1
     fresh = StableDiffusion(model.config)
     model.unet.load_state_dict(fresh.unet.state_dict())
     model.text_encoder.load_state_dict(fresh.text_encoder.state_dict())
+    return model
+
+
+def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str], out: Path,
+                    resume: bool = False) -> StableDiffusion:
+    """Stage 2 from out/vae.safetensors; writes out/toy-sd.safetensors (fp16 tensors, EMA weights)."""
+    model = initial_diffusion_model(recipe, out)
     means, stds = encode_pool(model, images)
     model.vae.requires_grad_(False)
-    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup=min(recipe.warmup, recipe.steps // 10), ema_decay=recipe.ema_decay,
-                      seed=recipe.seed + 1, checkpoint_every=250)
+    cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup=min(recipe.warmup, recipe.steps // 10),
+                      ema_decay=recipe.ema_decay, seed=recipe.seed + 1, checkpoint_every=250)
     loss_fn = diffusion_loss(model, means, stds, captions, recipe)
     trainer = Trainer(model, loss_fn, cfg, out / "diffusion-checkpoint.pt", "text encoder + UNet")
     start = time.time()
