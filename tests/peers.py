@@ -15,7 +15,6 @@ The heavy libraries are imported inside the functions, so importing this module 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from editing.bench.peers import (diffusers_unet_config, diffusers_vae_config, make_hf_tokenizer, scheduler_config,
+                                 transformers_text_config, write_tokenizer)
 from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -39,40 +40,7 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------ configs
 
 
-def diffusers_unet_config(cfg: UNetConfig, sample_size: int = 8) -> dict:
-    """UNet2DConditionModel kwargs for ``cfg``. ``attention_head_dim`` is a head count (diffusers#2011)."""
-    channels = list(cfg.level_channels)
-    heads = cfg.n_heads if cfg.n_heads is not None else [ch // cfg.head_dim for ch in channels]
-    return dict(
-        sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=channels, layers_per_block=cfg.layers_per_level,
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.attention_levels[::-1]],
-        cross_attention_dim=cfg.context_dim, attention_head_dim=heads, use_linear_projection=cfg.linear_projection,
-        upcast_attention=cfg.upcast_attention, norm_num_groups=cfg.norm_groups,
-    )
-
-
-def diffusers_vae_config(cfg: VAEConfig) -> dict:
-    levels = len(cfg.block_channels)
-    return dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
-                block_out_channels=list(cfg.block_channels), layers_per_block=cfg.layers_per_level,
-                down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-                norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scaling_factor, sample_size=64)
-
-
-def transformers_text_config(cfg: TextEncoderConfig) -> dict:
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                max_position_embeddings=cfg.max_length, hidden_act=cfg.activation, layer_norm_eps=1e-5,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=cfg.pad_token_id)
-
-
-def scheduler_config(prediction_type: str = "epsilon") -> dict:
-    """Stable Diffusion's scheduler_config.json values (CHECKPOINTS.md §8)."""
-    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False,
-                prediction_type=prediction_type, timestep_spacing="leading")
+# diffusers_unet_config, diffusers_vae_config, transformers_text_config, scheduler_config: editing/bench/peers.py
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -150,36 +118,7 @@ def open_clip_hidden_states(tower, ids: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-@functools.lru_cache(maxsize=1)
-def _bpe_files() -> tuple[str, str]:
-    from open_clip.tokenizer import SimpleTokenizer
-
-    bpe = SimpleTokenizer()
-    vocab = dict(bpe.encoder)
-    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
-    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    return json.dumps(vocab), "#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n"
-
-
-def write_tokenizer(folder: str | Path) -> Path:
-    """vocab.json and merges.txt of open_clip's BPE (the 49408-entry CLIP vocabulary), with the start and
-    end tokens under transformers' names."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _bpe_files()
-    (folder / "vocab.json").write_text(vocab)
-    (folder / "merges.txt").write_text(merges)
-    return folder
-
-
-def make_hf_tokenizer(folder: str | Path, pad_token_id: int = 49407):
-    """transformers CLIPTokenizer on open_clip's vocabulary; pads with EOS (SD 1) or "!" = id 0 (SD 2)."""
-    from transformers import CLIPTokenizer
-
-    folder = write_tokenizer(folder)
-    pad = {49407: "<|endoftext|>", 0: "!"}[pad_token_id]
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad)
+# write_tokenizer, make_hf_tokenizer: editing/bench/peers.py
 
 
 # ------------------------------------------------------------------------------------------------ folders

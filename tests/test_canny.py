@@ -24,15 +24,6 @@ from controls.hints import canny_hint, control_size, resize_for_control, to_hint
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are many small ops: one thread avoids intra-op sync stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def photo(name: str) -> np.ndarray:
     """uint8 RGB H×W×3 at full size (300×451 to 512×512)."""

@@ -13,15 +13,6 @@ from ldm.schedulers import DDIMSampler, DDPMSampler, NoiseSchedule
 SCHEDULE = NoiseSchedule.scaled_linear()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on this shared 2-core machine two threads were 3× slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_inversion_step_undoes_a_ddim_step():
     z_c, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     a_c, a_n = SCHEDULE.alpha_bar(241), SCHEDULE.alpha_bar(261)

@@ -24,15 +24,6 @@ from ldm.pipeline import SamplingConfig, denoise
 PROMPT = "a cat on a mat"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on this shared 2-core machine two threads were 3× slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

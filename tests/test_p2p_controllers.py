@@ -18,16 +18,6 @@ from ldm.unet import UNet
 CFG = SamplingConfig(steps=4, guidance=7.5, height=32, width=32, seed=3)  # 16² latents: levels 16², 8², 4²
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on this shared 2-core machine two threads made these tests
-    three times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -20,15 +20,6 @@ pytestmark = pytest.mark.skipif(not TOY_WEIGHTS.is_file(), reason=f"toy weights 
                                 "(trained by ldm/toy/train.py); the semantic P2P check needs them")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run fastest on one thread; on this shared 2-core machine two threads were 3× slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def as_rgb(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy().astype(np.float64)  # [3, H, W] in [0, 1] -> [H, W, 3]
 

@@ -50,6 +50,7 @@ def test_tiny_unet_through_a_diffusers_folder(tmp_path, make_cfg):
 
 
 @torch.no_grad()
+@pytest.mark.full_size
 def test_full_sd15_unet_matches_diffusers():
     """SD 1.5 shapes (859.5 M parameters), 64×64 latents, batch 2, converted in memory by the function the
     folder path uses; the editlab UNet shares the diffusers UNet's tensors (no copy: ~3.5 GB in all)."""

@@ -4,6 +4,7 @@ weights under the old attention names (query/key/value/proj_attn); non-square in
 in memory, 128×128 image. Measured max|a − b| / max|a|: 0 (bit-identical) tiny and full.
 """
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -48,6 +49,7 @@ def test_tiny_vae_swapped_in_from_a_diffusers_folder_and_old_attention_names(tmp
     assert_same_vae(reference, StableDiffusion.load(tmp_path / "old.safetensors").vae, image, 1e-5)
 
 
+@pytest.mark.full_size
 def test_full_sd_vae_matches_diffusers():
     reference = peers.make_diffusers_vae(sd15().vae, seed=0)
     config = vae_config_from_diffusers(dict(reference.config))

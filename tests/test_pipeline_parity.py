@@ -21,7 +21,6 @@ def _converted(tmp_path_factory, cfg, name):
     convert(folder / "diffusers", folder / "model.safetensors", config=cfg)
     model = StableDiffusion.load(folder / "model.safetensors")
     pipe.set_progress_bar_config(disable=True)
-    pipe.tokenizer.model_max_length = cfg.text.max_length
     return model, pipe
 
 

@@ -7,6 +7,7 @@ benchmark dependencies (``pip install -e .[test]``), imported here lazily.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ def require_peers():
         raise ImportError("benchmarks compare against diffusers and transformers: pip install -e '.[test]'") from None
 
 
-def diffusers_unet_config(cfg: UNetConfig) -> dict:
+def diffusers_unet_config(cfg: UNetConfig, sample_size: int = 64) -> dict:
     """editlab UNetConfig -> UNet2DConditionModel kwargs (diffusers' attention_head_dim is a head count)."""
     heads = [cfg.heads_at(ch) for ch in cfg.level_channels]
     return dict(
@@ -33,7 +34,7 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
         layers_per_block=cfg.layers_per_level, cross_attention_dim=cfg.context_dim,
         attention_head_dim=heads[0] if len(set(heads)) == 1 else heads,
         use_linear_projection=cfg.linear_projection, upcast_attention=cfg.upcast_attention,
-        norm_num_groups=cfg.norm_groups, flip_sin_to_cos=True, freq_shift=0, sample_size=64)
+        norm_num_groups=cfg.norm_groups, flip_sin_to_cos=True, freq_shift=0, sample_size=sample_size)
 
 
 def diffusers_vae_config(cfg: VAEConfig) -> dict:
@@ -41,54 +42,67 @@ def diffusers_vae_config(cfg: VAEConfig) -> dict:
     return dict(in_channels=cfg.in_channels, out_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
                 down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                 block_out_channels=cfg.block_channels, layers_per_block=cfg.layers_per_level,
-                norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scaling_factor)
+                norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scaling_factor, sample_size=64)
 
 
-def transformers_text_config(cfg: TextEncoderConfig):
-    from transformers import CLIPTextConfig
+def transformers_text_config(cfg: TextEncoderConfig) -> dict:
+    """editlab TextEncoderConfig -> transformers CLIPTextConfig fields."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                max_position_embeddings=cfg.max_length, hidden_act=cfg.activation, layer_norm_eps=1e-5,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=cfg.pad_token_id)
 
-    return CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
-                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                          max_position_embeddings=cfg.max_length, hidden_act=cfg.activation,
-                          pad_token_id=cfg.pad_token_id, bos_token_id=49406, eos_token_id=49407)
+
+def scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """Stable Diffusion's scheduler_config.json values (CHECKPOINTS.md §8)."""
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False,
+                prediction_type=prediction_type, timestep_spacing="leading")
 
 
-def write_clip_vocabulary(folder: str | Path) -> tuple[Path, Path]:
-    """open_clip's BPE vocabulary as the vocab.json / merges.txt pair transformers' CLIPTokenizer reads."""
+@functools.lru_cache(maxsize=1)
+def _bpe_files() -> tuple[str, str]:
     from open_clip.tokenizer import SimpleTokenizer
 
     bpe = SimpleTokenizer()
-    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {renamed.get(token, token): index for token, index in bpe.encoder.items()}
+    vocab = dict(bpe.encoder)
+    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
+    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    return json.dumps(vocab), "#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n"
+
+
+def write_tokenizer(folder: str | Path) -> Path:
+    """vocab.json and merges.txt of open_clip's BPE (the 49408-entry CLIP vocabulary), with the start and
+    end tokens under transformers' names."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return folder / "vocab.json", folder / "merges.txt"
+    vocab, merges = _bpe_files()
+    (folder / "vocab.json").write_text(vocab)
+    (folder / "merges.txt").write_text(merges)
+    return folder
 
 
-def clip_tokenizer(cfg: TextEncoderConfig):
+def make_hf_tokenizer(folder: str | Path, pad_token_id: int = 49407):
+    """transformers CLIPTokenizer on open_clip's vocabulary; pads with EOS (SD 1) or "!" = id 0 (SD 2)."""
     from transformers import CLIPTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab, merges = write_clip_vocabulary(tmp)
-        pad = "<|endoftext|>" if cfg.pad_token_id == 49407 else "!"
-        return CLIPTokenizer(str(vocab), str(merges), pad_token=pad, model_max_length=cfg.max_length)
+    folder = write_tokenizer(folder)
+    pad = {49407: "<|endoftext|>", 0: "!"}[pad_token_id]
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad, model_max_length=77)
 
 
 def diffusers_scheduler(name: str, prediction_type: str, euler_spacing: str = "linspace"):
     """A diffusers scheduler with SD's training schedule, set explicitly (METHODS.md §0.1)."""
     from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
 
-    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                  steps_offset=1, prediction_type=prediction_type)
+    config = scheduler_config(prediction_type)
     if name == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+        return DDIMScheduler.from_config(config)
     if name == "ddpm":
-        return DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small", timestep_spacing="leading")
+        return DDPMScheduler.from_config({**config, "variance_type": "fixed_small"})
     if name == "euler-a":
-        return EulerAncestralDiscreteScheduler(**common, timestep_spacing=euler_spacing)
+        return EulerAncestralDiscreteScheduler.from_config({**config, "timestep_spacing": euler_spacing})
     raise ValueError(f"no diffusers peer for scheduler {name!r}")
 
 
@@ -96,14 +110,14 @@ def diffusers_components(model: StableDiffusion):
     """(unet, vae, text_encoder, tokenizer) in diffusers/transformers, holding the same weights as ``model``."""
     require_peers()
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg: ModelConfig = model.config
     unet = UNet2DConditionModel(**diffusers_unet_config(cfg.unet))
     unet.load_state_dict(model.unet.state_dict(), strict=True)
     vae = AutoencoderKL(**diffusers_vae_config(cfg.vae))
     vae.load_state_dict(model.vae.state_dict(), strict=True)
-    text = CLIPTextModel(transformers_text_config(cfg.text))
+    text = CLIPTextModel(CLIPTextConfig(**transformers_text_config(cfg.text)))
     state = model.text_encoder.state_dict()
     if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5 drops the prefix
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
@@ -112,7 +126,12 @@ def diffusers_components(model: StableDiffusion):
     device = model.device
     return (unet.to(device, model.unet.conv_in.weight.dtype).eval(), vae.to(device).eval(),
             text.to(device, model.text_encoder.text_model.final_layer_norm.weight.dtype).eval(),
-            clip_tokenizer(cfg.text))
+            _tokenizer(cfg.text.pad_token_id))
+
+
+def _tokenizer(pad_token_id: int):
+    with tempfile.TemporaryDirectory() as tmp:
+        return make_hf_tokenizer(tmp, pad_token_id)
 
 
 def diffusers_pipeline(model: StableDiffusion, scheduler: str = "ddim", img2img: bool = False):
