@@ -1,0 +1,11 @@
+"""ControlNet (*Adding Conditional Control to Text-to-Image Diffusion Models*, Zhang, Rao, Agrawala):
+the model (controlnet), sampling with it (guidance), hints (canny, hints) and training (train)."""
+
+from .canny import CannyConfig, canny
+from .controlnet import ControlNet, ControlNetConfig, HintEncoder, zero_conv
+from .guidance import Control, control_residuals, controlled_unet, controlnet_to_image, guess_mode_scales
+from .hints import canny_hint, control_size, resize_for_control, to_hint
+
+__all__ = ["CannyConfig", "canny", "ControlNet", "ControlNetConfig", "HintEncoder", "zero_conv", "Control",
+           "control_residuals", "controlled_unet", "controlnet_to_image", "guess_mode_scales", "canny_hint",
+           "control_size", "resize_for_control", "to_hint"]

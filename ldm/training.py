@@ -193,7 +193,8 @@ class Trainer:
         while self.step < end:
             self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}", lr=f"{learning_rate(self.step - 1, self.cfg):.2e}")
+            lr = learning_rate(self.step - 1, self.cfg)
+            bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}", lr=f"{lr:.2e}")  # loss: mean of the last 50
             if self.step % self.cfg.checkpoint_every == 0 and self.step < end:
                 self.save()
         bar.close()

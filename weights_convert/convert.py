@@ -24,6 +24,7 @@ from ldm.model import StableDiffusion, WeightsError
 from ldm.vae import AutoencoderKL
 
 from . import architecture
+from .controlnet import convert_controlnet, is_controlnet
 from .detect import LAYOUTS, detect_file_layout, detect_folder_layout, detect_ldm_family, vae_prefix
 from .diffusers_folder import read_component, read_diffusers_folder, weight_files
 from .files import Checkpoint, read_checkpoint, sha256_of
@@ -64,6 +65,8 @@ def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, mode
     dst = Path(dst)
     if dst.is_dir():
         raise WeightsError(f"{dst}: is a folder; give the output file name, e.g. {dst / 'model.safetensors'}")
+    if layout is None and is_controlnet(src):  # original or diffusers ControlNet -> an editlab ControlNet file
+        return convert_controlnet(src, dst, unet=config and config.unet, dtype=dtype)
     converted = load_converted(src, layout=layout, model=model, prediction=prediction, ema=ema, vae=vae, config=config)
     save(converted, dst, dtype)
     return converted.report

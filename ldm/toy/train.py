@@ -47,9 +47,9 @@ class ToyRecipe:
     seed: int = 0  # seeds initialisation and every per-step draw
     data_seed: int = 1234  # seeds the rendered shapes (ShapesDataset)
     pool: int = 8192  # rendered toy images, reused by both stages
-    vae_steps: int = 800
+    vae_steps: int = 1600
     vae_batch: int = 16
-    vae_natural: int = 6  # of each VAE batch: procedural natural-looking images (the rest are toy images)
+    vae_natural: int = 4  # of each VAE batch: procedural natural-looking images (the rest are toy images)
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     steps: int = 1500  # diffusion steps
@@ -176,7 +176,6 @@ def diffusion_loss(model: StableDiffusion, means: torch.Tensor, stds: torch.Tens
     return loss_fn
 
 
-
 # ------------------------------------------------------------------------------------------ the recipe
 
 
@@ -237,8 +236,9 @@ def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str]
     start = time.time()
     losses = trainer.run(resume=resume)
     model = trainer.final_model().eval()
-    save_half(model, out / "toy-sd.safetensors", metadata(recipe, stage="all", diffusion_loss=f"{mean_tail(losses):.5f}",
-                                                          scaling_factor=model.config.vae.scaling_factor))
+    info = metadata(recipe, stage="all", diffusion_loss=f"{mean_tail(losses):.5f}",
+                    scaling_factor=model.config.vae.scaling_factor)
+    save_half(model, out / "toy-sd.safetensors", info)
     log.info("diffusion: %d steps in %.0f s, final loss %.4f", len(losses), time.time() - start, mean_tail(losses))
     return model
 

@@ -1,0 +1,154 @@
+"""Sampling with ControlNets: conditioning scales, guess mode, several ControlNets, classifier-free guidance.
+
+Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Rao, Agrawala), METHODS.md §7.2.
+
+- Normal mode: every residual of ControlNet n is scaled by its strength s_n; both CFG halves get control
+  (the original runs the two halves as separate passes, diffusers batches [uncond; cond] with the hint
+  duplicated; the same numbers).
+- Guess mode (no prompt needed): the unconditional half gets **no** control and the residuals ramp from
+  shallow to deep, k = 0..K−1 (K = 13 for SD, k = K−1 the middle block):
+      original (cldm):  s_k = s·0.825^(K−1−k)          (0.0994 … 1)
+      diffusers:        s_k = s·logspace(−1, 0, K)_k   (0.1 … 1)
+- Several ControlNets: their residuals add up, r_k = Σ_n s_{n,k}·r_{n,k} (diffusers MultiControlNetModel).
+- A ControlNet acts only on the steps i with start ≤ i/N and (i+1)/N ≤ end (diffusers control_guidance_start
+  / _end): keep_i = 1 − [i/N < start or (i+1)/N > end].
+- CFG as usual: ε̂ = ε_u + w·(ε_c − ε_u), ε = UNet(x, t, c, skips + r, mid + r_mid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ldm.model import StableDiffusion
+from ldm.pipeline import Predictor, SamplingConfig, check_image_size, denoise, initial_noise, text_context
+from ldm.schedulers import NoiseSchedule, make_sampler
+
+from .controlnet import ControlNet
+
+GUESS_RATIO = 0.825  # cldm.py: control_scales = [strength * 0.825 ** (12 - i) for i in range(13)]
+GUESS_RULES = ("diffusers", "original")
+
+
+def guess_mode_scales(n: int, strength: float = 1.0, rule: str = "diffusers") -> list[float]:
+    """Per-residual scales of guess mode, shallowest first, the middle block last."""
+    if rule == "original":
+        return [strength * GUESS_RATIO ** (n - 1 - k) for k in range(n)]  # s·0.825^(K−1−k)
+    if rule == "diffusers":
+        return (strength * torch.logspace(-1, 0, n)).tolist()  # s·10^(−1 + k/(K−1))
+    raise ValueError(f"unknown guess-mode rule {rule!r}; choose one of {', '.join(GUESS_RULES)}")
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet with its hint and strength."""
+
+    net: ControlNet
+    hint: torch.Tensor  # [1 or B, 3, H, W] in [0, 1], H×W = the image size
+    scale: float = 1.0  # s_n (diffusers controlnet_conditioning_scale)
+    start: float = 0.0  # fraction of the steps before the ControlNet starts acting
+    end: float = 1.0  # fraction of the steps after which it stops
+
+    def __post_init__(self):
+        if self.hint.ndim != 4 or self.hint.shape[1] != self.net.control_config.conditioning_channels:
+            raise ValueError(f"hint must be [B, 3, H, W], got shape {tuple(self.hint.shape)}; make it with "
+                             "controls.to_hint or controls.canny_hint")
+        low, high = self.hint.min().item(), self.hint.max().item()
+        if not 0 <= low <= high <= 1:  # also catches NaN
+            raise ValueError(f"hint values must lie in [0, 1], got [{low:.3g}, {high:.3g}]; ControlNet hints "
+                             "are never normalised to [-1, 1] (use controls.to_hint)")
+        if not 0 <= self.start < self.end <= 1:
+            raise ValueError(f"need 0 <= start < end <= 1, got start={self.start}, end={self.end}")
+
+    def keep(self, i: int, n_steps: int) -> float:
+        """1 on the steps where this ControlNet acts, else 0."""
+        return float(not (i / n_steps < self.start or (i + 1) / n_steps > self.end))
+
+
+def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: torch.Tensor, i: int,
+                      n_steps: int, guess_mode: bool = False, guess_rule: str = "diffusers"):
+    """Σ_n of every ControlNet's residuals for latents ``x`` [B, ...]: (down list, mid)."""
+    down_sum, mid_sum = None, None
+    for control in controls:
+        strength = control.scale * control.keep(i, n_steps)
+        n = control.net.control_config.n_residuals
+        scales = guess_mode_scales(n, strength, guess_rule) if guess_mode else strength
+        hint = control.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1) if control.hint.shape[0] == 1 \
+            else control.hint.to(x.device, x.dtype)
+        down, mid = control.net(x, t, context, hint, scales)
+        if down_sum is None:
+            down_sum, mid_sum = down, mid
+        else:
+            down_sum, mid_sum = [a + b for a, b in zip(down_sum, down)], mid_sum + mid  # r_k = Σ_n s_{n,k}·r_{n,k}
+    return down_sum, mid_sum
+
+
+def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, guidance: float, sampler,
+                    guess_mode: bool = False, guess_rule: str = "diffusers",
+                    control_uncond: bool | None = None) -> Predictor:
+    """predict(x, i, t) for ``ldm.pipeline.denoise``: CFG over the UNet with ControlNet residuals.
+
+    :param context: [uncond; cond] text states under guidance (``text_context``), else cond only
+    :param control_uncond: whether the unconditional half gets control; default: yes, except in guess mode
+    """
+    control_uncond = (not guess_mode) if control_uncond is None else control_uncond
+    n_steps = len(sampler.timesteps)
+    if guess_rule not in GUESS_RULES:
+        raise ValueError(f"unknown guess-mode rule {guess_rule!r}; choose one of {', '.join(GUESS_RULES)}")
+
+    def residuals(x_in, t, ctx, i):
+        return control_residuals(controls, x_in, t, ctx, i, n_steps, guess_mode, guess_rule)
+
+    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        x_in = sampler.scale_model_input(x, i)  # the ControlNet sees the same scaled input (diffusers PR #3571)
+        if guidance <= 1.0:
+            down, mid = residuals(x_in, t, context, i)
+            return unet(x_in, t, context, down, mid)
+        x_both = torch.cat([x_in, x_in])  # [B, ...] -> [2B, ...]: [uncond; cond]
+        if control_uncond:
+            down, mid = residuals(x_both, t, context, i)
+        else:  # guess mode: control only the conditional half, zeros for the unconditional one
+            down, mid = residuals(x_in, t, context.chunk(2)[1], i)
+            down, mid = [torch.cat([torch.zeros_like(r), r]) for r in down], torch.cat([torch.zeros_like(mid), mid])
+        # y = F(x) + Z(F'(x + Z(c))): the locked UNet adds the residuals to its skips and middle block
+        uncond, cond = unet(x_both, t, context, down, mid).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        return uncond + guidance * (cond - uncond)  # ε̂ = ε_u + w(ε_c − ε_u)
+
+    return predict
+
+
+@torch.no_grad()
+def controlnet_to_image(model: StableDiffusion, controls: Sequence[Control], prompts: Sequence[str],
+                        cfg: SamplingConfig = SamplingConfig(), negative: str | Sequence[str] | None = None,
+                        guess_mode: bool = False, guess_rule: str = "diffusers", control_uncond: bool | None = None,
+                        hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
+    """Text to image under ControlNet control; returns the final latents (``decode_latents`` for images).
+    The random draws are those of ``ldm.pipeline.text_to_image`` (and of diffusers' ControlNet pipeline)."""
+    if not controls:
+        raise ValueError("no ControlNet given; use ldm.pipeline.text_to_image for plain generation")
+    factor = model.config.vae.downsample_factor
+    check_image_size(cfg.height, cfg.width, factor)
+    for control in controls:
+        if control.net.control_config.unet.level_channels != model.config.unet.level_channels or \
+                control.net.control_config.unet.context_dim != model.config.unet.context_dim:
+            raise ValueError("the ControlNet was made for another UNet (channels or text width differ); "
+                             "use a ControlNet trained for this base model")
+        if control.net.control_config.hint_factor != factor:
+            raise ValueError(f"the ControlNet's hint encoder downsamples {control.net.control_config.hint_factor}x "
+                             f"but the model's VAE {factor}x; they must match")
+        if tuple(control.hint.shape[-2:]) != (cfg.height, cfg.width):
+            raise ValueError(f"hint size {tuple(control.hint.shape[-2:])} differs from the image size "
+                             f"{(cfg.height, cfg.width)}; make the hint at the image size (controls.to_hint)")
+        if control.hint.shape[0] not in (1, len(prompts)):
+            raise ValueError(f"{control.hint.shape[0]} hints for {len(prompts)} prompts; give one or one per prompt")
+    sampler = make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
+                           prediction_type=model.config.prediction_type)
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    context = text_context(model, prompts, negative, cfg.guidance)
+    latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
+    latents = latents * sampler.init_noise_sigma
+    predict = controlled_unet(model.unet, controls, context, cfg.guidance, sampler, guess_mode, guess_rule,
+                              control_uncond)
+    return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)

@@ -1,0 +1,114 @@
+"""editlab style: IP-Adapter image prompts and InstantStyle block selection / content subtraction."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ldm.clip_vision import preprocess
+from ldm.images import check_output, file_sha256, save_png
+from ldm.pipeline import decode_latents
+from ldm.tokenizer import Tokenizer
+
+from ..instant_style import CONTENT_SCALE, PRESETS, content_embedding, layer_scales, preset_scales, subtract_content
+from ..ip_adapter import generate_with_image_prompt
+from ..options import (UserError, add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
+                       run_parameters, sampling_config)
+
+NAME = "style"
+HELP = "generate with an image prompt (IP-Adapter), optionally InstantStyle's block selection"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser):
+    add_model_arguments(parser, "an SD 1.5 model")
+    parser.add_argument("--ip-adapter", type=Path, required=True, help="ip-adapter_sd15 .bin or .safetensors")
+    parser.add_argument("--image-encoder", type=Path, required=True,
+                        help="its CLIP image encoder (transformers folder/file or open_clip weights)")
+    parser.add_argument("--style-image", type=Path, required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+    parser.add_argument("--scale", type=float, default=1.0, help="image-branch scale λ (all layers or the preset's)")
+    blocks = parser.add_mutually_exclusive_group()
+    blocks.add_argument("--preset", choices=sorted(PRESETS),
+                        help="InstantStyle SD 1.5 block selection (experimental): style = up_blocks.1; "
+                             "style+layout = + down_blocks.2 and mid_block")
+    blocks.add_argument("--block", action="append", default=[], metavar="NAME=SCALE",
+                        help="scale of one diffusers block, e.g. up_blocks.1=1.0 (repeatable; others get 0)")
+    parser.add_argument("--content-prompt", default=None, help="InstantStyle: subtract this content from the style")
+    parser.add_argument("--content-scale", type=float, default=CONTENT_SCALE, help="λ_c of the content subtraction")
+    parser.add_argument("--text-encoder", type=Path, default=None,
+                        help="CLIP text tower with text_projection for --content-prompt (for IP-Adapter SD 1.5: the "
+                             "full 24-layer OpenCLIP ViT-H/14, open_clip or transformers layout)")
+    add_sampling_arguments(parser, steps=30, guidance=5.0)
+    add_output_arguments(parser)
+
+
+def parse_blocks(entries: list[str]) -> dict[str, float]:
+    blocks = {}
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        try:
+            blocks[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"--block {entry!r}: expected NAME=SCALE, e.g. up_blocks.1=1.0")
+    return blocks
+
+
+def read_style_image(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise UserError(f"--style-image {path}: no such image file")
+    try:
+        return Image.open(path).convert("RGB")
+    except Exception as err:
+        raise UserError(f"--style-image {path}: not an image PIL can read ({err.__class__.__name__})") from None
+
+
+def run(args):
+    from weights_convert.clip_vision import load_image_encoder, load_text_with_projection
+    from weights_convert.ip_adapter import load_ip_adapter
+
+    if args.content_prompt and args.text_encoder is None:
+        raise UserError("--content-prompt needs --text-encoder: the CLIP text tower with text_projection of the "
+                        "image encoder's model (24-layer OpenCLIP ViT-H/14 for IP-Adapter SD 1.5; SD 2's text "
+                        "encoder lacks its last layer and the projection)")
+    blocks = parse_blocks(args.block)
+    for path, what in ((args.ip_adapter, "--ip-adapter"), (args.image_encoder, "--image-encoder")):
+        if not path.exists():
+            raise UserError(f"{what} {path}: not found")
+    model = load_model(args)
+    cfg = sampling_config(args, model)
+    if args.preset:
+        scales = preset_scales(model.unet, args.preset, args.scale)
+    elif blocks:
+        scales = layer_scales(model.unet, blocks)
+    else:
+        scales = args.scale
+    params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
+                            ip_adapter=args.ip_adapter.name, style_image_sha256=file_sha256(args.style_image)
+                            if args.style_image.is_file() else "", scale=args.scale, preset=args.preset or "",
+                            blocks=blocks, content_prompt=args.content_prompt or "",
+                            content_scale=args.content_scale if args.content_prompt else 0.0)
+    check_output(args.out, params, args.force)
+    image = read_style_image(args.style_image)
+
+    adapter, report = load_ip_adapter(args.ip_adapter, model.unet)
+    log.debug(report.summary())
+    encoder, report = load_image_encoder(args.image_encoder)
+    log.debug(report.summary())
+    encoder = encoder.to(model.device)
+    with torch.no_grad():
+        embeds = encoder(preprocess(image, encoder.config.image_size).to(model.device))
+    if args.content_prompt:
+        text, report = load_text_with_projection(args.text_encoder)
+        log.debug(report.summary())
+        content = content_embedding(text.to(model.device), Tokenizer(pad_token_id=0), args.content_prompt)
+        embeds = subtract_content(embeds, content, args.content_scale)  # before the adapter's projection
+    latents = generate_with_image_prompt(model, adapter, embeds, [args.prompt], scales, cfg, negative=args.negative)
+    save_png(args.out, decode_latents(model, latents)[0], params, force=args.force)
+    print(args.out)
