@@ -118,7 +118,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; start without --resume")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds plain dicts
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, lists and dicts only
 
 
 class Trainer:
