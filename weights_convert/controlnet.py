@@ -54,11 +54,14 @@ def is_controlnet(src: str | Path) -> bool:
         return config.is_file() and read_json(config).get("_class_name") == "ControlNetModel"
     if not src.is_file():
         return False
-    if sniff_format(src) == "safetensors":
-        with safe_open(str(src), framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        keys = list(read_checkpoint(src).tensors)
+    try:
+        if sniff_format(src) == "safetensors":
+            with safe_open(str(src), framework="pt") as f:
+                keys = list(f.keys())
+        else:
+            keys = list(read_checkpoint(src).tensors)
+    except Exception:  # damaged or foreign files: the regular converter reports them in one line
+        return False
     return any(k.startswith(PREFIX) or k == DIFFUSERS_SENTINEL for k in keys)
 
 
