@@ -75,8 +75,8 @@ def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: 
         strength = control.scale * control.keep(i, n_steps)
         n = control.net.control_config.n_residuals
         scales = guess_mode_scales(n, strength, guess_rule) if guess_mode else strength
-        hint = control.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1) if control.hint.shape[0] == 1 \
-            else control.hint.to(x.device, x.dtype)
+        hint = control.hint.to(x.device, x.dtype)
+        hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)  # [1 or B, ...] -> [B or 2B, ...] ([uncond; cond])
         down, mid = control.net(x, t, context, hint, scales)
         if down_sum is None:
             down_sum, mid_sum = down, mid

@@ -28,6 +28,8 @@ editlab conventions (METHODS.md §4.3):
 - The model output is converted to ε (and x̂0) first, so v-prediction models work too.
 - CFG runs as one batched UNet call on [uncond; cond] (the reference makes two batch-1 calls; the results
   differ at rounding level). Inversion and regeneration use the same batching, so reconstruction is exact.
+  Exactness also needs the same numerics: device, dtype, even the CPU thread count (a tiny random model
+  inverted on 2 threads and regenerated on 1 missed x0 by 8e-4).
 - The auxiliary noise comes from an explicit ``torch.Generator``, drawn for the smallest t first (t = 1, 11, …),
   the order of diffusers' LEDITS++ ``invert``, so the same seed gives the same maps there.
 - Layout: ``latents[i]`` is the input x of step i (at ``timesteps[i]``), ``latents[N]`` = x0, and

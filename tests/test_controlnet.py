@@ -124,3 +124,12 @@ def test_save_load_round_trip(tmp_path):
     loaded = ControlNet.load(tmp_path / "cn.safetensors")
     assert loaded.control_config == net.control_config
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
+
+
+def test_control_guidance_start_and_end_follow_diffusers():
+    """keep_i = 1 − [i/N < start or (i+1)/N > end] (diffusers control_guidance_start / _end)."""
+    net = ControlNet.from_unet(_unet(), HINT)
+    hint = _inputs()[3]
+    assert [Control(net, hint, start=0.5).keep(i, 4) for i in range(4)] == [0, 0, 1, 1]
+    assert [Control(net, hint, end=0.5).keep(i, 4) for i in range(4)] == [1, 1, 0, 0]
+    assert [Control(net, hint, start=0.2, end=0.8).keep(i, 5) for i in range(5)] == [0, 1, 1, 1, 0]

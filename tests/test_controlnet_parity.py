@@ -58,7 +58,7 @@ def test_ddim_latents_match_the_controlnet_pipeline(setup, n_nets, guess_mode):
     model, nets = setup
     nets = nets[:n_nets]
     g = torch.Generator().manual_seed(4)
-    hints = [torch.rand(1, 3, 32, 48, generator=g) for _ in nets]
+    hints = [torch.rand(n_nets, 3, 32, 48, generator=g) for _ in nets]  # two ControlNets: one hint per prompt
     scales = [0.8, 0.5][:n_nets]
     cfg = SamplingConfig(steps=5, guidance=6.0, scheduler="ddim", seed=9, height=32, width=48)
     controls = [Control(net, hint, scale) for (net, _), hint, scale in zip(nets, hints, scales)]

@@ -25,15 +25,6 @@ def _model(cfg: ModelConfig, seed: int = 3) -> StableDiffusion:
     return randomize_(StableDiffusion(cfg), seed).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread on this shared 2-core machine (as tests/test_ddim_inversion.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def sd1():
     return _model(tiny_sd1())
@@ -161,6 +152,7 @@ def _check_reconstruction(unet, eta: float, steps: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.full_size
 @pytest.mark.skipif(os.environ.get("EDITLAB_SLOW") != "1", reason="the real SD 1.5 UNet (3.4 GB fp32) takes ~4 min "
                     "on a shared 2-core CPU; run with EDITLAB_SLOW=1")
 def test_sd15_unet_reconstruction():
