@@ -3,7 +3,6 @@
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -233,8 +232,7 @@ def test_toy_ddpm_stats_show_higher_variance_and_negative_correlation(capsys):
     """Sec. 2.2 of the paper on the bundled toy model, through the command (its default model and prompt)."""
     assert main(["ddpm-stats", "--steps", "50", "--samples", "2", "--every", "10"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    rows = [line.split() for line in lines[1:-2]]
-    native_var, friendly_var = (np.array([float(r[i]) for r in rows]) for i in (3, 4))
-    native_corr, friendly_corr = (np.array([float(r[i]) for r in rows[:-1]]) for i in (6, 7))
-    assert (abs(native_var - 1) < 0.2).all() and (abs(native_corr) < 0.1).all()
-    assert (friendly_var > native_var).all() and (friendly_corr < 0).all()
+    for summary in lines[-2:]:  # the mean and the median over the 50 steps
+        native_var, friendly_var, native_corr, friendly_corr = map(float, summary.split()[2:4] + summary.split()[5:7])
+        assert abs(native_var - 1) < 0.1 and abs(native_corr) < 0.05  # N(0, I), independent
+        assert friendly_var > native_var and friendly_corr < 0

@@ -151,7 +151,6 @@ def _check_reconstruction(unet, eta: float, steps: int) -> None:
     assert (regenerate(predict, inversion) - x0).abs().max() <= 1e-5
 
 
-@pytest.mark.slow
 @pytest.mark.full_size
 @pytest.mark.skipif(os.environ.get("EDITLAB_SLOW") != "1", reason="the real SD 1.5 UNet (3.4 GB fp32) takes ~4 min "
                     "on a shared 2-core CPU; run with EDITLAB_SLOW=1")
