@@ -106,8 +106,9 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
     """VAEConfig from a diffusers ``vae/config.json`` dict."""
     _check_fields(cfg, VAE_FIXED, VAE_READ, VAE_INFO, "vae/config.json")
     levels = len(cfg["block_out_channels"])
-    if cfg.get("down_block_types", ["DownEncoderBlock2D"] * levels) != ["DownEncoderBlock2D"] * levels or \
-            cfg.get("up_block_types", ["UpDecoderBlock2D"] * levels) != ["UpDecoderBlock2D"] * levels or \
+    down = list(cfg.get("down_block_types", ["DownEncoderBlock2D"] * levels))  # JSON lists or in-memory tuples
+    up = list(cfg.get("up_block_types", ["UpDecoderBlock2D"] * levels))
+    if down != ["DownEncoderBlock2D"] * levels or up != ["UpDecoderBlock2D"] * levels or \
             cfg.get("out_channels", 3) != cfg.get("in_channels", 3):
         raise WeightsError("vae/config.json: block types or channels are not a Stable Diffusion KL autoencoder")
     return VAEConfig(in_channels=cfg.get("in_channels", 3), latent_channels=cfg.get("latent_channels", 4),
