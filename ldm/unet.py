@@ -150,10 +150,21 @@ class UNet(UNetEncoder):
         assert not skips, "every skip is consumed"
         self.conv_norm_out = GroupNorm32(cfg.norm_groups, cfg.model_channels, eps=1e-5)
         self.conv_out = nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1)
+        self.channels_last = False
+
+    def use_channels_last(self) -> "UNet":
+        """Keep conv weights and activations in NHWC ("channels_last") layout: oneDNN (CPU) and cuDNN
+        convolutions run faster on it (≈5% for the SD 1.5 UNet on a 2-core CPU; BENCHMARKS.md). Numerics
+        change only at rounding level. ``StableDiffusion.load`` turns it on."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def forward(self, x: torch.Tensor, timestep, context: torch.Tensor,
                 down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None):
         emb = self.embed_time(timestep, x.shape[0], x.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h, skips = self.encode(x, emb, context)
         if down_residuals is not None:
             assert len(down_residuals) == len(skips), f"{len(down_residuals)} residuals for {len(skips)} skips"

@@ -18,7 +18,7 @@ def run(preset: str, size: int, steps: int, dtype: torch.dtype, device: torch.de
     torch.manual_seed(0)
     model = StableDiffusion(PRESETS[preset]()).eval()
     model.to(device)
-    model.unet.to(dtype)
+    model.unet.to(dtype).use_channels_last()  # as StableDiffusion.load sets it up
     model.text_encoder.to(dtype)
     pipe = diffusers_pipeline(model, scheduler)
     pipe.vae.to(torch.float32)

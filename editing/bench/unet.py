@@ -12,7 +12,7 @@ from .peers import diffusers_unet_config, require_peers
 
 
 def run(preset: str, batch: int, latent_size: int, dtype: torch.dtype, device: torch.device, repeats: int,
-        warmup: int, channels_last: bool = False) -> str:
+        warmup: int, channels_last: bool = True) -> str:
     require_peers()
     from diffusers import UNet2DConditionModel
 
@@ -21,8 +21,9 @@ def run(preset: str, batch: int, latent_size: int, dtype: torch.dtype, device: t
     ours = UNet(cfg).eval()
     peer = UNet2DConditionModel(**diffusers_unet_config(cfg)).eval()
     peer.load_state_dict(ours.state_dict(), strict=True)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    ours.to(device, dtype, memory_format=memory_format)
+    ours.to(device, dtype)
+    if channels_last:  # editlab's default layout (StableDiffusion.load); diffusers runs in its default NCHW
+        ours.use_channels_last()
     peer.to(device, dtype)
     x = torch.randn(batch, cfg.in_channels, latent_size, latent_size, device=device, dtype=dtype)
     context = torch.randn(batch, 77, cfg.context_dim, device=device, dtype=dtype)
@@ -32,6 +33,7 @@ def run(preset: str, batch: int, latent_size: int, dtype: torch.dtype, device: t
         difference = (ours(x, t, context).float() - peer(x, t, context).sample.float()).abs().max().item()
         timings = time_alternating({"editlab": lambda: ours(x, t, context),
                                     "diffusers": lambda: peer(x, t, context)}, repeats, warmup, device)
-    title = (f"UNet forward, preset {preset}, batch {batch}, latents {latent_size}x{latent_size}, {dtype}, "
-             f"{device} ({machine_description(device)}); max |editlab - diffusers| = {difference:.2e}")
+    layout = "channels_last" if channels_last else "NCHW"
+    title = (f"UNet forward, preset {preset}, editlab {layout}, batch {batch}, latents {latent_size}x{latent_size}, "
+             f"{dtype}, {device} ({machine_description(device)}); max |editlab - diffusers| = {difference:.2e}")
     return report(title, timings)

@@ -25,7 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=None, help="sample, p2p: steps (20 on CPU, 50 on GPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--channels-last", action="store_true", help="unet: editlab in channels_last layout")
+    parser.add_argument("--nchw", action="store_true", help="unet: run editlab in plain NCHW layout instead of "
+                                                            "its default channels_last")
 
 
 def run(args):
@@ -35,7 +36,7 @@ def run(args):
     bench = importlib.import_module(f"editing.bench.{args.target}")
     if args.target == "unet":
         text = bench.run(args.preset or "sd15", args.batch, args.size or 64, dtype, device, args.repeats,
-                         args.warmup, args.channels_last)
+                         args.warmup, not args.nchw)
     else:
         preset = args.preset or ("sd15" if gpu else "toy")
         size = args.size or (512 if preset.startswith("sd") else 64)
