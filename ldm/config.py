@@ -32,6 +32,7 @@ class UNetConfig:
         assert (self.n_heads is None) != (self.head_dim is None), "give n_heads or head_dim, not both"
         assert len(self.attention_levels) == len(self.channel_mult), "one attention flag per level"
         assert len(self.channel_mult) >= 2, "at least two levels"
+        assert self.channel_mult[0] == 1, "level 0 has multiplier 1 (conv_in's width), as in every SD model"
         for ch in self.level_channels:
             assert ch % self.norm_groups == 0, f"{ch} channels not divisible by {self.norm_groups} groups"
             self.heads_at(ch)

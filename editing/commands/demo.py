@@ -45,6 +45,9 @@ def run(args):
     side = 64 if model.config.family == "toy" else 512
     cfg = SamplingConfig(steps=args.steps, guidance=7.5, scheduler="ddim", seed=args.seed, height=side, width=side)
     base = run_parameters(args, cfg, command=NAME)
+    inversion_cfg, edit_cfg = DDPMInversionConfig(), DDPMEditConfig()  # the paper's settings for SD
+    if model.config.family == "toy":  # a small model that follows its prompt loosely: start later, guide less
+        inversion_cfg, edit_cfg = DDPMInversionConfig(steps=50), DDPMEditConfig(skip=35, target_guidance=7.5)
     plan = {
         "1-generated.png": {**base, "method": "text-to-image", "prompt": SOURCE},
         "2-p2p-source.png": {**base, "method": "prompt-to-prompt", "prompt": SOURCE, "edit": SWAPPED},
@@ -53,7 +56,9 @@ def run(args):
         "2-p2p-attention-swapped.png": {**base, "method": "prompt-to-prompt attention", "prompt": SWAPPED},
         "3-ddpm-input.png": {"method": "rendered toy image", "caption": SOURCE},
         "3-ddpm-edited.png": {**base, "method": "edit-friendly DDPM inversion", "prompt": SOURCE,
-                              "edit": RECOLOURED},
+                              "edit": RECOLOURED, "inversion_steps": inversion_cfg.steps, "skip": edit_cfg.skip,
+                              "source_guidance": inversion_cfg.source_guidance,
+                              "target_guidance": edit_cfg.target_guidance},
     }
     for name, params in plan.items():
         check_output(args.out / name, params, args.force)
@@ -70,8 +75,8 @@ def run(args):
 
     picture, _ = render(spec_from_caption(SOURCE, center=(0.4, 0.55), size=0.4), resolution=side)
     real = torch.from_numpy(picture).permute(2, 0, 1).float()[None] / 255  # [H, W, 3] uint8 -> [1, 3, H, W]
-    edited, _ = invert_and_edit(model, real, SOURCE, RECOLOURED, DDPMInversionConfig(),
-                                DDPMEditConfig(), seed=args.seed, progress=True)
+    edited, _ = invert_and_edit(model, real, SOURCE, RECOLOURED, inversion_cfg, edit_cfg, seed=args.seed,
+                                progress=True)
     images["3-ddpm-input.png"] = real[0]
     images["3-ddpm-edited.png"] = decode_latents(model, edited)[0]
 

@@ -52,13 +52,13 @@ class ToyRecipe:
     vae_natural: int = 4  # of each VAE batch: procedural natural-looking images (the rest are toy images)
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    steps: int = 1500  # diffusion steps
+    steps: int = 6000  # diffusion steps
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0  # None: plain ε-MSE
-    ema_decay: float = 0.995
+    ema_decay: float = 0.999
 
     def __post_init__(self):
         if not 0 <= self.vae_natural < self.vae_batch:
@@ -83,6 +83,8 @@ def natural_images(n: int, size: int, generator: torch.Generator) -> torch.Tenso
     2×2 … size/2 cells, bilinearly upsampled: equal power per octave, as natural images) mixed through a
     random colour matrix, with a few hard-edged ellipses on top (object edges)."""
     field = torch.zeros(n, 3, size, size)
+    if n == 0:
+        return field
     for octave in range(1, int(math.log2(size))):
         cells = torch.randn(n, 3, 2**octave, 2**octave, generator=generator)
         field = field + F.interpolate(cells, size=(size, size), mode="bilinear", align_corners=False)
