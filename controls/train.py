@@ -18,19 +18,31 @@ is SD's ε-MSE with the hint as an extra condition (paper eq. 5):
   slice; DistributedDataParallel averages the gradients, so the run equals one process with the global
   batch. Only rank 0 writes checkpoints.
 
+Data: ``toy_canny_triples`` (toy shapes with their Canny edges) or ``folder_triples`` (the user's own images,
+laid out like the Fill50K tutorial / diffusers' controlnet example): a folder with ``prompts.jsonl`` (or
+``metadata.jsonl``), one JSON object a line, paths relative to the folder,
+
+    {"target": "images/0.png", "prompt": "a red circle", "source": "hints/0.png"}
+
+where ``source`` (the hint) may be left out when ``detect="canny"`` computes it from the target. Both return
+(images [N, 3, S, S] in [−1, 1], hints [N, 3, S, S] in [0, 1], captions), ready for ``encode_triples``.
+
 Checkpoints and exact resume come from ``ldm.training.Trainer``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.images import load_image
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, velocity
 from ldm.training import LossFn, TrainConfig, Trainer
@@ -43,6 +55,8 @@ from .hints import to_hint
 log = logging.getLogger(__name__)
 
 DECODER = ("up_blocks.", "conv_norm_out.", "conv_out.")  # LDM output_blocks + out
+MANIFESTS = ("prompts.jsonl", "metadata.jsonl")  # Fill50K's name, then diffusers' (first found is read)
+DETECTORS = ("canny",)
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,70 @@ def toy_canny_triples(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tens
     images = torch.stack([item["image"] for item in items])
     edges = canny(((images + 1) / 2).clamp(0, 1))  # [n, size, size] bool
     return images, to_hint(edges, size, size), [item["caption"] for item in items]
+
+
+def manifest_path(folder: str | Path) -> Path:
+    """The folder's ``prompts.jsonl`` (or ``metadata.jsonl``); FileNotFoundError naming both if neither exists."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such data folder")
+    for name in MANIFESTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no {' or '.join(MANIFESTS)}; write one JSON object per line, e.g. "
+                            '{"target": "images/0.png", "prompt": "...", "source": "hints/0.png"}')
+
+
+def _read_entry(line: str, where: str, detect: str | None) -> tuple[str, str, str | None]:
+    """One manifest line -> (target, prompt, source or None); ValueError naming ``where`` if malformed."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg}); write one JSON object per line") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("target"), str) \
+            or not isinstance(entry.get("prompt"), str):
+        raise ValueError(f'{where}: need an object with string "target" and "prompt" fields, got {line[:80]!r}')
+    source = entry.get("source")
+    if source is not None and not isinstance(source, str):
+        raise ValueError(f'{where}: "source" must be a path string, got {source!r}')
+    if source is None and detect is None:
+        raise ValueError(f'{where}: no "source" hint image; add one or detect hints (detect="canny", --detect canny)')
+    return entry["target"], entry["prompt"], source
+
+
+def _load(folder: Path, name: str, where: str, size: int) -> torch.Tensor:
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image file {path} not found")
+    return load_image(path, (size, size))  # [1, 3, size, size] in [0, 1], Lanczos-resized
+
+
+def folder_triples(folder: str | Path, size: int = 512,
+                   detect: str | None = "canny") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Training triples from a data folder (module docstring): (images [N, 3, size, size] in [−1, 1],
+    hints [N, 3, size, size] in [0, 1], captions). Every image is resized to size × size (Lanczos); a line
+    without "source" gets the Canny edges of its resized target (thresholds 100/200, as toy_canny_triples)."""
+    if detect not in (None, *DETECTORS):
+        raise ValueError(f"detect must be one of {DETECTORS} or None, got {detect!r}")
+    folder = Path(folder)
+    manifest = manifest_path(folder)
+    images, hints, captions = [], [], []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{manifest} line {number}"
+        target_name, prompt, source_name = _read_entry(line, where, detect)
+        target = _load(folder, target_name, where, size)  # x ∈ [0, 1]
+        if source_name is None:
+            hint = to_hint(canny(target), size, size)  # edges [1, size, size] -> [1, 3, size, size]
+        else:
+            hint = to_hint(_load(folder, source_name, where, size), size, size)
+        images.append(target * 2 - 1)  # [0, 1] -> [−1, 1], the VAE's range
+        hints.append(hint)
+        captions.append(prompt)
+    if not captions:
+        raise ValueError(f"{manifest} is empty; add one JSON line per training image")
+    return torch.cat(images), torch.cat(hints), captions
 
 
 def world() -> tuple[int, int]:

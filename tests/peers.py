@@ -1,9 +1,10 @@
 """Reference implementations ("peers") built from an editlab config, for parity tests.
 
-- configs: ``diffusers_unet_config``, ``diffusers_vae_config``, ``transformers_text_config``, ``scheduler_config``;
+- configs (re-exported from editing/bench/peers.py, which the benchmarks share): ``diffusers_unet_config``,
+  ``diffusers_vae_config``, ``transformers_text_config``, ``scheduler_config``;
 - models with distinct random weights: ``make_diffusers_unet``, ``make_diffusers_vae``, ``make_clip_text_model``,
   ``make_open_clip_text`` (+ ``open_clip_hidden_states``: SD 2's penultimate layer + ln_final);
-- tokenizers: ``write_tokenizer`` / ``make_hf_tokenizer`` (transformers' CLIPTokenizer from open_clip's BPE);
+- tokenizer: ``make_hf_tokenizer`` (transformers' CLIPTokenizer from open_clip's BPE; editing/bench/peers.py);
 - folders and files: ``make_diffusers_folder`` (a complete pipeline folder written by diffusers'
   save_pretrained), ``write_diffusers_configs`` (configs only, for diffusers' single-file loader) and
   ``ldm_checkpoint`` (a state dict in the original CompVis / Stability key layout, written from the original
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from editing.bench.peers import (diffusers_unet_config, diffusers_vae_config, make_hf_tokenizer, scheduler_config,
-                                 transformers_text_config, write_tokenizer)
+                                 transformers_text_config)
 from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",

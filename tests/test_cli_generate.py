@@ -7,17 +7,7 @@ import pytest
 import torch
 
 from editing.cli import main
-from ldm.config import tiny_sd1
 from ldm.images import file_sha256, read_parameters
-from ldm.model import StableDiffusion
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    StableDiffusion(tiny_sd1()).save(path)
-    return path
 
 
 def _generate(weights, out, *extra):

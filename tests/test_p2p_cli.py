@@ -9,19 +9,9 @@ from PIL import Image
 from editing.bench.p2p import run as bench_p2p
 from editing.cli import main
 from editing.p2p.visualize import LABEL_HEIGHT
-from ldm.config import tiny_sd1
 from ldm.images import file_sha256, read_parameters
-from ldm.model import StableDiffusion
 
 FILES = ["source.png", "edited.png", "attention-source.png", "attention-edited.png"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    StableDiffusion(tiny_sd1()).save(path)
-    return path
 
 
 def p2p(weights, out, *extra):

@@ -1,6 +1,7 @@
-"""editlab train-controlnet: train a ControlNet on toy shapes with Canny hints, Stable Diffusion locked.
+"""editlab train-controlnet: train a ControlNet on toy shapes or your own images, Stable Diffusion locked.
 
     editlab train-controlnet --out toy-canny.safetensors                      (the toy model, 64² shapes)
+    editlab train-controlnet --data fill50k/ --size 64 --out fill.safetensors (your own folder, see below)
     editlab train-controlnet --weights sd.safetensors --size 256 --steps 4000 --out canny.safetensors
     torchrun --nproc_per_node 2 -m editing.cli train-controlnet ... --out canny.safetensors    (DDP, gloo)
 
@@ -8,6 +9,15 @@ The recipe is tutorial_train.py's (AdamW, constant lr 1e-5, batch 4) plus the pa
 which the released code lacks. With --unlock-decoder the UNet decoder trains too, and the changed base model
 is written next to the ControlNet (OUT with "-base" added). Under torchrun --batch is per process; the run
 equals one process with batch × processes. --resume continues exactly from the checkpoint.
+
+--data toy (default) draws --images N toy shapes with their Canny edges. --data DIR reads DIR/prompts.jsonl
+(or metadata.jsonl), one JSON object a line, paths relative to DIR (the Fill50K tutorial's layout):
+
+    {"target": "images/0.png", "prompt": "a red circle", "source": "hints/0.png"}
+
+Every image is resized to --size² (Lanczos). Lines without "source" get the Canny edges of the target
+(--detect canny, the default); with --detect none every line needs a hint. The output records the folder
+and the manifest's sha256.
 """
 
 from __future__ import annotations
@@ -20,19 +30,25 @@ import torch
 import torch.distributed as dist
 
 from controls.controlnet import SD_HINT_CHANNELS, ControlNet
-from controls.train import ControlTrainConfig, encode_triples, recipe, toy_canny_triples, train_controlnet, world
+from controls.train import (ControlTrainConfig, encode_triples, folder_triples, manifest_path, recipe,
+                            toy_canny_triples, train_controlnet, world)
 from ldm.images import file_sha256
 
 from ..options import add_model_arguments, load_model, native_size, weights_path
 
 NAME = "train-controlnet"
-HELP = "train a ControlNet (Canny edges on toy shapes) against a locked Stable Diffusion model"
+HELP = "train a ControlNet (toy shapes or a folder of image/hint/prompt triples) against a locked SD model"
 RECIPE = "editlab-controlnet-v1"
 
 
 def add_arguments(parser):
     add_model_arguments(parser, "the locked base model")
-    parser.add_argument("--images", type=int, default=2000, help="number of toy images (with their Canny hints)")
+    parser.add_argument("--data", default="toy", metavar="toy|DIR",
+                        help="toy shapes with Canny hints, or a folder with prompts.jsonl (or metadata.jsonl) of "
+                             '{"target", "prompt", "source"} lines (default: toy)')
+    parser.add_argument("--detect", choices=("canny", "none"), default="canny",
+                        help='hints for folder lines without "source": Canny edges of the target, or none (error)')
+    parser.add_argument("--images", type=int, default=2000, help="number of toy images (with --data toy)")
     parser.add_argument("--data-seed", type=int, default=1234)
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=4000)
@@ -66,11 +82,19 @@ def run(args):
         raise ValueError(f"--dtype {args.dtype}: train in fp32")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # launched by torchrun
+    manifest = None if args.data == "toy" else manifest_path(args.data)  # fails before the model loads
     model = load_model(args)
     size = args.size or native_size(model)
     net = ControlNet.from_unet(model.unet, hint_channels(model.config.vae.downsample_factor),
                                torch.Generator().manual_seed(args.seed))
-    data = encode_triples(model, *toy_canny_triples(args.images, args.data_seed, size))
+    if manifest is None:
+        triples, source = toy_canny_triples(args.images, args.data_seed, size), {
+            "data": "toy-canny", "images": str(args.images), "data_seed": str(args.data_seed)}
+    else:
+        triples = folder_triples(args.data, size, None if args.detect == "none" else args.detect)
+        source = {"data": str(Path(args.data).resolve()), "data_manifest": manifest.name,
+                  "data_sha256": file_sha256(manifest), "detect": args.detect, "images": str(len(triples[2]))}
+    data = encode_triples(model, *triples)
     train = recipe(args.lr, args.steps, args.seed, max(1, min(args.checkpoint_every, args.steps)))
     cfg = ControlTrainConfig(args.batch, args.prompt_dropout, args.unlock_decoder)
     checkpoint = args.checkpoint or args.out.with_suffix(".ckpt.pt")
@@ -79,8 +103,7 @@ def run(args):
     if rank == 0:
         tail = losses[-50:]
         metadata = {"recipe": RECIPE, "base": weights_path(args).name, "base_sha256": file_sha256(weights_path(args)),
-                    "data": "toy-canny", "images": str(args.images), "data_seed": str(args.data_seed),
-                    "size": str(size), "steps": str(args.steps), "processes": str(processes),
+                    **source, "size": str(size), "steps": str(args.steps), "processes": str(processes),
                     "settings": json.dumps({"batch": args.batch, "lr": args.lr, "prompt_dropout": args.prompt_dropout,
                                             "unlock_decoder": args.unlock_decoder, "seed": args.seed}, sort_keys=True),
                     "final_loss": f"{sum(tail) / len(tail):.5f}"}
