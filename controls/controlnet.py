@@ -32,13 +32,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ldm.config import UNetConfig
-from ldm.files import atomic_path
-from ldm.model import WeightsError, load_strict
+from ldm.model import load_strict, read_weights, save_weights
 from ldm.unet import UNet, UNetEncoder, skip_channels
 
 FORMAT = "editlab-controlnet"
@@ -159,26 +156,13 @@ class ControlNet(UNetEncoder):
         return scales
 
     def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
-        metadata = {"format": FORMAT, "config": self.control_config.to_json(), **(extra_metadata or {})}
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        save_weights(path, self, FORMAT, self.control_config.to_json(), extra_metadata)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> "ControlNet":
         """Load a file written by ``save`` (``editlab convert`` writes them from released ControlNets)."""
-        path = Path(path)
-        if not path.is_file():
-            raise WeightsError(f"{path}: no such file; convert a ControlNet first with 'editlab convert SRC DST'")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types
-            raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
-        if metadata.get("format") != FORMAT:
-            raise WeightsError(f"{path}: not an editlab ControlNet file; convert it with 'editlab convert SRC DST'")
+        metadata, tensors = read_weights(path, FORMAT, "editlab ControlNet")
         net = cls(ControlNetConfig.from_json(metadata["config"]))
         load_strict(net, tensors, path)
         return net.to(device, dtype).eval()

@@ -48,11 +48,8 @@ class StableDiffusion(nn.Module):
         return self.text_encoder(ids)
 
     def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
-        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_json()}
-        metadata.update(extra_metadata or {})
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        metadata = {"format_version": FORMAT_VERSION, **(extra_metadata or {})}
+        save_weights(path, self, FORMAT, self.config.to_json(), metadata)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "StableDiffusion":
@@ -70,20 +67,37 @@ class StableDiffusion(nn.Module):
 
 
 def read_editlab_file(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    metadata, tensors = read_weights(path, FORMAT, "editlab model")
+    return ModelConfig.from_json(metadata["config"]), tensors
+
+
+def save_weights(path: str | Path, module: nn.Module, format: str, config_json: str,
+                 extra_metadata: dict[str, str] | None = None) -> None:
+    """An editlab weights file: the module's state dict as safetensors, with ``format`` and the config JSON
+    in the metadata, written atomically."""
+    metadata = {**(extra_metadata or {}), "format": format, "config": config_json}
+    tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_weights(path: str | Path, format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of an editlab weights file of the given ``format``; a one-line WeightsError for a
+    missing, unreadable or foreign file."""
     path = Path(path)
+    fix = "convert it first with 'editlab convert SRC DST'"
     if not path.is_file():
-        raise WeightsError(f"{path}: no such file; pass the .safetensors file written by 'editlab convert'")
+        raise WeightsError(f"{path}: no such file; pass the .safetensors {what} file written by 'editlab convert'")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for every kind of bad file
-        raise WeightsError(f"{path}: not a readable safetensors file ({err}); "
-                           "convert checkpoints first with 'editlab convert SRC DST'") from None
-    if metadata.get("format") != FORMAT:
-        raise WeightsError(f"{path}: a safetensors file but not in editlab's format (no editlab config in its "
-                           "metadata); convert it first with 'editlab convert SRC DST'")
-    return ModelConfig.from_json(metadata["config"]), tensors
+        raise WeightsError(f"{path}: not a readable safetensors file ({err}); {fix}") from None
+    if metadata.get("format") != format or "config" not in metadata:
+        raise WeightsError(f"{path}: a safetensors file but not an {what} file (format "
+                           f"{metadata.get('format')!r}, expected {format!r}); {fix}")
+    return metadata, tensors
 
 
 def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source) -> None:
