@@ -29,10 +29,9 @@ from typing import Sequence
 
 import torch
 
-from inversion.ddpm_noise import (DDPMInversion, DDPMInversionConfig, check_skip, guided_predictor, invert,
-                                  prompt_context, regenerate)
+from inversion.ddpm_noise import DDPMInversion, DDPMInversionConfig, check_skip, invert, regenerate
 from ldm.attention import attached
-from ldm.pipeline import check_image_size, encode_images
+from ldm.pipeline import check_image_size, encode_images, guided_unet, text_context
 
 from .p2p import P2PConfig, build_controller
 
@@ -69,8 +68,8 @@ def edit(model, inversion: DDPMInversion, target_prompts: str | Sequence[str], c
     prompts = _prompts(target_prompts, rows)
     if rows != 1 and len(prompts) != rows:
         raise ValueError(f"{len(prompts)} target prompts for an inversion of batch {rows}; give one or {rows}")
-    context = prompt_context(model, prompts, cfg.target_guidance)
-    predict = guided_predictor(model.unet, context, cfg.target_guidance)
+    context = text_context(model, prompts, None, cfg.target_guidance)
+    predict = guided_unet(model.unet, context, cfg.target_guidance)
     return regenerate(predict, inversion, cfg.skip, hooks=hooks, batch=len(prompts), progress=progress)
 
 
@@ -146,7 +145,7 @@ def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, ta
     check_skip(cfg.skip, inversion.num_steps)
     prompts = [source_prompt, target_prompt]
     guidance = [inversion.source_guidance, cfg.target_guidance]
-    predict = guided_predictor(model.unet, prompt_context(model, prompts, guidance), guidance)
+    predict = guided_unet(model.unet, text_context(model, prompts, None, guidance), guidance)
     with attached(model.unet, controller, select) as layers:
         if hasattr(controller, "expected_calls"):  # P2PController checks it sees every layer once per step
             controller.expected_calls = len(layers)

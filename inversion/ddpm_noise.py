@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ldm.pipeline import denoise
+from ldm.pipeline import denoise, guided_unet, text_context
 from ldm.schedulers import DDIMSampler, NoiseSchedule, ddim_sigma, ddim_step, gaussian_noise, predict_eps_x0
 
 Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
@@ -180,34 +180,6 @@ class NoiseMapSampler:
         return noise_step(self.sampler, model_output, i, x, self.noise_maps[i])
 
 
-def guided_predictor(unet, context: torch.Tensor, guidance: float | Sequence[float]) -> Predictor:
-    """predict(x, i, t) = ε_u + w_b (ε_c − ε_u) per row b, from one UNet call on [uncond; cond].
-
-    ``context`` is [uncond; cond] ([2B, 77, C]) when any w > 1, else the conditional rows [B, 77, C] alone.
-    One scale per row allows Prompt-to-Prompt batches (source at w_src, target at w_tar). The UNet gets x_t
-    unscaled (DDIM is a variance-preserving sampler: ``scale_model_input`` is the identity)."""
-    scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
-    if (scales <= 1.0).all():
-        return lambda x, i, t: unet(x, t, context)
-
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        if len(scales) not in (1, x.shape[0]):
-            raise ValueError(f"{len(scales)} guidance scales for a batch of {x.shape[0]}; give one or one per row")
-        uncond, cond = unet(torch.cat([x, x]), t, context).chunk(2)  # [2B, ...] -> 2 × [B, ...]
-        w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
-        return uncond + w * (cond - uncond)
-
-    return predict
-
-
-def prompt_context(model, prompts: Sequence[str], guidance: float | Sequence[float]) -> torch.Tensor:
-    """[uncond ("") rows; prompt rows] when any scale is > 1 (CFG), else the prompt rows alone."""
-    cond = model.encode_prompt(list(prompts))
-    if max(torch.as_tensor(guidance, dtype=torch.float32).flatten().tolist()) <= 1.0:
-        return cond
-    return torch.cat([model.encode_prompt([""] * len(prompts)), cond])
-
-
 @torch.no_grad()
 def invert(model, x0: torch.Tensor, source_prompts: str | Sequence[str], cfg: DDPMInversionConfig,
            generator: torch.Generator | Sequence[torch.Generator], progress: bool = False) -> DDPMInversion:
@@ -217,9 +189,9 @@ def invert(model, x0: torch.Tensor, source_prompts: str | Sequence[str], cfg: DD
     if len(prompts) != x0.shape[0]:
         raise ValueError(f"{len(prompts)} source prompts for {x0.shape[0]} latents; give one or one per latent")
     sampler = edit_friendly_sampler(cfg.steps, cfg.eta, model.config.prediction_type)
-    context = prompt_context(model, prompts, cfg.source_guidance)
+    context = text_context(model, prompts, None, cfg.source_guidance)
     x0 = x0.to(model.device, context.dtype)
-    predict = guided_predictor(model.unet, context, cfg.source_guidance)
+    predict = guided_unet(model.unet, context, cfg.source_guidance)
     latents, noise_maps = extract_noise_maps(predict, sampler, auxiliary_path(x0, sampler, generator), progress)
     return DDPMInversion(latents, noise_maps, sampler.timesteps, cfg.eta, sampler.prediction_type, tuple(prompts),
                          cfg.source_guidance)
@@ -235,11 +207,11 @@ def sample_native(model, prompts: Sequence[str], latent_shape: tuple[int, int], 
     """
     prompts = list(prompts)
     sampler = edit_friendly_sampler(cfg.steps, cfg.eta, model.config.prediction_type)
-    context = prompt_context(model, prompts, cfg.source_guidance)
+    context = text_context(model, prompts, None, cfg.source_guidance)
     shape = (len(prompts), model.config.vae.latent_channels, *latent_shape)
     x_T = gaussian_noise(shape, generator, model.device, context.dtype)
     noise_maps = gaussian_noise((cfg.steps, *shape), generator, model.device, context.dtype)
-    predict = guided_predictor(model.unet, context, cfg.source_guidance)
+    predict = guided_unet(model.unet, context, cfg.source_guidance)
     trajectory = [x_T]
     for i in range(cfg.steps):
         trajectory.append(noise_step(sampler, predict(trajectory[i], i, sampler.timesteps[i]), i, trajectory[i],

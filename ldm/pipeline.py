@@ -49,11 +49,17 @@ def check_image_size(height: int, width: int, factor: int) -> None:
                          f"{max(factor, height // factor * factor)}")
 
 
+def guided(guidance: float | Sequence[float]) -> bool:
+    """Classifier-free guidance runs when any scale is above 1 (as diffusers); w ≤ 1 everywhere runs the
+    conditional rows alone."""
+    return max(torch.as_tensor(guidance, dtype=torch.float32).flatten().tolist()) > 1.0
+
+
 def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str | Sequence[str] | None,
-                 guidance: float) -> torch.Tensor:
+                 guidance: float | Sequence[float]) -> torch.Tensor:
     """Cross-attention context: [negative; prompts] ([2B, 77, C]) under guidance, else prompts ([B, 77, C])."""
     cond = model.encode_prompt(list(prompts))
-    if guidance <= 1.0:
+    if not guided(guidance):
         return cond
     negative = [""] * len(prompts) if negative is None else negative
     negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
@@ -62,15 +68,22 @@ def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str |
     return torch.cat([model.encode_prompt(negative), cond])
 
 
-def guided_unet(unet, context: torch.Tensor, guidance: float, sampler) -> Predictor:
-    """predict(x, i, t) = ε_u + w(ε_c − ε_u) on the UNet (or the plain conditional output when w ≤ 1)."""
+def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], sampler=None) -> Predictor:
+    """predict(x, i, t) = ε_u + w_b(ε_c − ε_u) per row b, from one UNet call on [uncond; cond] (or the plain
+    conditional output when every w ≤ 1). ``guidance`` is one scale or one per row (Prompt-to-Prompt batches
+    run the source at w_src and the edit at w_tar). ``sampler`` scales the input (Euler's c_in); None for
+    samplers whose input needs no scaling (DDIM, DDPM)."""
+    scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        x_in = sampler.scale_model_input(x, i)
-        if guidance <= 1.0:
+        x_in = x if sampler is None else sampler.scale_model_input(x, i)
+        if not guided(guidance):
             return unet(x_in, t, context)
+        if len(scales) not in (1, x.shape[0]):
+            raise ValueError(f"{len(scales)} guidance scales for a batch of {x.shape[0]}; give one or one per row")
+        w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
         uncond, cond = unet(torch.cat([x_in, x_in]), t, context).chunk(2)  # [2B, ...] -> 2 × [B, ...]
-        return uncond + guidance * (cond - uncond)
+        return uncond + w * (cond - uncond)
 
     return predict
 

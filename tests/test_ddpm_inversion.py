@@ -10,10 +10,10 @@ from torch import nn
 
 from editing.noise_space import noise_statistics
 from inversion.ddpm_noise import (DDPMInversion, DDPMInversionConfig, auxiliary_path, edit_friendly_sampler, extract_noise_maps,
-                                  guided_predictor, invert, prompt_context, regenerate, sample_native)
+                                  invert, regenerate, sample_native)
 from ldm.config import ModelConfig, sd15, tiny_sd1, tiny_sd2
 from ldm.model import StableDiffusion
-from ldm.pipeline import encode_images
+from ldm.pipeline import encode_images, guided_unet, text_context
 from ldm.schedulers import ddim_sigma
 from ldm.unet import UNet
 from tests.peers import randomize_
@@ -59,7 +59,7 @@ def test_reconstruction_is_exact(sd1, eta, steps):
     assert torch.equal(x0, x0_before)  # the caller's latents are untouched
     assert inversion.latents.shape == (steps + 1, *x0.shape) and inversion.noise_maps.shape == (steps, *x0.shape)
     assert inversion.noise_maps[-1].abs().mean() > 0.1  # the last map is kept (the public code zeroes it)
-    predict = guided_predictor(sd1.unet, prompt_context(sd1, [PROMPT], 3.5), 3.5)
+    predict = guided_unet(sd1.unet, text_context(sd1, [PROMPT], None, 3.5), 3.5)
     final, path = _reconstruct(predict, inversion)
     assert (final - x0).abs().max() <= 1e-5
     assert (path - inversion.latents[1:]).abs().max() <= 1e-5  # every intermediate latent, not only x0
@@ -70,7 +70,7 @@ def test_reconstruction_v_prediction():
     x0 = encode_images(model, _image())
     inversion = invert(model, x0, PROMPT, DDPMInversionConfig(steps=6), torch.Generator().manual_seed(0))
     assert inversion.prediction_type == "v_prediction"
-    predict = guided_predictor(model.unet, prompt_context(model, [PROMPT], 3.5), 3.5)
+    predict = guided_unet(model.unet, text_context(model, [PROMPT], None, 3.5), 3.5)
     assert (regenerate(predict, inversion) - x0).abs().max() <= 1e-5
 
 
@@ -80,7 +80,7 @@ def test_zeroing_the_last_noise_map_breaks_reconstruction(sd1):
     inversion = invert(sd1, x0, PROMPT, DDPMInversionConfig(steps=5), torch.Generator().manual_seed(0))
     zeroed = inversion.noise_maps.clone()
     zeroed[-1] = 0
-    predict = guided_predictor(sd1.unet, prompt_context(sd1, [PROMPT], 3.5), 3.5)
+    predict = guided_unet(sd1.unet, text_context(sd1, [PROMPT], None, 3.5), 3.5)
     error = (regenerate(predict, dataclasses.replace(inversion, noise_maps=zeroed)) - x0).abs().max()
     sigma_1 = ddim_sigma(_alpha_bar(1), _alpha_bar(-1), 1.0)  # t = 1 -> ᾱ_0
     assert error == pytest.approx(float(sigma_1 * inversion.noise_maps[-1].abs().max()), rel=1e-3)
@@ -143,7 +143,7 @@ def _check_reconstruction(unet, eta: float, steps: int) -> None:
     context = torch.randn(2, 77, 768, generator=torch.Generator().manual_seed(1))  # [uncond; cond]
     x0 = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2))
     sampler = edit_friendly_sampler(steps, eta)
-    predict = guided_predictor(unet, context, 3.5)
+    predict = guided_unet(unet, context, 3.5)
     with torch.no_grad():
         path = auxiliary_path(x0, sampler, torch.Generator().manual_seed(3))
         latents, noise_maps = extract_noise_maps(predict, sampler, path)
@@ -244,8 +244,8 @@ def test_ledits_pp_guides_away_from_a_source_prompt(sd1, monkeypatch):
     ours = invert(sd1, x0, PROMPT, DDPMInversionConfig(steps=STEPS_PEER), torch.Generator().manual_seed(4))
     assert (pipe.zs - ours.noise_maps).abs().max() > 1e-2 * ours.noise_maps.abs().max()  # the conventions differ
 
-    uncond, cond = prompt_context(sd1, [PROMPT], 3.5).chunk(2)
-    swapped = guided_predictor(sd1.unet, torch.cat([cond, uncond]), 3.5)
+    uncond, cond = text_context(sd1, [PROMPT], None, 3.5).chunk(2)
+    swapped = guided_unet(sd1.unet, torch.cat([cond, uncond]), 3.5)
     sampler = edit_friendly_sampler(STEPS_PEER, 1.0)
     with torch.no_grad():
         latents, noise_maps = extract_noise_maps(swapped, sampler,
