@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 
 from ldm.model import StableDiffusion
-from ldm.pipeline import Predictor, SamplingConfig, check_image_size, denoise, initial_noise, text_context
-from ldm.schedulers import NoiseSchedule, make_sampler
+from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, denoise, initial_noise, sampler_for,
+                          text_context)
 
 from .controlnet import ControlNet
 
@@ -143,8 +143,7 @@ def controlnet_to_image(model: StableDiffusion, controls: Sequence[Control], pro
                              f"{(cfg.height, cfg.width)}; make the hint at the image size (controls.to_hint)")
         if control.hint.shape[0] not in (1, len(prompts)):
             raise ValueError(f"{control.hint.shape[0]} hints for {len(prompts)} prompts; give one or one per prompt")
-    sampler = make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
-                           prediction_type=model.config.prediction_type)
+    sampler = sampler_for(model, cfg)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     context = text_context(model, prompts, negative, cfg.guidance)
     latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)

@@ -131,7 +131,8 @@ def encode_images(model: StableDiffusion, images: torch.Tensor, generator: torch
     return vae.scale_latents(z)
 
 
-def _sampler(model: StableDiffusion, cfg: SamplingConfig):
+def sampler_for(model: StableDiffusion, cfg: SamplingConfig):
+    """The sampler ``cfg`` names, on SD's noise schedule, reading the model's prediction type."""
     return make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
                         prediction_type=model.config.prediction_type)
 
@@ -141,7 +142,7 @@ def text_to_image(model: StableDiffusion, prompts: Sequence[str], cfg: SamplingC
                   negative: str | Sequence[str] | None = None, hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
     """Returns the final latents [B, 4, H/8, W/8]; ``decode_latents`` turns them into images."""
     check_image_size(cfg.height, cfg.width, model.config.vae.downsample_factor)
-    sampler = _sampler(model, cfg)
+    sampler = sampler_for(model, cfg)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     context = text_context(model, prompts, negative, cfg.guidance)
     latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
@@ -160,7 +161,7 @@ def sdedit(model: StableDiffusion, images: torch.Tensor, prompts: Sequence[str],
     check_image_size(images.shape[-2], images.shape[-1], model.config.vae.downsample_factor)
     if images.shape[0] != len(prompts):
         raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts; give one prompt per image")
-    sampler = _sampler(model, cfg)
+    sampler = sampler_for(model, cfg)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     context = text_context(model, prompts, negative, cfg.guidance)
     start = sampler.start_index(strength)

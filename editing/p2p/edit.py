@@ -21,8 +21,9 @@ from inversion.ddim_inversion import ddim_invert, inversion_sampler
 from inversion.null_text import NullTextConfig, null_text_inversion, null_text_predictor
 from ldm.attention import attached, attention_layers
 from ldm.model import StableDiffusion
-from ldm.pipeline import SamplingConfig, check_image_size, denoise, encode_images, guided_unet, text_context
-from ldm.schedulers import NoiseSchedule, gaussian_noise, make_sampler
+from ldm.pipeline import (SamplingConfig, check_image_size, denoise, encode_images, guided_unet, sampler_for,
+                          text_context)
+from ldm.schedulers import gaussian_noise
 
 from .alignment import equalizer, refinement_mapper, replacement_mapper, word_positions_in
 from .controllers import P2PController, Refine, Replace, Reweight
@@ -112,8 +113,7 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
     :param attention_hooks: extra attention hooks attached after the controller (they see the edited maps)
     """
     prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
-    sampler = make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
-                           prediction_type=model.config.prediction_type)
+    sampler = sampler_for(model, cfg)
     generators = [torch.Generator("cpu").manual_seed(cfg.seed) for _ in prompts]  # same noise in every row
     if null_embeddings is None:
         context = text_context(model, prompts, None, cfg.guidance)  # [∅ × B; P_0 … P_{B−1}]
