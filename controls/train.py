@@ -13,10 +13,10 @@ is SD's ε-MSE with the hint as an extra condition (paper eq. 5):
   its own; the released code forgot it (METHODS.md §7.4.1). Here ``prompt_dropout`` = 0.5 by default.
 - AdamW, constant lr 1e-5, no gradient clipping, no EMA (tutorial_train.py); the ControlNet starts as a
   copy of the UNet's encoder with zero convs (``ControlNet.from_unet``).
-- Several processes (``torchrun``; gloo or nccl, ``torch.distributed`` already initialised): every process
-  draws the same global batch of ``batch × world`` samples from the step's generator and trains on its own
-  slice; DistributedDataParallel averages the gradients, so the run equals one process with the global
-  batch. Only rank 0 writes checkpoints.
+- Several processes (``torchrun``; gloo or nccl, ``torch.distributed`` already initialised) follow
+  ldm.training's contract: every process draws the same global batch of ``batch × world`` samples from the
+  step's generator and trains on its own slice; DistributedDataParallel averages the gradients, so the run
+  equals one process with the global batch. Only rank 0 writes checkpoints.
 
 Data: ``toy_canny_triples`` (toy shapes with their Canny edges) or ``folder_triples`` (the user's own images,
 laid out like the Fill50K tutorial / diffusers' controlnet example): a folder with ``prompts.jsonl`` (or
@@ -38,14 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ldm.images import load_image
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, velocity
-from ldm.training import LossFn, TrainConfig, Trainer
+from ldm.training import LossFn, TrainConfig, Trainer, batch_share, data_parallel
 from ldm.unet import UNet
 
 from .canny import canny
@@ -182,22 +181,15 @@ def folder_triples(folder: str | Path, size: int = 512,
     return torch.cat(images), torch.cat(hints), captions
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size): (0, 1) unless torch.distributed is initialised."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-
 def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, data: EncodedTriples,
                     cfg: ControlTrainConfig) -> LossFn:
     """The per-step loss (module docstring). Every draw is of the global batch, then sliced by rank."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
     v_model = model.config.prediction_type == "v_prediction"
-    rank, size = world()
-    mine = slice(rank * cfg.batch, (rank + 1) * cfg.batch)
+    n, mine = batch_share(cfg.batch)  # global batch, this process's rows of it
     device = model.device
 
     def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
-        n = cfg.batch * size
         pick = torch.randint(len(data.hints), (n,), generator=generator)
         noise_z = torch.randn((n, *data.latent_means.shape[1:]), generator=generator)
         noise = torch.randn((n, *data.latent_means.shape[1:]), generator=generator)
@@ -215,17 +207,6 @@ def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, data: EncodedTri
     return loss_fn
 
 
-class _RankZeroTrainer(Trainer):
-    """Trainer whose checkpoints only rank 0 writes; the others wait for it."""
-
-    def save(self) -> None:
-        rank, size = world()
-        if rank == 0:
-            super().save()
-        if size > 1:
-            dist.barrier()
-
-
 def train_controlnet(model: StableDiffusion, controlnet: ControlNet, data: EncodedTriples, train: TrainConfig,
                      cfg: ControlTrainConfig = ControlTrainConfig(), checkpoint=None, resume: bool = False,
                      progress: bool = True) -> tuple[ControlNet, list[float]]:
@@ -239,9 +220,9 @@ def train_controlnet(model: StableDiffusion, controlnet: ControlNet, data: Encod
         for name, param in model.unet.named_parameters():
             param.requires_grad_(name.startswith(DECODER))
     wrapper = ControlledUNet(model.unet, controlnet)
-    forward = nn.parallel.DistributedDataParallel(wrapper) if world()[1] > 1 else wrapper  # DDP averages gradients
+    forward = data_parallel(wrapper)  # DDP averages the gradients over the processes
     # the Trainer keeps the plain module, so checkpoints do not depend on the number of processes
-    trainer = _RankZeroTrainer(wrapper, controlnet_loss(model, forward, data, cfg), train, checkpoint, "ControlNet")
+    trainer = Trainer(wrapper, controlnet_loss(model, forward, data, cfg), train, checkpoint, "ControlNet")
     losses = trainer.run(resume=resume, progress=progress)
     return controlnet.eval(), losses
 

@@ -19,7 +19,9 @@ train_instruct_pix2pix.py (METHODS.md §6.2).
    which two-way guidance needs (instruct_pix2pix.py).
 
 Optimiser, learning rate, EMA and resumable checkpoints come from ldm.training (paper: AdamW, lr 1e-4, no
-warm-up, batch 1024, 256²; the release is sampled with its EMA weights).
+warm-up, batch 1024, 256²; the release is sampled with its EMA weights). Under torchrun the run follows
+ldm.training's multi-process contract: every process draws the global batch of ``batch × world`` pairs from
+the step's generator and trains on its slice; DDP averages the gradients (= one process with the global batch).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, velocity
-from ldm.training import LossFn, TrainConfig, Trainer
+from ldm.training import LossFn, TrainConfig, Trainer, batch_share, data_parallel
 
 from .instruct_pix2pix import check_ip2p_model
 
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IP2PTrainConfig:
-    batch: int = 32  # pairs per step (paper: 32 per GPU × 8 GPUs × 4 accumulation = 1024)
+    batch: int = 32  # pairs per process and step (paper: 32 per GPU × 8 GPUs × 4 accumulation = 1024)
     dropout: float = 0.05  # p of the conditioning dropout (5% text-only, 5% both, 5% image-only)
 
     def __post_init__(self):
@@ -104,24 +107,31 @@ def encode_pairs(model: StableDiffusion, dataset, chunk: int = 32) -> EncodedPai
                         model.encode_prompt([""]))
 
 
-def ip2p_loss(model: StableDiffusion, pairs: EncodedPairs, cfg: IP2PTrainConfig) -> LossFn:
-    """The per-step loss (module docstring); every random draw comes from the step's generator."""
+def ip2p_loss(model: StableDiffusion, pairs: EncodedPairs, cfg: IP2PTrainConfig,
+              unet: nn.Module | None = None) -> LossFn:
+    """The per-step loss (module docstring); every random draw comes from the step's generator, at the
+    global batch size, then this process keeps its rows. ``unet``: what to call (DDP); None: ``model.unet``."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
     v_model = model.config.prediction_type == "v_prediction"
     device = model.device
+    n, mine = batch_share(cfg.batch)  # global batch, this process's rows of it
+    latent_shape = pairs.target_means.shape[1:]
 
     def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
-        pick = torch.randint(len(pairs.image_latents), (cfg.batch,), generator=generator)
-        mean, std = pairs.target_means[pick], pairs.target_stds[pick]
-        z0 = model.vae.scale_latents(mean + std * torch.randn(mean.shape, generator=generator).to(device))  # s·z
-        noise = torch.randn(z0.shape, generator=generator).to(device)
-        t = torch.randint(len(alphas_cumprod), (cfg.batch,), generator=generator).to(device)
+        pick = torch.randint(len(pairs.image_latents), (n,), generator=generator)
+        noise_z = torch.randn((n, *latent_shape), generator=generator)
+        noise = torch.randn((n, *latent_shape), generator=generator)
+        t = torch.randint(len(alphas_cumprod), (n,), generator=generator)
+        drop_text, drop_image = conditioning_dropout(n, generator, cfg.dropout)
+        pick, noise_z, noise, t, drop_text, drop_image = (
+            v[mine].to(device) for v in (pick, noise_z, noise, t, drop_text, drop_image))
+        z0 = model.vae.scale_latents(pairs.target_means[pick] + pairs.target_stds[pick] * noise_z)  # s·z
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
         x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
-        drop_text, drop_image = (d.to(device) for d in conditioning_dropout(cfg.batch, generator, cfg.dropout))
         context = torch.where(drop_text.view(-1, 1, 1), pairs.null_context, pairs.contexts[pairs.instruction_index[pick]])
         image = pairs.image_latents[pick] * (~drop_image).view(-1, 1, 1, 1)  # c_I, or ∅_I = 0
-        output = model.unet(torch.cat([x_t, image], dim=1), t, context)  # [B, 8, h, w] in
+        forward = unet if unet is not None else model.unet
+        output = forward(torch.cat([x_t, image], dim=1), t, context)  # [B, 8, h, w] in
         target = velocity(noise, z0, alpha_bar) if v_model else noise
         return F.mse_loss(output.float(), target.float())
 
@@ -131,7 +141,7 @@ def ip2p_loss(model: StableDiffusion, pairs: EncodedPairs, cfg: IP2PTrainConfig)
 def train_ip2p(model: StableDiffusion, dataset, train: TrainConfig, cfg: IP2PTrainConfig = IP2PTrainConfig(),
                checkpoint=None, resume: bool = False, progress: bool = True) -> tuple[StableDiffusion, list[float]]:
     """Fine-tune an 8-channel ``model`` (see widen_conv_in) on ``dataset``; only the UNet learns.
-    Returns the model (with the EMA weights when train.ema_decay is set) and the loss of every step."""
+    Returns the model (with the EMA weights when train.ema_decay is set) and this process's loss at every step."""
     check_ip2p_model(model)
     if len(dataset) < 1:
         raise ValueError("the dataset holds no pairs")
@@ -141,7 +151,9 @@ def train_ip2p(model: StableDiffusion, dataset, train: TrainConfig, cfg: IP2PTra
     model.text_encoder.eval()
     pairs = encode_pairs(model, dataset)
     log.info("encoded %d pairs (%d distinct instructions)", len(pairs.image_latents), len(pairs.contexts))
-    trainer = Trainer(model.unet, ip2p_loss(model, pairs, cfg), train, checkpoint, "InstructPix2Pix UNet")
+    loss_fn = ip2p_loss(model, pairs, cfg, data_parallel(model.unet))  # DDP averages the gradients
+    # the Trainer keeps the plain UNet, so checkpoints do not depend on the number of processes
+    trainer = Trainer(model.unet, loss_fn, train, checkpoint, "InstructPix2Pix UNet")
     losses = trainer.run(resume=resume, progress=progress)
     trainer.final_model()
     return model.eval(), losses

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 import ldm
-from ldm.images import file_sha256
+from ldm.files import file_sha256
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig
 from ldm.schedulers import SAMPLERS
 
 TOY_WEIGHTS = Path(ldm.__file__).parent / "toy" / "weights" / "toy-sd.safetensors"
+TOY_IP2P_WEIGHTS = TOY_WEIGHTS.with_name("toy-ip2p.safetensors")  # its UNet only; VAE and text from TOY_WEIGHTS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -21,10 +22,12 @@ class UserError(Exception):
     """A problem with the command's input: printed as one line, exit status 2."""
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, what: str = "a Stable Diffusion model") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, what: str = "a Stable Diffusion model",
+                        toy: Path = TOY_WEIGHTS) -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help=f"editlab weights file of {what} (made by 'editlab convert'); "
-                             "default: the bundled toy model")
+                             f"default: the bundled {toy.stem} model")
+    parser.set_defaults(toy_weights=toy)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="UNet and text encoder precision (the VAE always runs in fp32)")
@@ -47,7 +50,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, suffix: str = ".png") 
 
 
 def weights_path(args) -> Path:
-    path = args.weights or TOY_WEIGHTS
+    path = args.weights or getattr(args, "toy_weights", TOY_WEIGHTS)
     if not path.is_file():
         hint = ("the bundled toy model is missing from this install" if args.weights is None
                 else "convert a checkpoint first: editlab convert CHECKPOINT OUT.safetensors")

@@ -5,7 +5,10 @@ Paper: *Visual Instruction Inversion: Image Editing via Visual Prompting* (Nguye
 
 Learned: the CLIP text encoder's **output hidden states** c of an instruction (cond row, [77, C]) at
 positions 1 … eos−1; BOS, EOS and padding stay at their initial values (reset after every step). c starts as
-CLIP(init prompt) (the reference's ``prompt_type: hard``; its PEZ initialisation is not implemented).
+CLIP(init prompt): a given text (the reference's ``prompt_type: hard``) or, with ``init_search``, the hard
+prompt that PEZ (inversion/pez.py, *Hard Prompts Made Easy*) finds for the AFTER images alone with a
+search CLIP (the reference's ``prompt_type: learn``: OpenCLIP ViT-H-14, length 10, 3000 steps, lr 0.1,
+weight decay 0.1); the found text is then encoded by the InstructPix2Pix text encoder like a given one.
 
 Per step (t: a shuffled permutation of 0 … 999, each once; ε ~ N(0, I); both from (seed, step)):
 
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from editing.clip_models import clip_image_features
 from editing.instruct_pix2pix import EditConfig, check_ip2p_model, edit, image_condition, three_way_guidance
 from ldm.files import atomic_path
 from ldm.model import StableDiffusion
@@ -44,9 +48,7 @@ from ldm.schedulers import NoiseSchedule, velocity
 from ldm.tokenizer import EOS
 
 from .embedding_optimiser import EmbeddingConfig, EmbeddingResult, optimise_embedding
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP image normalisation (open_clip.constants)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from .pez import PezConfig, PezResult, search_prompt
 
 
 @dataclass(frozen=True)
@@ -65,15 +67,6 @@ def visii_training(steps: int = 1000, lr: float = 1e-3, seed: int = 0, checkpoin
 
 
 # ------------------------------------------------------------------------------------------ CLIP pieces
-
-
-def clip_image_features(clip_model, images: torch.Tensor) -> torch.Tensor:
-    """open_clip image embeddings (pooled + projection) of images [B, 3, H, W] in [0, 1] -> [B, D]."""
-    size = clip_model.visual.image_size
-    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    x = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (OPENAI_MEAN, OPENAI_STD))
-    return clip_model.encode_image(((x.clamp(0, 1) - mean) / std).to(next(clip_model.parameters()).device))
 
 
 @torch.no_grad()
@@ -119,12 +112,25 @@ class VisiiResult:
     instruction: torch.Tensor  # the learned cond row [77, C], picked by the smoothed loss
     eos: int  # end-token position of the instruction (for hybrid instructions)
     run: EmbeddingResult  # everything the engine returns (final states, losses, …)
+    init_prompt: str = ""  # the text c started from (given, or found by PEZ)
+    search: PezResult | None = None  # the PEZ search, when the init prompt was searched
 
 
-def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after: torch.Tensor, init_prompt: str,
+def search_init_prompt(search_clip, after: torch.Tensor, cfg: PezConfig = PezConfig(),
+                       progress: bool = True) -> PezResult:
+    """PEZ on the AFTER images only (METHODS §10.1 step 2): the hard prompt matching CLIP_img(after)."""
+    with torch.no_grad():
+        features = clip_image_features(search_clip, after).float()  # [N, D]
+    return search_prompt(search_clip, features, cfg, progress=progress)
+
+
+def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after: torch.Tensor, init_prompt: str | None,
                 cfg: VisiiConfig = VisiiConfig(), train: EmbeddingConfig = visii_training(), checkpoint=None,
-                resume: bool = False, stop_at: int | None = None, progress: bool = True) -> VisiiResult:
-    """Learn the instruction that turns ``before`` into ``after`` ([N, 3, H, W] in [0, 1], N pairs)."""
+                resume: bool = False, stop_at: int | None = None, progress: bool = True,
+                init_search: PezConfig | None = None, search_clip=None) -> VisiiResult:
+    """Learn the instruction that turns ``before`` into ``after`` ([N, 3, H, W] in [0, 1], N pairs). With
+    ``init_search`` the init prompt is found by PEZ on ``after`` with ``search_clip`` (default: ``clip_model``)
+    instead of given (``init_prompt`` must then be None)."""
     check_ip2p_model(model)
     if before.shape != after.shape or before.ndim != 4 or before.shape[1] != 3:
         raise ValueError(f"before and after must both be [N, 3, H, W] images, got {tuple(before.shape)} and "
@@ -133,6 +139,14 @@ def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after:
     if projection.shape[0] != model.config.text.width:
         raise ValueError(f"the CLIP text projection takes width {projection.shape[0]}, the InstructPix2Pix text "
                          f"encoder has {model.config.text.width}; use CLIP ViT-L/14 (768) with SD 1.x InstructPix2Pix")
+    search = None
+    if init_search is not None:
+        if init_prompt:
+            raise ValueError("give either an init prompt or a PEZ init search, not both (pass init_prompt=None)")
+        search_clip = search_clip if search_clip is not None else clip_model
+        search = search_init_prompt(search_clip, after, init_search, progress)
+        init_prompt = search.text
+    init_prompt = init_prompt or ""
     eos = end_position(model, init_prompt)
     if eos < 2:
         raise ValueError("the init prompt is empty; give a few words to start from (e.g. 'make it look like this')")
@@ -167,7 +181,7 @@ def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after:
         return visii_loss(eps_hat, goal, image_dir, text_direction(hidden, projection), cfg)
 
     run = optimise_embedding(initial, trainable, loss_fn, train, checkpoint, resume, stop_at, progress, "Visii")
-    return VisiiResult(run.best, eos, run)
+    return VisiiResult(run.best, eos, run, init_prompt, search)
 
 
 # ----------------------------------------------------------------------------------------------- applying

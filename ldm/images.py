@@ -7,7 +7,6 @@ different run (or by anything else) is not overwritten unless the caller forces 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .files import atomic_path
+from .files import atomic_path, file_sha256  # noqa: F401  (file_sha256: re-exported)
 
 METADATA_KEY = "editlab"
 
@@ -71,11 +70,3 @@ def save_png(path: str | Path, image: torch.Tensor, parameters: dict, force: boo
     with atomic_path(path) as tmp:
         to_pil(image).save(tmp, format="PNG", pnginfo=info)
     return path
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

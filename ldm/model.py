@@ -3,6 +3,10 @@
 editlab's format is one safetensors file: the state dict of ``StableDiffusion`` (keys ``unet.*``, ``vae.*``,
 ``text_encoder.*``, named as diffusers / transformers name them) with the ``ModelConfig`` as JSON in the
 metadata. ``weights_convert`` turns every other layout into it; ``StableDiffusion.load`` reads it back.
+
+A fine-tuned UNet (InstructPix2Pix, say) can be stored alone: the file then names a ``base`` editlab file in
+its own folder (metadata ``vae_text_encoder_file``, with that file's SHA-256), and loading takes the VAE and
+text encoder from there.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 
 from .clip import CLIPTextModel
 from .config import ModelConfig
-from .files import atomic_path
+from .files import atomic_path, file_sha256
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -47,9 +51,22 @@ class StableDiffusion(nn.Module):
         ids = self.tokenizer(prompts).to(self.device)
         return self.text_encoder(ids)
 
-    def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
+    def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None,
+             base: str | Path | None = None) -> None:
+        """Write the editlab file; with ``base`` (an editlab file in the same folder whose VAE and text
+        encoder this model shares), write only the UNet and a reference to ``base``."""
         metadata = {"format_version": FORMAT_VERSION, **(extra_metadata or {})}
-        save_weights(path, self, FORMAT, self.config.to_json(), metadata)
+        if base is None:
+            return save_weights(path, self, FORMAT, self.config.to_json(), metadata)
+        base = Path(base)
+        if base.resolve().parent != Path(path).resolve().parent:
+            raise ValueError(f"base {base} must be in the folder of {path} (it is referenced by name)")
+        _, base_tensors = read_editlab_file(base)
+        for name, tensor in self.state_dict().items():
+            if not name.startswith("unet.") and not torch.equal(tensor.cpu(), base_tensors[name].to(tensor.dtype)):
+                raise ValueError(f"{name} differs from {base}: only the UNet may differ from the base file")
+        metadata.update(vae_text_encoder_file=base.name, vae_text_encoder_sha256=file_sha256(base))
+        save_weights(path, self.unet, FORMAT, self.config.to_json(), metadata, prefix="unet.")
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "StableDiffusion":
@@ -67,16 +84,24 @@ class StableDiffusion(nn.Module):
 
 
 def read_editlab_file(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of an editlab file; a UNet-only file gets its VAE and text encoder from its base."""
     metadata, tensors = read_weights(path, FORMAT, "editlab model")
+    if "vae_text_encoder_file" in metadata:
+        base, sha256 = Path(path).parent / metadata["vae_text_encoder_file"], metadata["vae_text_encoder_sha256"]
+        if not base.is_file() or file_sha256(base) != sha256:
+            raise WeightsError(f"{path} holds only a UNet and needs its base file {base} exactly as it was "
+                               f"saved (SHA-256 {sha256[:12]}…); put that file beside it")
+        _, base_tensors = read_editlab_file(base)
+        tensors = {**{k: v for k, v in base_tensors.items() if not k.startswith("unet.")}, **tensors}
     return ModelConfig.from_json(metadata["config"]), tensors
 
 
 def save_weights(path: str | Path, module: nn.Module, format: str, config_json: str,
-                 extra_metadata: dict[str, str] | None = None) -> None:
-    """An editlab weights file: the module's state dict as safetensors, with ``format`` and the config JSON
-    in the metadata, written atomically."""
+                 extra_metadata: dict[str, str] | None = None, prefix: str = "") -> None:
+    """An editlab weights file: the module's state dict (names prefixed by ``prefix``) as safetensors, with
+    ``format`` and the config JSON in the metadata, written atomically."""
     metadata = {**(extra_metadata or {}), "format": format, "config": config_json}
-    tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    tensors = {prefix + k: v.detach().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 

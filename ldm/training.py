@@ -15,6 +15,18 @@ Formulas:
   lr(s) = peak·(s+1)/W for s < W, else floor + (peak − floor)·½(1 + cos(π·(s − W)/(S − W))).
 - EMA of the weights (Polyak averaging, as LDM's LitEma): θ̄ ← d·θ̄ + (1 − d)·θ, d = min(decay, (1+n)/(10+n))
   after n updates, so the average forgets the random initialisation quickly.
+
+Several processes (``torchrun --nproc_per_node P``, DistributedDataParallel; gloo on the CPU) change none of
+this. The contract, which ``world``, ``batch_share``, ``data_parallel`` and ``Trainer.save`` implement:
+
+- Every process draws the SAME global batch of ``batch × P`` samples from the step's generator (every draw at
+  the global size, in the same order as one process would) and keeps only its own rows, ``batch_share``:
+  rank r takes rows [r·batch, (r+1)·batch).
+- The loss calls the model through ``data_parallel(module)``: DDP sums the gradients over the processes and
+  divides by P, so with equal slices ∇ = (1/P)·Σ_r ∇ mean_r = ∇ mean over the global batch, and the run
+  equals one process with batch × P (up to float summation order).
+- The Trainer keeps the plain module, so checkpoints do not depend on P. Only rank 0 writes them; the others
+  wait at a barrier. On resume every process reads the same file.
 """
 
 from __future__ import annotations
@@ -22,12 +34,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -64,6 +78,37 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, step, stream): numpy's SeedSequence mixes the three."""
     state = np.random.SeedSequence([seed, step, stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state >> 1))
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed is initialised."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def start_processes(backend: str = "gloo") -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment); returns world()."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend)  # rank, world size and the rendezvous come from torchrun's variables
+    return world()
+
+
+def end_processes() -> None:
+    """Wait for every process, then leave the process group (no-op in a single process)."""
+    if world()[1] > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def batch_share(batch: int) -> tuple[int, slice]:
+    """(global batch = batch × world size, this rank's rows of it): draw at the first, train on the second."""
+    rank, size = world()
+    return batch * size, slice(rank * batch, (rank + 1) * batch)
+
+
+def data_parallel(module: nn.Module) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel (which averages the gradients) when several processes
+    run, else ``module`` itself. Call the model through it in the loss; give the Trainer the plain module."""
+    return nn.parallel.DistributedDataParallel(module) if world()[1] > 1 else module
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -126,7 +171,8 @@ class Trainer:
 
     ``loss_fn(step, generator)`` draws everything random for that step from ``generator`` and returns the
     scalar loss. ``run`` resumes from ``checkpoint`` when asked, and can stop early (``stop_at``) leaving a
-    checkpoint, which is how tests interrupt a run.
+    checkpoint, which is how tests interrupt a run. Under torchrun, see the module docstring: ``model`` is the
+    plain module, ``loss_fn`` slices with ``batch_share`` and calls ``data_parallel(model)``.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, checkpoint: str | Path | None = None,
@@ -159,8 +205,12 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
     def save(self) -> None:
-        if self.checkpoint is not None:
+        """Write the checkpoint (rank 0 only; the other processes wait until it is written)."""
+        rank, size = world()
+        if self.checkpoint is not None and rank == 0:
             save_checkpoint(self.checkpoint, self.state_dict())
+        if size > 1:
+            dist.barrier()
 
     def train_step(self) -> float:
         """One optimiser step at ``self.step``: loss, backward, clip, AdamW, EMA."""
@@ -189,7 +239,8 @@ class Trainer:
             self.load_state_dict(load_checkpoint(self.checkpoint))
             log.info("%s: resumed at step %d of %d", self.description, self.step, self.cfg.steps)
         end = self.cfg.steps if stop_at is None else min(stop_at, self.cfg.steps)
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, desc=self.description)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress or world()[0] != 0,
+                   desc=self.description)
         while self.step < end:
             self.train_step()
             bar.update(1)

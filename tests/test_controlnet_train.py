@@ -16,7 +16,7 @@ from controls.train import (ControlTrainConfig, ControlledUNet, controlnet_loss,
 from editing.cli import main
 from ldm.config import tiny_sd1
 from ldm.model import StableDiffusion
-from ldm.training import step_generator
+from ldm.training import Trainer, step_generator
 from tests.peers import randomize_
 
 HINT = (16, 32)
@@ -70,11 +70,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(triples, tmp_path):
     def run(checkpoint, stop_at=None, resume=False):
         model, net = _setup()
         data = encode_triples(model, *triples)
-        from controls.train import _RankZeroTrainer
-
         wrapper = ControlledUNet(model.unet.requires_grad_(False), net)
-        trainer = _RankZeroTrainer(wrapper, controlnet_loss(model, wrapper, data, ControlTrainConfig(batch=2)),
-                                   recipe(lr=1e-3, steps=4, checkpoint_every=2), checkpoint)
+        trainer = Trainer(wrapper, controlnet_loss(model, wrapper, data, ControlTrainConfig(batch=2)),
+                          recipe(lr=1e-3, steps=4, checkpoint_every=2), checkpoint)
         trainer.run(resume=resume, stop_at=stop_at, progress=False)
         return net
 

@@ -1,9 +1,17 @@
 """InstructPix2Pix training (editing/ip2p_train.py), its toy pair recipe (editing/ip2p_data.py) and the
-``editlab train-ip2p`` command, on tiny models."""
+``editlab train-ip2p`` command, on tiny models: a run killed with SIGKILL resumes to the same bits, and a
+2-process torchrun (DDP, gloo) equals one process with the doubled batch."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from editing.cli import main
 from editing.ip2p_data import PairFolder, ToyEditPairs
@@ -12,8 +20,28 @@ from editing.ip2p_train import (EncodedPairs, IP2PTrainConfig, conditioning_drop
 from ldm.config import tiny_sd1
 from ldm.model import StableDiffusion, metadata_of
 from ldm.toy.readers import read_attributes
-from ldm.training import TrainConfig, step_generator
+from ldm.training import TrainConfig, load_checkpoint, step_generator
 from tests.peers import randomize_
+
+# Runs ``editlab train-ip2p ARGS`` but, on reaching step HOLD_AT (the steps before it done, the last
+# checkpoint older), writes MARKER and sleeps until the test kills it.
+HOLDING_SCRIPT = """
+import sys, time
+from pathlib import Path
+import ldm.training
+from editing.cli import main
+
+hold_at, marker, train_step = int(sys.argv[1]), Path(sys.argv[2]), ldm.training.Trainer.train_step
+
+def train_step_or_hold(trainer):
+    if trainer.step == hold_at:
+        marker.write_text(str(trainer.step))
+        time.sleep(900)
+    return train_step(trainer)
+
+ldm.training.Trainer.train_step = train_step_or_hold
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +169,59 @@ def test_pair_folder(tmp_path):
     (tmp_path / "pairs.jsonl").write_text('{"before": "a.png"}\n')
     with pytest.raises(ValueError, match="pairs.jsonl:1: not a JSON object with before, after and instruction"):
         PairFolder(tmp_path, 16)
+
+
+def _command(base, tmp_path, *extra):
+    base.save(tmp_path / "base.safetensors")
+    return ["train-ip2p", "--weights", str(tmp_path / "base.safetensors"), "--size", "16", "--lr", "1e-3", *extra]
+
+
+def test_run_killed_mid_way_resumes_to_the_uninterrupted_weights(base, tmp_path):
+    args = _command(base, tmp_path, "--pairs", "6", "--steps", "6", "--batch", "2", "--checkpoint-every", "2")
+    script, marker = tmp_path / "hold.py", tmp_path / "holding"
+    script.write_text(HOLDING_SCRIPT)
+    killed = tmp_path / "killed.safetensors"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(script), "3", str(marker), *args, "--out", str(killed)],
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+        deadline = time.monotonic() + 300  # generous: a shared machine can be slow to start
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)  # 3 steps done: the third is lost, the checkpoint holds 2
+        process.wait()
+    assert marker.exists(), (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert process.returncode == -signal.SIGKILL and not killed.exists()
+    assert load_checkpoint(tmp_path / "killed.ckpt.pt")["step"] == 2
+
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole.safetensors")]) == 0
+    resumed, whole = load_checkpoint(tmp_path / "killed.ckpt.pt"), load_checkpoint(tmp_path / "whole.ckpt.pt")
+    assert resumed["step"] == whole["step"] == 6 and resumed["losses"] == whole["losses"]
+    for name, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    for name, value in whole["ema"]["shadow"].items():
+        assert torch.equal(value, resumed["ema"]["shadow"][name]), name
+    saved, straight = load_file(str(killed)), load_file(str(tmp_path / "whole.safetensors"))  # EMA weights
+    assert saved.keys() == straight.keys() and all(torch.equal(v, saved[k]) for k, v in straight.items())
+    start = widen_conv_in(base).unet.state_dict()
+    assert not torch.equal(whole["model"]["conv_in.weight"], start["conv_in.weight"])  # it did train
+
+
+def test_two_process_torchrun_equals_one_process_with_the_doubled_batch(base, tmp_path):
+    common = _command(base, tmp_path, "--pairs", "4", "--steps", "2")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "editing.cli", *common, "--batch", "1", "--out", str(tmp_path / "ddp.safetensors")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert metadata_of(tmp_path / "ddp.safetensors")["processes"] == "2"
+    assert main([*common, "--batch", "2", "--out", str(tmp_path / "one.safetensors")]) == 0
+    ddp = load_checkpoint(tmp_path / "ddp.ckpt.pt")["model"]  # the UNet's weights, not their EMA
+    one = load_checkpoint(tmp_path / "one.ckpt.pt")["model"]
+    start = widen_conv_in(base).unet.state_dict()
+    assert ddp.keys() == one.keys() == start.keys()
+    step_ddp = torch.cat([(ddp[k] - start[k]).flatten() for k in start])
+    step_one = torch.cat([(one[k] - start[k]).flatten() for k in start])
+    assert step_one.norm() > 0
+    # Adam's first steps are ±lr wherever a gradient is ~0 in float noise, so compare whole updates
+    assert (step_ddp - step_one).norm() / step_one.norm() < 1e-2  # measured 1.1e-3; batch 1 alone: 1.4

@@ -24,10 +24,6 @@ def as_rgb(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy().astype(np.float64)  # [3, H, W] in [0, 1] -> [H, W, 3]
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped toy model draws the named shape in only 33% of samples "
-                   "(tests/test_toy_model.py): 'a red circle' already comes out square in 4 of these 10 seeds, and "
-                   "the swap keeps the place (IoU 0.81-0.92) but reads as a square in 4/10. Remove this mark when "
-                   "the toy model learns shapes (issue 4).")
 def test_swapping_circle_for_square_keeps_the_place_and_changes_the_shape():
     model = StableDiffusion.load(TOY_WEIGHTS)
     outcomes = []

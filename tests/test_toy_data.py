@@ -95,7 +95,7 @@ def test_textures_keep_the_background_colour(texture):
 def test_every_shape_is_read_at_every_size_and_resolution():
     for resolution in (48, 64, 96):
         for shape in SHAPES:
-            for size in (0.28, 0.44):
+            for size in (0.34, 0.50):
                 image, mask = render(ShapeSpec(shape, "yellow", "purple", size=size, center=(0.4, 0.55)),
                                      resolution)
                 assert read_shape(image) == shape, (resolution, shape, size)

@@ -85,8 +85,6 @@ def test_generated_objects_have_the_caption_colour(caption_accuracy):
     assert caption_accuracy["colour"] >= 0.9, caption_accuracy
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped weights are the provisional 1500-step run (shape 0.33); "
-                                       "remove this mark when weights from the full recipe are shipped")
 def test_generated_objects_have_the_caption_shape(caption_accuracy):
     assert caption_accuracy["shape"] >= 0.8, caption_accuracy
 
@@ -105,6 +103,5 @@ def test_colour_word_steers_the_object(word_swaps):
     assert np.mean([want[0] == read[0] for want, read in word_swaps]) >= 0.75, word_swaps
 
 
-@pytest.mark.xfail(strict=True, reason="provisional weights: shapes not yet learnt (see above)")
 def test_shape_word_steers_the_object(word_swaps):
     assert np.mean([want[1] == read[1] for want, read in word_swaps]) >= 0.75, word_swaps

@@ -62,6 +62,22 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         Trainer(model, loss_fn, CFG, tmp_path / "missing.pt").run(resume=True, progress=False)
 
 
+def test_processes_share_the_global_batch_and_only_rank_zero_writes(tmp_path, monkeypatch):
+    """The multi-process contract without processes: world() is faked; the real 2-process runs are in
+    test_controlnet_train.py and test_ip2p_train.py (torchrun, gloo)."""
+    assert training.batch_share(3) == (3, slice(0, 3)) and training.world() == (0, 1)
+    model, loss_fn = regression_problem()
+    assert training.data_parallel(model) is model  # one process: no DDP wrapper
+    barriers = []
+    monkeypatch.setattr(training.dist, "barrier", lambda: barriers.append(1))
+    for rank in (1, 0):
+        monkeypatch.setattr(training, "world", lambda: (rank, 3))
+        assert training.batch_share(2) == (6, slice(2 * rank, 2 * rank + 2))  # rows [r·batch, (r+1)·batch)
+        Trainer(model, loss_fn, CFG, tmp_path / "run.pt").save()
+        assert (tmp_path / "run.pt").is_file() == (rank == 0)  # rank 1 waits, rank 0 writes
+    assert len(barriers) == 2
+
+
 def test_step_generator_depends_only_on_seed_step_and_stream():
     draw = lambda *key: torch.rand(4, generator=step_generator(*key))
     assert torch.equal(draw(0, 3), draw(0, 3))

@@ -204,3 +204,43 @@ def test_cli_killed_with_sigkill_then_resumed_equals_an_uninterrupted_run(tmp_pa
     assert torch.equal(resumed["instruction_embedding"], straight["instruction_embedding"])
     ends = [load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("killed", "straight")]
     assert ends[0]["losses"] == ends[1]["losses"] and torch.equal(ends[0]["model"]["value"], ends[1]["model"]["value"])
+
+
+def test_pez_init_search_starts_from_the_found_prompt(tmp_path):
+    from safetensors import safe_open
+
+    from inversion.pez import PezConfig
+    from inversion.visii import search_init_prompt
+
+    model, clip, search_clip = tiny_ip2p(), tiny_clip(), tiny_clip(seed=5)
+    before, after = pair()
+    search = PezConfig(length=3, steps=15, seed=2)
+    train = visii_training(steps=3, lr=2e-2, seed=4, checkpoint_every=3)
+    result = train_visii(model, clip, before, after, None, train=train, progress=False, init_search=search,
+                         search_clip=search_clip)
+    expected = search_init_prompt(search_clip, after, search, progress=False)  # PEZ on the AFTER image alone
+    assert result.init_prompt == result.search.text == expected.text and result.search.token_ids == expected.token_ids
+    assert search_init_prompt(clip, after, search, progress=False).token_ids != expected.token_ids  # CLIP matters
+    eos = end_position(model, result.init_prompt)
+    assert result.eos == eos >= 2
+    initial = model.encode_prompt([result.init_prompt])[0]
+    assert torch.equal(result.run.final[eos:], initial[eos:]) and not torch.equal(result.run.final, initial)
+    with pytest.raises(ValueError, match="not both"):
+        train_visii(model, clip, before, after, "make it blue", train=train, progress=False, init_search=search)
+
+    model.save(tmp_path / "ip2p.safetensors")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP))
+    save_png(tmp_path / "before.png", before[0], {})
+    save_png(tmp_path / "after.png", after[0], {})
+    assert main(["visii", "--weights", str(tmp_path / "ip2p.safetensors"), "--clip", str(tmp_path / "clip.safetensors"),
+                 "--clip-config", str(tmp_path / "clip.json"), "--before", str(tmp_path / "before.png"),
+                 "--after", str(tmp_path / "after.png"), "--size", "16", "--steps", "2", "--init-search",
+                 "--search-steps", "15", "--search-length", "3", "--seed", "2", "--out", str(tmp_path / "run")]) == 0
+    with safe_open(str(tmp_path / "run" / "instruction.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    from editing.commands.visii import _image
+
+    found = search_init_prompt(clip, _image(tmp_path / "after.png", 16), search, progress=False)  # as the CLI reads it
+    assert metadata["init_search"] == "pez" and metadata["init"] == found.text
+    assert float(metadata["search_similarity"]) == pytest.approx(found.similarity, abs=1e-5)

@@ -25,6 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=None, help="sample, p2p: steps (20 on CPU, 50 on GPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--cpu-memory", action="store_true",
+                        help="p2p on CPU: also measure each run's peak resident memory in a fresh process")
     parser.add_argument("--nchw", action="store_true", help="unet: run editlab in plain NCHW layout instead of "
                                                             "its default channels_last")
 
@@ -40,5 +42,7 @@ def run(args):
     else:
         preset = args.preset or ("sd15" if gpu else "toy")
         size = args.size or (512 if preset.startswith("sd") else 64)
-        text = bench.run(preset, size, args.steps or (50 if gpu else 20), dtype, device, args.repeats, args.warmup)
+        steps = args.steps or (50 if gpu else 20)
+        extra = {"cpu_memory": args.cpu_memory} if args.target == "p2p" else {}
+        text = bench.run(preset, size, steps, dtype, device, args.repeats, args.warmup, **extra)
     print(text)

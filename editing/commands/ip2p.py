@@ -17,14 +17,14 @@ from ldm.schedulers import EULER_SPACINGS, SAMPLERS
 from ..instruct_pix2pix import EditConfig, check_ip2p_model, edit, load_instruction_embedding
 from ..ip2p_grid import format_scale, labelled_grid, parse_scales
 from ..ip2p_sizing import open_rgb, prepare_image, to_tensor
-from ..options import add_model_arguments, add_output_arguments, load_model, native_size, weights_path
+from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, add_output_arguments, load_model, native_size, weights_path
 
 NAME = "ip2p"
 HELP = "InstructPix2Pix: edit an image by following a written instruction"
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)")
+    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
     parser.add_argument("--image", type=Path, required=True, help="input image")
     parser.add_argument("--instruction", default=None, help='edit instruction, e.g. "make it snowy"')
     parser.add_argument("--instruction-embedding", type=Path, default=None,

@@ -23,16 +23,15 @@ and the manifest's sha256.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from controls.controlnet import SD_HINT_CHANNELS, ControlNet
 from controls.train import (ControlTrainConfig, encode_triples, folder_triples, manifest_path, recipe,
-                            toy_canny_triples, train_controlnet, world)
-from ldm.images import file_sha256
+                            toy_canny_triples, train_controlnet)
+from ldm.files import file_sha256
+from ldm.training import end_processes, start_processes
 
 from ..options import add_model_arguments, load_model, native_size, weights_path
 
@@ -80,8 +79,7 @@ def run(args):
         raise FileExistsError(f"{args.out} exists; choose another --out or pass --force")
     if args.dtype != "fp32":
         raise ValueError(f"--dtype {args.dtype}: train in fp32")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # launched by torchrun
+    rank, processes = start_processes("gloo")  # joins the group when launched by torchrun
     manifest = None if args.data == "toy" else manifest_path(args.data)  # fails before the model loads
     model = load_model(args)
     size = args.size or native_size(model)
@@ -99,7 +97,6 @@ def run(args):
     cfg = ControlTrainConfig(args.batch, args.prompt_dropout, args.unlock_decoder)
     checkpoint = args.checkpoint or args.out.with_suffix(".ckpt.pt")
     net, losses = train_controlnet(model, net, data, train, cfg, checkpoint, resume=args.resume)
-    rank, processes = world()
     if rank == 0:
         tail = losses[-50:]
         metadata = {"recipe": RECIPE, "base": weights_path(args).name, "base_sha256": file_sha256(weights_path(args)),
@@ -111,6 +108,4 @@ def run(args):
         if args.unlock_decoder:
             model.save(args.out.with_name(args.out.stem + "-base.safetensors"), {"recipe": RECIPE})
         print(args.out)
-    if processes > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    end_processes()

@@ -2,18 +2,23 @@
 
     editlab train-ip2p --out toy-ip2p.safetensors                       (the toy model on toy edit pairs)
     editlab train-ip2p --weights sd15.safetensors --data PAIRS_FOLDER --size 256 --out ip2p.safetensors
+    torchrun --nproc_per_node 2 -m editing.cli train-ip2p ... --out ip2p.safetensors            (DDP, gloo)
 
 The UNet's conv_in is widened to 8 channels (zero-initialised) unless the model already has them; the VAE and
 text encoder stay frozen. The output file records the recipe, the data and the final loss in its metadata.
+A checkpoint (default OUT.ckpt.pt) is written atomically every --checkpoint-every steps; --resume continues
+from it to exactly the weights of an uninterrupted run. Under torchrun --batch is per process and the run
+equals one process with batch × processes; rank 0 writes the checkpoint and the output.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
-from ldm.images import file_sha256
-from ldm.training import TrainConfig
+from ldm.files import file_sha256
+from ldm.training import TrainConfig, end_processes, start_processes
 
 from ..ip2p_data import PairFolder, ToyEditPairs
 from ..ip2p_train import IP2PTrainConfig, train_ip2p, widen_conv_in
@@ -32,39 +37,56 @@ def add_arguments(parser):
     parser.add_argument("--data-seed", type=int, default=1234, help="seed of the toy pairs")
     parser.add_argument("--size", type=int, default=None, help="training image side (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="pairs per process and step")
     parser.add_argument("--lr", type=float, default=1e-4, help="constant learning rate (paper: 1e-4, no warm-up)")
     parser.add_argument("--dropout", type=float, default=0.05, help="conditioning dropout p (paper: 0.05)")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the UNet weights, saved at the end")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", type=Path, default=None, help="resumable checkpoint (default: OUT.ckpt.pt)")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="steps between checkpoints (default: a quarter of --steps, at most 500)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="output editlab weights file (.safetensors)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--unet-only", action="store_true",
+                        help="write only the UNet; the VAE and text encoder are read from --weights, which must "
+                             "sit in the folder of --out (how the toy InstructPix2Pix model ships)")
+    parser.add_argument("--half", action="store_true", help="store fp16 tensors (half the file)")
 
 
 def run(args):
     if args.out.suffix != ".safetensors":
         raise ValueError(f"{args.out}: the output must be a .safetensors file")
-    if args.out.exists() and not args.force:
+    if args.out.exists() and not args.force and not args.resume:
         raise FileExistsError(f"{args.out} exists; choose another --out or pass --force")
     if args.dtype != "fp32":
         raise ValueError(f"--dtype {args.dtype}: train in fp32 (the weights are saved in fp32)")
+    if args.unet_only and weights_path(args).resolve().parent != args.out.resolve().parent:
+        raise ValueError(f"--unet-only: put {args.out.name} in the folder of --weights {weights_path(args)} "
+                         "(the file refers to it by name)")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps >= 1")
+    rank, processes = start_processes("gloo")  # joins the group when launched by torchrun
     base = load_model(args)
     model = base if base.config.unet.in_channels == 2 * base.config.vae.latent_channels else widen_conv_in(base)
     size = args.size or native_size(model)
     dataset = ToyEditPairs(args.pairs, args.data_seed, size) if args.data == "toy" else PairFolder(args.data, size)
     train = TrainConfig(steps=args.steps, lr=args.lr, final_lr_fraction=1.0, ema_decay=args.ema_decay,
-                        seed=args.seed, checkpoint_every=max(1, min(500, args.steps // 4)))
+                        seed=args.seed, checkpoint_every=args.checkpoint_every or max(1, min(500, args.steps // 4)))
     cfg = IP2PTrainConfig(batch=args.batch, dropout=args.dropout)
     checkpoint = args.checkpoint or args.out.with_suffix(".ckpt.pt")
     model, losses = train_ip2p(model, dataset, train, cfg, checkpoint, resume=args.resume)
-    tail = losses[-50:]
-    metadata = {"recipe": RECIPE, "base": weights_path(args).name, "base_sha256": file_sha256(weights_path(args)),
-                "data": "toy" if args.data == "toy" else Path(args.data).name, "pairs": str(len(dataset)),
-                "data_seed": str(args.data_seed), "size": str(size), "steps": str(args.steps),
-                "settings": json.dumps({"batch": args.batch, "lr": args.lr, "dropout": args.dropout,
-                                        "ema_decay": args.ema_decay, "seed": args.seed}, sort_keys=True),
-                "final_loss": f"{sum(tail) / len(tail):.5f}"}
-    model.save(args.out, metadata)
-    print(args.out)
+    if rank == 0:
+        tail = losses[-50:]
+        metadata = {"recipe": RECIPE, "base": weights_path(args).name, "base_sha256": file_sha256(weights_path(args)),
+                    "data": "toy" if args.data == "toy" else Path(args.data).name, "pairs": str(len(dataset)),
+                    "data_seed": str(args.data_seed), "size": str(size), "steps": str(args.steps),
+                    "processes": str(processes),
+                    "settings": json.dumps({"batch": args.batch, "lr": args.lr, "dropout": args.dropout,
+                                            "ema_decay": args.ema_decay, "seed": args.seed}, sort_keys=True),
+                    "final_loss": f"{sum(tail) / len(tail):.5f}"}
+        if args.half:
+            model = copy.deepcopy(model).half()
+        model.save(args.out, metadata, base=weights_path(args) if args.unet_only else None)
+        print(args.out)
+    end_processes()

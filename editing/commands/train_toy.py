@@ -1,8 +1,9 @@
 """editlab train-toy: train the bundled toy latent diffusion model from scratch (ldm/toy/train.py).
 
-The VAE first (--stage vae: 1600 steps, 25 minutes on a busy 2-core CPU with --threads 1), then the text
-encoder and UNet (--stage diffusion: 6000 steps, about 80 minutes there); --stage all runs both.
-Interrupted runs continue with --resume.
+The VAE first (--stage vae: 1600 steps, about 11 minutes on a quiet 2-core CPU), then the text encoder and
+UNet (--stage diffusion: 7000 steps, about 39 minutes there); --stage all runs both. On a machine shared with
+other jobs, --threads 1 avoids thread oversubscription (2 threads then crawl). Interrupted runs continue
+with --resume. The toy InstructPix2Pix model is made from the result by make-pairs and train-ip2p (README).
 """
 
 from __future__ import annotations

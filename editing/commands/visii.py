@@ -8,34 +8,47 @@
 OUT/instruction.safetensors holds the learned [77, C] hidden states (picked by the smoothed loss);
 OUT/checkpoint.pt is the resumable training state (--resume continues an interrupted run exactly).
 --clip is a local open_clip ViT-L/14 state dict (OpenAI weights: QuickGELU); --clip-config a JSON open_clip
-model config for other CLIP shapes.
+model config for other CLIP shapes. --init-search finds the init text by PEZ (inversion/pez.py) on --after
+with --search-clip (default --clip); the text is stored as "init" in the instruction file's metadata (a
+--resume run searches again, with the same result on the same device).
 """
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import torch
 
-from ldm.images import file_sha256
+from ldm.files import file_sha256
 
+from ..clip_models import load_clip
 from ..instruct_pix2pix import check_ip2p_model
 from ..ip2p_sizing import open_rgb, to_tensor
-from ..options import add_model_arguments, load_model, native_size, weights_path
+from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size, weights_path
 
 NAME = "visii"
 HELP = "Visii: learn an InstructPix2Pix instruction from a before/after image pair"
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)")
+    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
     parser.add_argument("--clip", type=Path, required=True, help="open_clip CLIP ViT-L/14 weights (.safetensors/.pt)")
     parser.add_argument("--clip-config", type=Path, default=None,
                         help="JSON open_clip model config (embed_dim, vision_cfg, text_cfg); default ViT-L/14")
     parser.add_argument("--before", type=Path, required=True, help="the example's input image")
     parser.add_argument("--after", type=Path, required=True, help="the example's edited image")
     parser.add_argument("--init", default="make it look like this", help="instruction text to start from")
+    parser.add_argument("--init-search", action="store_true",
+                        help="find the init text by PEZ hard-prompt search on --after instead (the reference's "
+                             "prompt_type: learn); the found text is recorded in the output's metadata")
+    parser.add_argument("--search-steps", type=int, default=3000, help="PEZ iterations (reference 3000)")
+    parser.add_argument("--search-length", type=int, default=10, help="PEZ prompt tokens (reference 10)")
+    parser.add_argument("--search-clip", type=Path, default=None,
+                        help="open_clip weights for the PEZ search (the reference: ViT-H-14 laion2b; needs "
+                             "--search-clip-config); default: the --clip model")
+    parser.add_argument("--search-clip-config", type=Path, default=None,
+                        help="JSON open_clip model config of --search-clip; default ViT-L/14")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -45,31 +58,6 @@ def add_arguments(parser):
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--force", action="store_true", help="overwrite a finished run in OUT")
-
-
-def load_clip(path: Path, config: Path | None):
-    """An open_clip CLIP model with the weights of ``path`` (safetensors, or a .pt read with weights_only)."""
-    import open_clip
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such CLIP weights file")
-    if config is not None:
-        model = open_clip.model.CLIP(**json.loads(config.read_text()))
-    else:
-        model = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    needed = [k for k in missing if k.startswith("visual.") or k == "text_projection"]
-    if needed:
-        raise ValueError(f"{path}: not an open_clip CLIP state dict fitting the config (missing {needed[:3]}); "
-                         "pass CLIP ViT-L/14 weights or the matching --clip-config")
-    return model.eval().requires_grad_(False)
 
 
 def _image(path: Path, size: int) -> torch.Tensor:
@@ -92,13 +80,30 @@ def run(args):
     clip = load_clip(args.clip, args.clip_config).to(model.device)
     size = args.size or native_size(model)
     before, after = _image(args.before, size), _image(args.after, size)
+    search, search_clip = None, None
+    if args.init_search:
+        from inversion.pez import PezConfig
+
+        search = PezConfig(length=args.search_length, steps=args.search_steps, seed=args.seed)
+        if args.search_clip is not None:
+            search_clip = load_clip(args.search_clip, args.search_clip_config).to(model.device)
+    elif args.search_clip is not None:
+        raise ValueError("--search-clip is only used with --init-search; add --init-search or drop --search-clip")
     train = visii_training(steps=args.steps, lr=args.lr, seed=args.seed,
                            checkpoint_every=max(1, min(100, args.steps // 4)))
-    result = train_visii(model, clip, before, after, args.init, VisiiConfig(clip_gradients=args.clip_gradients),
-                         train, checkpoint=args.out / "checkpoint.pt", resume=args.resume)
+    result = train_visii(model, clip, before, after, None if search else args.init,
+                         VisiiConfig(clip_gradients=args.clip_gradients), train, checkpoint=args.out / "checkpoint.pt",
+                         resume=args.resume, init_search=search, search_clip=search_clip)
     metadata = {"weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
                 "before_sha256": file_sha256(args.before), "after_sha256": file_sha256(args.after),
-                "init": args.init, "size": str(size), "steps": str(args.steps), "lr": str(args.lr),
+                "init": result.init_prompt, "size": str(size), "steps": str(args.steps), "lr": str(args.lr),
                 "seed": str(args.seed), "best_step": str(result.run.best_step)}
+    if result.search is not None:
+        metadata.update({"init_search": "pez", "search_steps": str(args.search_steps),
+                         "search_length": str(args.search_length),
+                         "search_similarity": f"{result.search.similarity:.6f}",
+                         "search_clip": (args.search_clip or args.clip).name})
+        print(f"PEZ init prompt: {result.init_prompt!r} (CLIP similarity {result.search.similarity:.4f})",
+              file=sys.stderr)
     save_instruction(out, result.instruction, result.eos, metadata)
     print(out)

@@ -48,8 +48,8 @@ class ToyConfig:
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = tuple(COLOURS)  # object and background colours (never the same in one image)
     textures: tuple[str, ...] = TEXTURES  # drawn uniformly
-    min_size: float = 0.28  # object width / image width: 18 px at 64×64 ...
-    max_size: float = 0.44  # ... up to 28 px
+    min_size: float = 0.34  # object width / image width: 22 px at 64×64 ...
+    max_size: float = 0.50  # ... up to 32 px
     margin: float = 0.03  # gap between the object's bounding box and the image edge (2 px at 64×64)
 
     def __post_init__(self):

@@ -52,7 +52,7 @@ class ToyRecipe:
     vae_natural: int = 4  # of each VAE batch: procedural natural-looking images (the rest are toy images)
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    steps: int = 6000  # diffusion steps
+    steps: int = 7000  # diffusion steps
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100

@@ -1,0 +1,181 @@
+"""editlab make-pairs: InstructPix2Pix training pairs from caption pairs (the paper's recipe, METHODS.md §6.2).
+
+    editlab make-pairs --captions captions.jsonl --clip clip-vit-l-14.safetensors --out pairs
+    editlab train-ip2p --data pairs --out ip2p.safetensors
+
+--captions: one JSON object a line, {"input": caption, "edit": instruction, "output": edited caption} (the
+paper's format). For each line, --samples before/after pairs are rendered (one shared noise, self-attention
+injected for a random p ~ U(--p-range) of the steps, guidance ~ U(--guidance-range)), scored with CLIP and
+at most --keep are kept (editing/ip2p_pairs.py). --clip is a local open_clip state dict (ViT-L/14 with
+QuickGELU unless --clip-config gives another JSON open_clip config).
+
+--toy-captions N instead draws N toy-world caption pairs (editing/toy_pairs.py), and --filter toy replaces
+CLIP by the toy world's attribute readers, e.g. the training data of the bundled toy InstructPix2Pix model:
+
+    editlab make-pairs --toy-captions 1500 --filter toy --samples 2 --keep 1 --steps 20 --scheduler ddim --out DIR
+
+Writes into --out DIR: pairs.jsonl (the PairFolder list train-ip2p reads: before, after, instruction, plus the
+captions, the sample's draws and filter scores), samples.jsonl (every sample, kept or not, with its scores:
+CLIP similarities, or the toy reads) and NNNNNNN/SEED_0.png, SEED_1.png (before, after; each PNG records its parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ldm.files import atomic_path
+from ldm.images import file_sha256, save_png
+from ldm.schedulers import SAMPLERS
+
+from ..clip_models import load_clip
+from ..options import add_model_arguments, load_model, native_size, weights_path
+
+NAME = "make-pairs"
+HELP = "InstructPix2Pix training data: render caption pairs with Prompt-to-Prompt and keep CLIP-filtered ones"
+KEYS = ("input", "edit", "output")
+
+
+def add_arguments(parser):
+    add_model_arguments(parser, "a text-to-image model (4-channel UNet)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captions", type=Path,
+                        help='JSONL, one {"input": caption, "edit": instruction, "output": edited caption} a line')
+    source.add_argument("--toy-captions", type=int, metavar="N",
+                        help="N random toy-world caption pairs (colour, shape or background edits; seeded by --seed)")
+    parser.add_argument("--filter", choices=("clip", "toy"), default="clip",
+                        help="clip: the paper's CLIP filters (needs --clip); toy: the toy world's attribute readers")
+    parser.add_argument("--clip", type=Path, default=None, help="open_clip CLIP weights (.safetensors/.pt)")
+    parser.add_argument("--clip-config", type=Path, default=None,
+                        help="JSON open_clip model config (embed_dim, vision_cfg, text_cfg); default ViT-L/14")
+    parser.add_argument("--samples", type=int, default=100, help="samples rendered per caption pair (paper: 100)")
+    parser.add_argument("--keep", type=int, default=4, help="at most this many kept per caption pair (paper: 4)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--scheduler", choices=SAMPLERS, default="euler-a")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every draw (p, guidance, noise)")
+    parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--p-range", type=float, nargs=2, default=(0.1, 0.9), metavar=("LOW", "HIGH"),
+                        help="fraction of the steps with injected self-attention, p ~ U(LOW, HIGH)")
+    parser.add_argument("--guidance-range", type=float, nargs=2, default=(7.5, 15.0), metavar=("LOW", "HIGH"),
+                        help="classifier-free guidance scale ~ U(LOW, HIGH)")
+    parser.add_argument("--min-image-text", type=float, default=0.2, help="CLIP image-caption similarity threshold")
+    parser.add_argument("--min-image-image", type=float, default=0.75,
+                        help="CLIP before-after image similarity threshold (paper 0.75; the public script 0.7)")
+    parser.add_argument("--min-direction", type=float, default=0.2, help="CLIP directional similarity threshold")
+    parser.add_argument("--min-iou", type=float, default=0.7,
+                        help="--filter toy: before-after object mask IoU threshold for colour/background edits")
+    parser.add_argument("--batch", type=int, default=16, help="(caption pair, sample) items per sampling loop")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--force", action="store_true", help="overwrite the outputs of another run in --out")
+
+
+def read_captions(path: Path) -> list[dict[str, str]]:
+    """The caption pairs of a JSONL file; a line that is not an object with string input, edit and output
+    is a one-line error naming the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such captions file (JSONL, one object with {', '.join(KEYS)} a line)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err.msg}); write one JSON object a line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object; write one object with {', '.join(KEYS)} a line")
+        missing = [key for key in KEYS if not isinstance(row.get(key), str) or not row[key].strip()]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing or empty {', '.join(repr(k) for k in missing)}; each line "
+                             "needs the input caption, the edit instruction and the output caption")
+        rows.append({key: row[key] for key in KEYS})
+    if not rows:
+        raise ValueError(f"{path}: lists no caption pairs")
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def caption_pairs(args) -> list[dict[str, str]]:
+    from ..toy_pairs import check_toy_caption, toy_caption_pairs
+
+    if args.toy_captions is not None and args.toy_captions < 1:
+        raise ValueError(f"--toy-captions {args.toy_captions}: ask for at least 1 caption pair")
+    captions = read_captions(args.captions) if args.captions else toy_caption_pairs(args.toy_captions, args.seed)
+    if args.filter == "toy":
+        for caption in captions:  # fail before rendering anything
+            check_toy_caption(caption["input"]), check_toy_caption(caption["output"])
+    return captions
+
+
+def sample_filter(args, recipe, device):
+    """(filter, run-info entries) for --filter."""
+    from ..ip2p_pairs import ClipFilter
+    from ..toy_pairs import ToyFilter
+
+    if args.filter == "toy":
+        return ToyFilter(min_iou=args.min_iou, keep=args.keep), {"filter": "toy", "min_iou": args.min_iou}
+    clip = load_clip(args.clip, args.clip_config).to(device)
+    return ClipFilter(clip, recipe), {"filter": "clip", "clip": args.clip.name, "clip_sha256": file_sha256(args.clip)}
+
+
+def run(args):
+    from ..ip2p_pairs import PairRecipe, make_caption_pairs  # imported here: the CLI lists every command
+
+    if args.filter == "clip" and args.clip is None:
+        raise ValueError("--filter clip needs --clip CLIP_WEIGHTS (a local open_clip state dict), or use --filter toy")
+    if args.filter == "clip" and not args.clip.is_file():
+        raise FileNotFoundError(f"{args.clip}: no such CLIP weights file (a local open_clip state dict)")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: render at least 1 item per sampling loop")
+    captions = caption_pairs(args)
+    index_files = [args.out / "pairs.jsonl", args.out / "samples.jsonl"]
+    for path in index_files:
+        if path.exists() and not args.force:
+            raise FileExistsError(f"{path} exists; choose another --out or pass --force")
+    recipe = PairRecipe(samples=args.samples, keep=args.keep, p_range=tuple(args.p_range),
+                        guidance_range=tuple(args.guidance_range), steps=args.steps, scheduler=args.scheduler,
+                        seed=args.seed, min_image_text=args.min_image_text, min_image_image=args.min_image_image,
+                        min_direction=args.min_direction)
+    model = load_model(args)
+    if model.config.unet.in_channels != model.config.vae.latent_channels:
+        raise ValueError(f"{weights_path(args)}: a {model.config.unet.in_channels}-channel UNet; make-pairs renders "
+                         "with a text-to-image model (SD 1.x/2.x or the bundled toy model), not an InstructPix2Pix one")
+    side = native_size(model)
+    recipe = dataclasses.replace(recipe, height=args.height or side, width=args.width or side)
+    chosen, filter_info = sample_filter(args, recipe, model.device)
+    run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
+                **filter_info, "scheduler": recipe.scheduler, "steps": recipe.steps, "height": recipe.height,
+                "width": recipe.width, "recipe_seed": recipe.seed, "dtype": args.dtype}
+    pairs, samples = [], []
+    pair_list = [(c["input"], c["output"]) for c in captions]
+    for index, results in make_caption_pairs(model, pair_list, recipe, chosen, batch=args.batch):
+        caption = captions[index]
+        for sample in results:
+            info = {"caption_index": index, **caption, "seed": sample.draw.seed, "p": sample.draw.p,
+                    "guidance": sample.draw.guidance, **sample.scores, "rank": sample.rank}
+            samples.append(info)
+            if sample.rank is None:
+                continue
+            names = [f"{index:07d}/{sample.draw.seed}_{row}.png" for row in (0, 1)]
+            for row, name in enumerate(names):
+                save_png(args.out / name, sample.images[row], {**run_info, **info, "row": row}, force=args.force)
+            pairs.append({"before": names[0], "after": names[1], "instruction": caption["edit"], **info})
+        if index % 64 == 63 or index == len(captions) - 1:  # the lists so far, every 64 caption pairs
+            pairs.sort(key=lambda row: (row["caption_index"], row["rank"]))
+            write_jsonl(index_files[0], pairs)
+            write_jsonl(index_files[1], samples)
+        kept = sum(sample.rank is not None for sample in results)
+        print(f"caption pair {index}: kept {kept} of {len(results)} samples "
+              f"({caption['input']!r} -> {caption['output']!r})")
+    print(f"{index_files[0]}: {len(pairs)} pairs from {len(captions)} caption pairs")
+    if not pairs:
+        print(f"editlab {NAME}: no sample passed {chosen.describe()}; see the scores in {index_files[1]}",
+              file=sys.stderr)
+        return 1
