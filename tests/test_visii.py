@@ -2,8 +2,8 @@
 training (only positions 1 … eos−1 move, loss falls, exact resume), hybrid instructions, and the
 `editlab visii` -> `editlab ip2p --instruction-embedding` command-line round trip.
 
-Not here (needs a trained toy InstructPix2Pix model that does not exist yet): the semantic test, an
-instruction learned from one colour change applied to another shape."""
+The semantic test (an instruction learned from one colour change, applied to another shape, on the bundled
+toy InstructPix2Pix model) is in tests/test_toy_instruct.py."""
 
 import json
 
