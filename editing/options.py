@@ -81,3 +81,14 @@ def run_parameters(args, cfg: SamplingConfig, **extra) -> dict:
     return {"weights": path.name, "weights_sha256": file_sha256(path), "scheduler": cfg.scheduler,
             "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
             "height": cfg.height, "width": cfg.width, "dtype": args.dtype, **extra}
+
+
+def check_training_output(args) -> None:
+    """The checks every training command makes first: --out is a .safetensors file that does not exist yet
+    (unless --force or --resume), and training runs in fp32."""
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"{args.out}: the output must be a .safetensors file")
+    if args.out.exists() and not args.force and not args.resume:
+        raise FileExistsError(f"{args.out} exists; choose another --out or pass --force")
+    if args.dtype != "fp32":
+        raise ValueError(f"--dtype {args.dtype}: train in fp32")

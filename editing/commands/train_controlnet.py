@@ -33,7 +33,7 @@ from controls.train import (ControlTrainConfig, encode_triples, folder_triples, 
 from ldm.files import file_sha256
 from ldm.training import end_processes, start_processes
 
-from ..options import add_model_arguments, load_model, native_size, weights_path
+from ..options import add_model_arguments, check_training_output, load_model, native_size, weights_path
 
 NAME = "train-controlnet"
 HELP = "train a ControlNet (toy shapes or a folder of image/hint/prompt triples) against a locked SD model"
@@ -73,12 +73,7 @@ def hint_channels(vae_factor: int) -> tuple[int, ...]:
 
 
 def run(args):
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"{args.out}: the output must be a .safetensors file")
-    if args.out.exists() and not args.force and not args.resume:
-        raise FileExistsError(f"{args.out} exists; choose another --out or pass --force")
-    if args.dtype != "fp32":
-        raise ValueError(f"--dtype {args.dtype}: train in fp32")
+    check_training_output(args)
     rank, processes = start_processes("gloo")  # joins the group when launched by torchrun
     manifest = None if args.data == "toy" else manifest_path(args.data)  # fails before the model loads
     model = load_model(args)

@@ -22,7 +22,7 @@ from ldm.training import TrainConfig, end_processes, start_processes
 
 from ..ip2p_data import PairFolder, ToyEditPairs
 from ..ip2p_train import IP2PTrainConfig, train_ip2p, widen_conv_in
-from ..options import add_model_arguments, load_model, native_size, weights_path
+from ..options import add_model_arguments, check_training_output, load_model, native_size, weights_path
 
 NAME = "train-ip2p"
 HELP = "train InstructPix2Pix (instruction-following image editing) from a text-to-image model"
@@ -55,12 +55,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"{args.out}: the output must be a .safetensors file")
-    if args.out.exists() and not args.force and not args.resume:
-        raise FileExistsError(f"{args.out} exists; choose another --out or pass --force")
-    if args.dtype != "fp32":
-        raise ValueError(f"--dtype {args.dtype}: train in fp32 (the weights are saved in fp32)")
+    check_training_output(args)
     if args.unet_only and weights_path(args).resolve().parent != args.out.resolve().parent:
         raise ValueError(f"--unet-only: put {args.out.name} in the folder of --weights {weights_path(args)} "
                          "(the file refers to it by name)")
