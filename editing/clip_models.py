@@ -25,8 +25,10 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP image normalisation (o
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_clip(path: Path, config: Path | None):
-    """An open_clip CLIP model with the weights of ``path`` (safetensors, or a .pt read with weights_only)."""
+def load_clip(path: Path, config: Path | None, text_tower: bool = False):
+    """An open_clip CLIP model with the weights of ``path`` (safetensors, or a .pt read with weights_only).
+    The image tower and the text projection must be in the file; the rest of the text tower too when
+    ``text_tower`` (captions are encoded: the make-pairs filters, the PEZ search), never left random."""
     import open_clip
 
     path = Path(path)
@@ -47,7 +49,7 @@ def load_clip(path: Path, config: Path | None):
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    needed = [k for k in missing if k.startswith("visual.") or k == "text_projection"]
+    needed = [k for k in missing if text_tower or k.startswith("visual.") or k == "text_projection"]
     if needed:
         raise ValueError(f"{path}: not an open_clip CLIP state dict fitting the config (missing {needed[:3]}); "
                          "pass CLIP ViT-L/14 weights or the matching --clip-config")

@@ -121,7 +121,7 @@ def sample_filter(args, recipe, device):
 
     if args.filter == "toy":
         return ToyFilter(min_iou=args.min_iou, keep=args.keep), {"filter": "toy", "min_iou": args.min_iou}
-    clip = load_clip(args.clip, args.clip_config).to(device)
+    clip = load_clip(args.clip, args.clip_config, text_tower=True).to(device)
     return ClipFilter(clip, recipe), {"filter": "clip", "clip": args.clip.name, "clip_sha256": file_sha256(args.clip)}
 
 

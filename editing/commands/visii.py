@@ -77,7 +77,8 @@ def run(args):
         raise ValueError(f"--dtype {args.dtype}: Visii learns in fp32; leave --dtype at fp32")
     model = load_model(args)
     check_ip2p_model(model)
-    clip = load_clip(args.clip, args.clip_config).to(model.device)
+    searches_with_clip = args.init_search and args.search_clip is None  # PEZ then encodes text with --clip
+    clip = load_clip(args.clip, args.clip_config, text_tower=searches_with_clip).to(model.device)
     size = args.size or native_size(model)
     before, after = _image(args.before, size), _image(args.after, size)
     search, search_clip = None, None
@@ -86,7 +87,7 @@ def run(args):
 
         search = PezConfig(length=args.search_length, steps=args.search_steps, seed=args.seed)
         if args.search_clip is not None:
-            search_clip = load_clip(args.search_clip, args.search_clip_config).to(model.device)
+            search_clip = load_clip(args.search_clip, args.search_clip_config, text_tower=True).to(model.device)
     elif args.search_clip is not None:
         raise ValueError("--search-clip is only used with --init-search; add --init-search or drop --search-clip")
     train = visii_training(steps=args.steps, lr=args.lr, seed=args.seed,
