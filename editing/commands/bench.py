@@ -10,8 +10,10 @@ from ..options import DTYPES
 
 NAME = "bench"
 HELP = ("benchmark editlab against diffusers side by side (unet: one UNet forward; sample: text to image); "
-        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images")
-TARGETS = ("unet", "sample", "p2p")
+        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images; "
+        "stream: peak memory of streaming 100 vs 2000 packed 512 px pairs; checkpointing: UNet training memory "
+        "with and without gradient checkpointing")
+TARGETS = ("unet", "sample", "p2p", "stream", "checkpointing")
 
 
 def add_arguments(parser):
@@ -35,6 +37,12 @@ def run(args):
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if gpu else "fp32")]
+    if args.target in ("stream", "checkpointing"):  # CPU memory at scale (editing/bench/scale.py)
+        from ..bench import scale
+
+        print(scale.run_stream() if args.target == "stream" else
+              scale.run_checkpointing(args.preset or "sd15", args.size or 32))
+        return
     bench = importlib.import_module(f"editing.bench.{args.target}")
     if args.target == "unet":
         text = bench.run(args.preset or "sd15", args.batch, args.size or 64, dtype, device, args.repeats,
