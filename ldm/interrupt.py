@@ -62,7 +62,8 @@ class StopFlag:
     def agreed(self) -> bool:
         """True when any process was asked to stop (the same answer on every process)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([float(self.requested)])
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces GPU tensors only
+            flag = torch.tensor([float(self.requested)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return bool(flag.item())
         return self.requested

@@ -108,10 +108,17 @@ def world() -> tuple[int, int]:
 
 
 def start_processes(backend: str = "gloo") -> tuple[int, int]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment); returns world()."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment); returns world().
+    ``backend``: "gloo" (CPU) or "nccl" (GPUs; each process then takes GPU LOCAL_RANK as its "cuda" device)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)  # rank, world size and the rendezvous come from torchrun's variables
     return world()
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
 def end_processes() -> None:

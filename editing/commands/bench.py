@@ -41,7 +41,7 @@ def run(args):
         from ..bench import scale
 
         print(scale.run_stream() if args.target == "stream" else
-              scale.run_checkpointing(args.preset or "sd15", args.size or 32))
+              scale.run_checkpointing(args.preset or "toy", args.size or 64, args.batch if args.batch != 2 else 8))
         return
     bench = importlib.import_module(f"editing.bench.{args.target}")
     if args.target == "unet":

@@ -40,7 +40,7 @@ from ldm.files import atomic_path
 from ldm.images import file_sha256, save_png
 from ldm.interrupt import Interrupted, StopFlag, check_options
 from ldm.schedulers import SAMPLERS
-from ldm.training import start_processes
+from ldm.training import backend_for, start_processes
 
 from ..clip_models import load_clip
 from ..options import add_model_arguments, load_model, native_size, weights_path
@@ -184,7 +184,7 @@ def run(args):
     layout = PairRun(args.out, len(captions), args.batch, args.samples, args.shard_size, args.format)
     options = run_options(args, captions)
     check_start(args, layout.progress, options)
-    rank, processes = start_processes("gloo")  # several processes under torchrun; each renders its own shards
+    rank, processes = start_processes(backend_for(args.device))  # under torchrun each renders its own shards
     if rank == 0 and layout.progress.exists() and not args.resume:
         shutil.rmtree(layout.progress)  # --force: the unfinished run starts over
     if processes > 1:

@@ -32,7 +32,7 @@ from controls.controlnet import SD_HINT_CHANNELS, ControlNet
 from controls.train import ControlTrainConfig, ToyCannyTriples, manifest_path, recipe, train_controlnet, triple_source
 from ldm.files import file_sha256
 from ldm.shards import list_shards
-from ldm.training import end_processes, start_processes
+from ldm.training import backend_for, end_processes, start_processes
 
 from ..options import add_model_arguments, check_training_output, load_model, native_size, weights_path
 from ..training_cli import add_scale_arguments, check_scale_arguments, data_fingerprint, recorded_options, start_checks
@@ -84,7 +84,7 @@ def run(args):
     start_checks(checkpoint, args)
     shards = args.data != "toy" and bool(list_shards(args.data))
     manifest = None if args.data == "toy" or shards else manifest_path(args.data)  # fails before the model loads
-    rank, processes = start_processes("gloo")  # joins the group when launched by torchrun
+    rank, processes = start_processes(backend_for(args.device))  # joins the group when launched by torchrun
     model = load_model(args)
     size = args.size or native_size(model)
     net = ControlNet.from_unet(model.unet, hint_channels(model.config.vae.downsample_factor),

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ldm.files import file_sha256
-from ldm.training import TrainConfig, end_processes, start_processes
+from ldm.training import TrainConfig, backend_for, end_processes, start_processes
 
 from ..ip2p_data import ToyEditPairs, pair_source
 from ..ip2p_train import IP2PTrainConfig, train_ip2p, widen_conv_in
@@ -70,7 +70,7 @@ def run(args):
     start_checks(checkpoint, args)
     if args.data != "toy" and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such folder (pairs.jsonl or .tar shards), nor 'toy'")
-    rank, processes = start_processes("gloo")  # joins the group when launched by torchrun
+    rank, processes = start_processes(backend_for(args.device))  # joins the group when launched by torchrun
     base = load_model(args)
     model = base if base.config.unet.in_channels == 2 * base.config.vae.latent_channels else widen_conv_in(base)
     size = args.size or native_size(model)
