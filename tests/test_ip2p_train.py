@@ -1,5 +1,5 @@
-"""InstructPix2Pix training (editing/ip2p_train.py), its toy pair recipe (editing/ip2p_data.py) and the
-``editlab train-ip2p`` command, on tiny models: a run killed with SIGKILL resumes to the same bits, and a
+"""InstructPix2Pix training (editing/instruct_pix2pix/train.py), its toy pair recipe (editing/instruct_pix2pix/data.py)
+and the ``editlab train-ip2p`` command, on tiny models: a run killed with SIGKILL resumes to the same bits, and a
 2-process torchrun (DDP, gloo) equals one process with the doubled batch."""
 
 import os
@@ -14,15 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from editing.cli import main
-from editing.ip2p_data import PairFolder, ToyEditPairs
-from editing.ip2p_train import (EncodedPairs, IP2PTrainConfig, conditioning_dropout, encode_pairs, ip2p_loss,
-                                train_ip2p, widen_conv_in)
+from editing.instruct_pix2pix.data import PairFolder, ToyEditPairs
+from editing.instruct_pix2pix.train import (EncodedPairs, IP2PTrainConfig, conditioning_dropout, encode_pairs,
+                                            ip2p_loss, train_ip2p, widen_conv_in)
 from ldm.config import tiny_sd1
 from ldm.model import StableDiffusion, metadata_of
 from ldm.toy.readers import read_attributes
 from ldm.training import TrainConfig, load_checkpoint, step_generator
 from tests.peers import randomize_
-
 # Runs ``editlab train-ip2p ARGS`` but, on reaching step HOLD_AT (the steps before it done, the last
 # checkpoint older), writes MARKER and sleeps until the test kills it.
 HOLDING_SCRIPT = """

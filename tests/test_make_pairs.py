@@ -1,4 +1,4 @@
-"""editing.ip2p_pairs, editing.toy_pairs and `editlab make-pairs`: the CLIP filters against hand computations,
+"""editing/instruct_pix2pix (pairs, toy_pairs) and `editlab make-pairs`: the CLIP filters against hand computations,
 the draws, the injected-step rule, the per-item injection hook, the self-attention injection on the toy model
 (before row = plain generation; p = 0 gives the plain after-caption image, p = 1 pulls the after image towards
 the before image), a batch equal to its items rendered one at a time, the toy filter on rendered ground-truth
@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from editing.cli import main
-from editing.ip2p_data import PairFolder
-from editing.ip2p_pairs import (SCORES, PairInjection, PairItem, PairRecipe, SampleDraw, clip_scores, draw_samples,
-                                injected_steps, passes_filters, render_pair, render_pairs, select_samples)
+from editing.instruct_pix2pix.data import PairFolder
+from editing.instruct_pix2pix.pairs import (SCORES, PairInjection, PairItem, PairRecipe, SampleDraw, clip_scores,
+                                            draw_samples, injected_steps, passes_filters, render_pair, render_pairs,
+                                            select_samples)
+from editing.instruct_pix2pix.toy_pairs import ToyFilter, toy_caption_pairs
 from editing.options import TOY_WEIGHTS
-from editing.toy_pairs import ToyFilter, toy_caption_pairs
-from ldm.toy.shapes import parse_caption, render, spec_from_caption
 from ldm.images import read_parameters
 from ldm.model import StableDiffusion
 from ldm.pipeline import decode_latents, text_to_image
+from ldm.toy.shapes import parse_caption, render, spec_from_caption
 
 TINY_CLIP = {"embed_dim": 16, "quick_gelu": True,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
