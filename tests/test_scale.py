@@ -16,7 +16,7 @@ from torch import nn
 from controls import ControlNet
 from controls.train import ControlledUNet
 from editing.cli import main
-from editing.ip2p_data import PairShards
+from editing.instruct_pix2pix.data import PairShards
 from ldm.config import tiny_sd1
 from ldm.interrupt import check_fresh_start
 from ldm.model import StableDiffusion

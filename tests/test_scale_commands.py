@@ -173,17 +173,17 @@ def test_torchrun_make_pairs_stream_and_accumulation(files, tiny, tmp_path):  # 
 HOLD_SCRIPT = """
 import sys, time
 from pathlib import Path
-import editing.pair_runs
+import editing.instruct_pix2pix.pair_runs
 from editing.cli import main
 
-marker, record = Path(sys.argv[1]), editing.pair_runs.PairRun.record
+marker, record = Path(sys.argv[1]), editing.instruct_pix2pix.pair_runs.PairRun.record
 
 def record_then_hold(self, shard, entry):
     record(self, shard, entry)
     marker.write_text("recorded")
     time.sleep(900)
 
-editing.pair_runs.PairRun.record = record_then_hold
+editing.instruct_pix2pix.pair_runs.PairRun.record = record_then_hold
 sys.exit(main(sys.argv[2:]))
 """
 

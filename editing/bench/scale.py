@@ -43,7 +43,7 @@ def _pack(folder: Path, n: int, size: int) -> None:
 
 
 def _stream_setup(folder: str, size: int):
-    from editing.ip2p_data import PairShards
+    from editing.instruct_pix2pix.data import PairShards
     from ldm.stream import StreamLoader
 
     pairs = PairShards(folder, size)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from ..ip2p_sizing import open_rgb, to_tensor
 from ldm.files import file_sha256
 
+from ..instruct_pix2pix.sizing import open_rgb, to_tensor
 from ..options import add_model_arguments, load_model, native_size, weights_path
 from ..training_cli import recorded_options, start_checks
 

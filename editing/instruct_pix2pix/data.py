@@ -38,7 +38,7 @@ from ldm.shards import index_shards, list_shards, read_parts
 from ldm.stream import CorruptSample
 from ldm.toy.shapes import COLOURS, SHAPES, ShapeSpec, render, sample_spec
 
-from .ip2p_sizing import fit, open_rgb, to_tensor
+from .sizing import fit, open_rgb, to_tensor
 
 EDIT_KINDS = ("colour", "shape", "background")
 
