@@ -10,8 +10,8 @@ at most --keep are kept (editing/instruct_pix2pix/pairs.py). --clip is a local o
 QuickGELU unless --clip-config gives another JSON open_clip config).
 
 --toy-captions N instead draws N toy-world caption pairs (editing/instruct_pix2pix/toy_pairs.py), and
---filter toy replaces
-CLIP by the toy world's attribute readers, e.g. the training data of the bundled toy InstructPix2Pix model:
+--filter toy replaces CLIP by the toy world's attribute readers, e.g. the training data of the bundled toy
+InstructPix2Pix model:
 
     editlab make-pairs --toy-captions 1500 --filter toy --samples 2 --keep 1 --steps 20 --scheduler ddim --out DIR
 
