@@ -203,7 +203,7 @@ def train_vae(recipe: ToyRecipe, images: torch.Tensor, out: Path, resume: bool =
     model.text_encoder.requires_grad_(False)
     cfg = TrainConfig(steps=recipe.vae_steps, lr=recipe.vae_lr, warmup=min(100, recipe.vae_steps // 10),
                       seed=recipe.seed, checkpoint_every=200)
-    trainer = Trainer(model, vae_loss(model, images, recipe), cfg, out / "vae-checkpoint.pt", "VAE")
+    trainer = Trainer(model, vae_loss(model, images, recipe), cfg, out / "vae-checkpoint.pt", "VAE", options(recipe))
     start = time.time()
     losses = trainer.run(resume=resume, force=force)
     model.eval()
@@ -234,7 +234,7 @@ def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str]
     cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup=min(recipe.warmup, recipe.steps // 10),
                       ema_decay=recipe.ema_decay, seed=recipe.seed + 1, checkpoint_every=250)
     loss_fn = diffusion_loss(model, means, stds, captions, recipe)
-    trainer = Trainer(model, loss_fn, cfg, out / "diffusion-checkpoint.pt", "text encoder + UNet")
+    trainer = Trainer(model, loss_fn, cfg, out / "diffusion-checkpoint.pt", "text encoder + UNet", options(recipe))
     start = time.time()
     losses = trainer.run(resume=resume, force=force)
     model = trainer.final_model().eval()
@@ -243,6 +243,11 @@ def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str]
     save_half(model, out / "toy-sd.safetensors", info)
     log.info("diffusion: %d steps in %.0f s, final loss %.4f", len(losses), time.time() - start, mean_tail(losses))
     return model
+
+
+def options(recipe: ToyRecipe) -> dict:
+    """The recipe as the options a checkpoint records (a resumed run with another --data-seed is refused)."""
+    return {f"--{name.replace('_', '-')}": value for name, value in dataclasses.asdict(recipe).items()}
 
 
 def mean_tail(losses: list[float], n: int = 100) -> float:
