@@ -23,7 +23,7 @@ def add_scale_arguments(parser, batch_help: str = "samples per process and step"
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="fp32, bf16 autocast, or fp16 autocast with a gradient scaler (default fp32)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute block activations in the backward pass (less memory, ~30%% more compute)")
+                        help="recompute block activations in the backward pass (less memory, about one more forward)")
     parser.add_argument("--workers", type=int, default=0,
                         help="dataloader processes reading and decoding the data ahead (default 0: in-process)")
 
