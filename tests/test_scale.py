@@ -22,7 +22,7 @@ from ldm.interrupt import check_fresh_start
 from ldm.model import StableDiffusion
 from ldm.shards import index_shards, list_shards, write_shard
 from ldm.stream import CorruptSample, StreamLoader
-from ldm.training import Part, TrainConfig, Trainer, enable_gradient_checkpointing, step_generator
+from ldm.training import Part, TrainConfig, Trainer, enable_gradient_checkpointing
 from tests.peers import randomize_
 
 
@@ -133,7 +133,8 @@ def test_gradient_checkpointing_leaves_the_gradients_equal():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     wrapper = ControlledUNet(model.unet, net).train()
     g = torch.Generator().manual_seed(2)
-    x, t, context, hint = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 32, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
+    context, hint = torch.randn(2, 77, 32, generator=g), torch.rand(2, 3, 16, 16, generator=g)
 
     def grads():
         wrapper.zero_grad()

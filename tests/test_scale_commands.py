@@ -97,7 +97,7 @@ def test_a_changed_option_on_resume_is_named(tiny, tmp_path, capsys):
     assert "--pairs: the checkpoint's run used 4, this run 5" in capsys.readouterr().err
 
 
-def make_pairs_args(files, out, *extra):
+def make_pairs_args(files, out, *extra):  # noqa: F811
     permissive = ["--min-image-text", "-1", "--min-image-image", "-1", "--min-direction", "-1"]
     return ["make-pairs", "--captions", str(files / "captions.jsonl"), "--clip", str(files / "clip.safetensors"),
             "--clip-config", str(files / "clip.json"), "--samples", "2", "--keep", "1", "--steps", "2", "--seed", "7",

@@ -93,7 +93,8 @@ def _unet_setup(preset: str, latent: int, batch: int, checkpointing: bool):
         start = time.perf_counter()
         unet(x, torch.full((batch,), 500), context).square().mean().backward()
         grads = torch.cat([p.grad.flatten() for p in unet.parameters() if p.grad is not None])
-        torch.save({"grads": grads, "seconds": time.perf_counter() - start}, f"/tmp/editlab-bench-ckpt-{checkpointing}.pt")
+        torch.save({"grads": grads, "seconds": time.perf_counter() - start},
+                   f"/tmp/editlab-bench-ckpt-{checkpointing}.pt")
 
     return run
 
@@ -111,6 +112,7 @@ def run_checkpointing(preset: str = "toy", latent: int = 64, batch: int = 8, thr
         rows.append(f"| {'on' if checkpointing else 'off'} | {peak.peak_bytes / 2**20:.0f} | "
                     f"{peak.working_bytes / 2**20:.0f} | {result['seconds']:.1f} |")
     difference = (grads[True] - grads[False]).abs().max().item()
-    return "\n".join([f"{preset} UNet, batch {batch}, {latent}x{latent} latents, one forward + backward, {threads} threads",
+    return "\n".join([f"{preset} UNet, batch {batch}, {latent}x{latent} latents, one forward + backward, "
+                      f"{threads} threads",
                       "| gradient checkpointing | peak resident MiB | working MiB | seconds |", "|---|---|---|---|",
                       *rows, f"largest gradient difference: {difference:.2e}"])

@@ -70,7 +70,8 @@ def samples(folder: Path):
         if manifest == pairs:
             if not isinstance(entry.get("instruction"), str):
                 raise ValueError(f'{where}: need "before", "after" and a string "instruction"')
-            parts = {f"{row}.png": _file(folder, entry.get(row), where, row, (".png",))[1] for row in ("before", "after")}
+            parts = {f"{row}.png": _file(folder, entry.get(row), where, row, (".png",))[1]
+                     for row in ("before", "after")}
             parts["txt"] = entry["instruction"].encode()
         else:
             if not isinstance(entry.get("prompt"), str):

@@ -105,7 +105,8 @@ def run(args):
                                       "seed", "precision"], processes,
                                weights_sha256=file_sha256(weights_path(args)), size_used=size,
                                data_sha256=source.get("data_sha256", ""),
-                               **({"--images": args.images, "--data-seed": args.data_seed} if args.data == "toy" else {}))
+                               **({"--images": args.images, "--data-seed": args.data_seed}
+                                  if args.data == "toy" else {}))
     net, losses = train_controlnet(model, net, data, train, cfg, checkpoint, resume=args.resume, workers=args.workers,
                                    gradient_checkpointing=args.gradient_checkpointing, options=options,
                                    force=args.force)

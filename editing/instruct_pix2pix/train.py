@@ -108,7 +108,8 @@ def ip2p_loss(model: StableDiffusion, loader: StreamLoader, cfg: IP2PTrainConfig
         noise = torch.randn((n, *latent_shape), generator=generator)
         t = torch.randint(len(alphas_cumprod), (n,), generator=generator)
         drop_text, drop_image = conditioning_dropout(n, generator, cfg.dropout)
-        noise_z, noise, t, drop_text, drop_image = (v[mine].to(device) for v in (noise_z, noise, t, drop_text, drop_image))
+        noise_z, noise, t, drop_text, drop_image = (
+            v[mine].to(device) for v in (noise_z, noise, t, drop_text, drop_image))
         z0 = model.vae.scale_latents(posterior.mean + posterior.std * noise_z)  # s·z, z ~ q(z | after)
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
         x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
