@@ -203,3 +203,12 @@ def test_pack_writes_shards_and_corrupt_or_truncated_ones_are_skipped(tmp_path, 
     assert len(loader.skipped) == 1 and loader.skipped[0].startswith("data-000004.tar:bad: ")  # named, counted
     assert len(batch["instruction"]) == 6 and "edit bad" not in batch["instruction"]  # replaced, batch kept whole
     assert index_shards([shards[0]], ("before.png",)).samples[0].key == "000000000"
+
+
+def test_a_run_removes_the_temporaries_a_killed_write_left(tmp_path):
+    stale = tmp_path / ".run.pt.k3j2.tmp"  # what atomic_path leaves when killed mid-write
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".other.pt.k3j2.tmp"  # another file's temporary: not ours to remove
+    other.write_bytes(b"x")
+    Trainer(*regression(), dataclasses.replace(CFG, steps=1), tmp_path / "run.pt").run(progress=False)
+    assert not stale.exists() and other.exists() and (tmp_path / "run.pt").is_file()
