@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from .files import atomic_path, remove_stale_temporaries
 from .interrupt import Interrupted, StopFlag, check_fresh_start, check_options
+from .seeding import derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ class TrainConfig:
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, step, stream): numpy's SeedSequence mixes the three."""
-    state = np.random.SeedSequence([seed, step, stream]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) >> 1)  # in Python ints: numpy < 2 refuses uint64 >> int64
+    return torch.Generator().manual_seed(derived_seed(seed, step, stream))
 
 
 def world() -> tuple[int, int]:
