@@ -75,7 +75,7 @@ def run(preset: str, size: int, steps: int, dtype: torch.dtype, device: torch.de
 
     from controls import Control, ControlNet, controlnet_to_image
     from controls.controlnet import SD_HINT_CHANNELS
-    from editing.ddpm_edit import DDPMEditConfig, edit
+    from editing.ddpm_edit.editor import DDPMEditConfig, edit
     from editing.p2p.edit import P2PConfig, prompt_to_prompt
     from inversion.ddpm_noise import DDPMInversionConfig, invert
     from weights_convert.controlnet import to_diffusers_config

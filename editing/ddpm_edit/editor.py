@@ -34,7 +34,7 @@ from ldm.attention import attached
 from ldm.hooks import AttentionHook, StepHook
 from ldm.pipeline import check_image_size, encode_images, guided_unet, text_context
 
-from .p2p import P2PConfig, build_controller
+from ..p2p import P2PConfig, build_controller
 
 
 @dataclass(frozen=True)
