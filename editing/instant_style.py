@@ -1,5 +1,5 @@
 """InstantStyle (*InstantStyle: Free Lunch towards Style-Preserving in Text-to-Image Generation*, Wang et al.
-2024; METHODS.md §9) on IP-Adapter (controls/ip_adapter.py). Two training-free changes:
+2024; docs/methods.md §9) on IP-Adapter (controls/ip_adapter.py). Two training-free changes:
 
 1. Content subtraction in CLIP space, before the adapter's projection (no normalisation of either vector):
 
@@ -14,7 +14,7 @@
 Blocks are named as diffusers names them ("up_blocks.1", "down_blocks.2.attentions.1", "mid_block") or in
 diffusers' ``set_ip_adapter_scale`` dict ({"down": {"block_2": [1, 1]}, "mid": 1, "up": {"block_1": 1}}).
 A block that matches no layer is an error, never a silent no-op: the SDXL recipe {"up": {"block_0": ...}}
-would otherwise switch the adapter off on SD 1.5 (METHODS.md §9.3.1).
+would otherwise switch the adapter off on SD 1.5 (docs/methods.md §9.3 item 1).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from controls.ip_adapter import IPAdapter, diffusers_block, generate_with_image_
 from ldm.attention import attention_layers
 from ldm.pipeline import SamplingConfig
 
-PRESETS = {  # SD 1.5 (METHODS.md §9.1); unnamed blocks get scale 0
+PRESETS = {  # SD 1.5 (docs/methods.md §9.1); unnamed blocks get scale 0
     "style": ("up_blocks.1",),
     "style+layout": ("down_blocks.2", "mid_block", "up_blocks.1"),
 }

@@ -7,7 +7,7 @@
 - Explicit path: the formula above written out, over chunks of queries (``query_chunk`` rows at a time),
   with the scores and the softmax in fp32. Each chunk of probabilities ``[B, heads, chunk, K]`` is handed to
   the hooks before it multiplies V, so a hook can read or replace it and a full 4096×4096 map of a 64² layer
-  is never held at once (PERFORMANCE.md §6.4).
+  is never held at once (docs/performance.md §1).
 
 Hooks are how every method talks to attention (Prompt-to-Prompt controllers, attention stores, IP-Adapter's
 image branch). A hook is any object with some of these methods::
@@ -105,7 +105,7 @@ def attached(model: nn.Module, hook, select: Callable[[Attention], bool] | Itera
     """Attach ``hook`` to the selected attention layers for the duration of a ``with`` block.
 
     ``select`` is a predicate on the layer, a collection of layer names, or None for every layer. A name
-    that matches no layer is an error (a silent no-op is how hooks rot: METHODS.md §1.6.3, §9.3).
+    that matches no layer is an error (a silent no-op is how hooks rot: docs/methods.md §1.6 item 3, §9.3).
     """
     layers = attention_layers(model)
     if select is None:

@@ -16,7 +16,7 @@ from ldm.unet import UNet
 from tests.peers import randomize_, relative_error
 from tests.test_ip_adapter import EMBED_DIM, PROMPT, SAMPLING, sd1_like
 
-SDXL_STYLE = {"up": {"block_0": [0.0, 1.0, 0.0]}}  # InstantStyle's SDXL recipe (METHODS.md §9.3.1)
+SDXL_STYLE = {"up": {"block_0": [0.0, 1.0, 0.0]}}  # InstantStyle's SDXL recipe (docs/methods.md §9.3 item 1)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
-"""InstructPix2Pix editing (editing/instruct_pix2pix/editor.py) against diffusers' StableDiffusionInstructPix2PixPipeline
-on a tiny random 8-channel model, plus the guidance formula, the conditioning latent and the s_I < 1 departure.
+"""InstructPix2Pix editing (editing/instruct_pix2pix/editor.py) against diffusers'
+StableDiffusionInstructPix2PixPipeline on a tiny random 8-channel model, plus the guidance formula, the
+conditioning latent and the s_I < 1 departure.
 
-Both sides get the same pre-sized image (METHODS §6.3.5), seed, steps and scales; diffusers draws the initial
-latents randn((B, 4, h, w)) on the generator and then each step's noise, like editlab, and encodes the image by
-the posterior mode (argmax) without scaling. Measured max|a − b| / max|a|: 0 (bit-identical) for DDIM and Euler.
+Both sides get the same pre-sized image (docs/methods.md §6.3 item 4), seed, steps and scales; diffusers draws the
+initial latents randn((B, 4, h, w)) on the generator and then each step's noise, like editlab, and encodes the
+image by the posterior mode (argmax) without scaling. Measured max|a − b| / max|a|: 0 (bit-identical) for DDIM and
+Euler.
 """
 
 import pytest

@@ -7,7 +7,7 @@ channels, the text encoder's width, depth, vocabulary and positions. So a tiny t
 exactly the path a full one does.
 
 Head counts are not in the weights (q, k, v are C×C whatever the split). They follow from the family
-(CHECKPOINTS.md §3, §7): SD 1 UNets have 8 heads, SD 2 UNets heads of size 64; CLIP-L has 12 heads and
+(docs/checkpoints.md §3, §7): SD 1 UNets have 8 heads, SD 2 UNets heads of size 64; CLIP-L has 12 heads and
 OpenCLIP-H 16. Any other model needs its ``ModelConfig`` passed explicitly.
 """
 

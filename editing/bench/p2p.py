@@ -2,7 +2,7 @@
 
 Both runs make the same UNet calls (N steps × batch 4: [∅, ∅, P_0, P_1]), so the ratio measures what the
 controller adds: the explicit, query-chunked attention in the layers it edits or stores, the edits, the
-store and the local blend. Targets at SD 1.5 shapes on a GPU (PERFORMANCE.md §5.2, §6.4): ≤ 1.3× time,
+store and the local blend. Targets at SD 1.5 shapes on a GPU (docs/performance.md §2, §1): ≤ 1.3× time,
 ≤ 1.2× peak memory. Timed in alternation in one run (editing/bench/__init__.py). Peak memory: on a GPU
 from the allocator; on the CPU (``--cpu-memory``) the peak resident set of each run in a fresh process
 (memory.py), which needs only a step or two (``--steps 2``) to show the peak.

@@ -1,7 +1,8 @@
 """Text-guided editing of real images from edit-friendly DDPM noise maps.
 
 Paper: *An Edit Friendly DDPM Noise Space: Inversion and Manipulations* (Huberman-Spiegelglas, Kulikov &
-Michaeli, CVPR 2024), text-guided editing of real images. Reference code: inbarhub/DDPM_inversion main_run.py (METHODS.md §4.1).
+Michaeli, CVPR 2024), text-guided editing of real images. Reference code:
+inbarhub/DDPM_inversion main_run.py (docs/methods.md §4.1).
 
 1. Invert the image under the source prompt at w_src (``inversion.ddpm_noise.invert``): latents x_t and
    noise maps z_t that regenerate it exactly.

@@ -1,5 +1,5 @@
 """Prompt-to-Prompt attention controllers (Hertz et al., *Prompt-to-Prompt Image Editing with Cross Attention
-Control*, ICLR 2023, §3.2; METHODS.md §1.1).
+Control*, ICLR 2023, §3.2; docs/methods.md §1.1).
 
 The UNet runs on [∅ × B; P_0 … P_{B−1}] (row 0 of the conditional half is the source). In each layer the
 controller edits the conditional rows only; the unconditional rows and the source row pass unchanged:
@@ -15,9 +15,9 @@ with the edit function E one of (A_0: [heads, Q, K], A_j: [heads, Q, K]):
                            no renormalisation, negative weights allowed
 
 Only the layers the controller needs at the current step run the explicit (query-chunked) attention path;
-every other layer stays on scaled_dot_product_attention (PERFORMANCE.md §6.4). The controller counts the
+every other layer stays on scaled_dot_product_attention (docs/performance.md §1). The controller counts the
 layers it is asked about in each step and raises if that differs from the number it was attached to: a hook
-that silently reaches no layer is how the public code broke (METHODS §1.6.3).
+that silently reaches no layer is how the public code broke (docs/methods.md §1.6 item 3).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ real image inverted first (DDIM or null-text inversion) and then edited.
 
 Papers: *Prompt-to-Prompt Image Editing with Cross Attention Control* (Hertz et al., ICLR 2023) and
 *Null-text Inversion for Editing Real Images using Guided Diffusion Models* (Mokady et al., CVPR 2023).
-Algorithm: METHODS.md §1.1 (controllers.py has the formulas). Every row starts from the same noise x_T and,
+Algorithm: docs/methods.md §1.1 (controllers.py has the formulas). Every row starts from the same noise x_T and,
 for the stochastic samplers, draws the same per-step noise (one generator per row, all seeded alike), so the
 rows differ only by their prompts and the edits; row 0 is then exactly what the same batch would give
 without any controller.
@@ -153,7 +153,7 @@ class Inversion:
 def invert_image(model: StableDiffusion, image: torch.Tensor, prompt: str, cfg: SamplingConfig,
                  method: str = "null-text", inversion_guidance: float = 1.0, batch: int = 1,
                  null_config: NullTextConfig | None = None, progress: bool = False) -> Inversion:
-    """Encode ``image`` [1, 3, H, W] in [0, 1] (posterior mean, METHODS §0.4) and invert it on the DDIM grid
+    """Encode ``image`` [1, 3, H, W] in [0, 1] (posterior mean, docs/methods.md §0.4) and invert it on the DDIM grid
     of ``cfg`` (which must be ddim with eta 0). ``batch``: the editing batch the null-text advance step uses."""
     if cfg.scheduler != "ddim" or cfg.eta != 0:
         raise ValueError(f"real-image editing inverts with deterministic DDIM; use scheduler 'ddim' with eta 0 "
