@@ -34,10 +34,10 @@ def contenders(preset: str, size: int, steps: int, dtype: torch.dtype, device: t
     model.to(device)
     model.unet.to(dtype)
     model.text_encoder.to(dtype)
-    cfg = SamplingConfig(steps=steps, guidance=7.5, scheduler=scheduler, seed=0, height=size, width=size)
+    sampling = SamplingConfig(steps=steps, guidance=7.5, scheduler=scheduler, seed=0, height=size, width=size)
     config = P2PConfig(blend_words=("circle", "square"))  # notebook defaults + a local blend + the map store
-    return {"p2p": lambda: prompt_to_prompt(model, SOURCE, TARGET, cfg, config),
-            "plain": lambda: text_to_image(model, [SOURCE, TARGET], cfg, progress=False)}
+    return {"p2p": lambda: prompt_to_prompt(model, SOURCE, TARGET, sampling, config),
+            "plain": lambda: text_to_image(model, [SOURCE, TARGET], sampling, progress=False)}
 
 
 def one_contender(name: str, preset: str, size: int, steps: int, dtype: torch.dtype) -> Callable[[], object]:

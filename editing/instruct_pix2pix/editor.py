@@ -66,7 +66,7 @@ def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon"):
 
 
 @torch.no_grad()
-def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
+def edit_by_instruction(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
          cfg: EditConfig = EditConfig(), instruction_embedding: torch.Tensor | None = None,
          hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
     """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see sizing.py) by one instruction each.
@@ -96,7 +96,7 @@ def apply_instruction(model: StableDiffusion, images: torch.Tensor, instruction:
         if eos is None:
             raise ValueError("a hybrid instruction needs the learned instruction's end position (eos)")
         instruction = hybrid_instruction(model, instruction, eos, extra_text)
-    return edit(model, images, None, cfg, instruction_embedding=instruction, progress=progress)
+    return edit_by_instruction(model, images, None, cfg, instruction_embedding=instruction, progress=progress)
 
 
 def load_instruction_embedding(path: str | Path) -> torch.Tensor:
