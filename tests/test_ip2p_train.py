@@ -58,7 +58,9 @@ def test_widened_model_starts_as_the_text_to_image_model(base):
     g = torch.Generator().manual_seed(0)
     x, image = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     context = torch.randn(2, 77, 32, generator=g)
-    assert torch.equal(wide.unet(torch.cat([x, image], 1), 500, context), base.unet(x, 500, context))
+    widened, plain = wide.unet(torch.cat([x, image], 1), 500, context), base.unet(x, 500, context)
+    # the zero weights add exact zeros, but a convolution over 8 input channels may sum in another order than over 4
+    assert (widened - plain).abs().max() <= 1e-5 * plain.abs().max()
     with pytest.raises(ValueError, match="already takes 8 input channels"):
         widen_conv_in(wide)
 

@@ -21,7 +21,7 @@ from editing.instruct_pix2pix.toy_pairs import ToyFilter, toy_caption_pairs
 from editing.options import TOY_WEIGHTS
 from ldm.images import read_parameters
 from ldm.model import StableDiffusion
-from ldm.pipeline import text_to_image
+from ldm.pipeline import decode_latents, text_to_image
 from ldm.toy.shapes import parse_caption, render, spec_from_caption
 
 TINY_CLIP = {"embed_dim": 16, "quick_gelu": True,
@@ -148,8 +148,20 @@ def test_a_batch_equals_its_items_rendered_one_at_a_time(toy):
     batch = render_pairs(toy, items, recipe)
     alone = torch.cat([render_pair(toy, item.before, item.after, item.draw, recipe) for item in items])
     assert batch.shape == (6, 4, 16, 16)
-    assert (batch - alone).abs().max() <= 1e-6  # bit for bit on the CPU
+    # Not bit for bit: a 6-row batch may run other kernel blockings than a 2-row one (oneDNN/MKL choose by shape,
+    # and torch releases change the choice); ~1e-7 relative per operation, grown by 3 guided steps (2e-4 seen).
+    assert (batch - alone).abs().max() <= 2e-4 * alone.abs().max()
     assert (batch[0] - batch[4]).abs().max() > 0.1  # same caption, other seed: other noise
+    # What make-pairs promises whatever --batch: the same verdicts, and saved 8-bit images within one level
+    # (rounding to 8 bits can put two nearly equal values on either side of a level).
+    images = [decode_latents(toy, latents) for latents in (batch, alone)]
+    levels = [(image * 255).round() for image in images]
+    assert (levels[0] - levels[1]).abs().max() <= 1
+    verdicts = [[ToyFilter(min_iou=0.3).scores(item.before, item.after, image[2 * k:2 * k + 2])
+                 for k, item in enumerate(items)] for image in images]
+    for mine, theirs in zip(*verdicts):
+        assert mine["passes"] == theirs["passes"] and abs(mine["iou"] - theirs["iou"]) <= 0.02
+        assert {k: v for k, v in mine.items() if k != "iou"} == {k: v for k, v in theirs.items() if k != "iou"}
 
 
 # ------------------------------------------------------------------------------------------- toy filter
