@@ -1,7 +1,8 @@
 """Defaults live in one place, the methods' configs: the Python API called with its defaults and the command with
-no options give byte-identical images: Prompt-to-Prompt on a real image (null-text inversion) and edit-friendly
-DDPM editing on the tiny random model (a 16² image keeps them fast), InstructPix2Pix on the bundled toy model
-(its command sizes the input to the model's native size, 64² for the toy)."""
+no options give byte-identical images: Prompt-to-Prompt on a real image (null-text inversion: 50 steps of up to 10
+optimiser steps each) and edit-friendly DDPM editing (100 steps) on a very small random model and a 16² image,
+which keeps them fast; InstructPix2Pix on the bundled toy model (its command sizes the input to the model's native
+size, 64² for the toy)."""
 
 import numpy as np
 import pytest
@@ -12,10 +13,12 @@ from editing.ddpm_edit.editor import invert_and_edit
 from editing.instruct_pix2pix.editor import edit_by_instruction
 from editing.options import TOY_IP2P_WEIGHTS
 from editing.p2p.edit import edit_real_image
+from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ldm.images import load_image, to_pil
 from ldm.model import StableDiffusion
 from ldm.pipeline import decode_latents
 from ldm.toy.shapes import render, spec_from_caption
+from tests.peers import randomize_
 
 SOURCE = "a red circle on a blue background"
 TARGET = "a red square on a blue background"
@@ -27,6 +30,19 @@ def picture(tmp_path_factory):
     path = tmp_path_factory.mktemp("defaults") / "input.png"
     array, _ = render(spec_from_caption(SOURCE, center=(0.45, 0.5), size=0.45), resolution=64)
     Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A random model smaller than tiny_sd1 (two levels, one ResBlock each, one text layer): the defaults run
+    hundreds of UNet calls, and what is compared does not depend on the size."""
+    unet = UNetConfig(model_channels=16, channel_mult=(1, 2), attention_levels=(True, False), layers_per_level=1,
+                      n_heads=2, context_dim=16, norm_groups=8)
+    vae = VAEConfig(block_channels=(16, 32), layers_per_level=1, norm_groups=8)
+    text = TextEncoderConfig(width=16, n_layers=1, n_heads=2, mlp_dim=32)
+    path = tmp_path_factory.mktemp("defaults-model") / "small.safetensors"
+    randomize_(StableDiffusion(ModelConfig(unet=unet, vae=vae, text=text)), seed=5).save(path)
     return path
 
 
