@@ -136,5 +136,12 @@ def model_config(tensors: dict[str, torch.Tensor], family: str, prediction_type:
                  like: ModelConfig | None = None) -> ModelConfig:
     """The whole ModelConfig from editlab-named tensors (``unet.*``, ``vae.*``, ``text_encoder.*``); ``like``
     (a preset) supplies what the shapes cannot tell, instead of the family rules."""
-    parts = {part: part_config(tensors, part, family, like) for part in ("unet", "vae", "text")}
+    parts = {}
+    for part in ("unet", "vae", "text"):
+        try:
+            parts[part] = part_config(tensors, part, family, like)
+        except WeightsError:
+            if like is None:
+                raise
+            parts[part] = getattr(like, part)  # unreadable (keys of another family): the strict check will list them
     return ModelConfig(**parts, prediction_type=prediction_type, family=family)
