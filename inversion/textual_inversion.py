@@ -2,8 +2,8 @@
 
 Paper: *An Image is Worth One Word: Personalizing Text-to-Image Generation using Textual Inversion*
 (Gal et al., ICLR 2023); code followed for conventions: rinongal/textual_inversion, diffusers
-examples/textual_inversion/textual_inversion.py and loaders/textual_inversion.py. METHODS.md §11,
-CHECKPOINTS.md §11.
+examples/textual_inversion/textual_inversion.py and loaders/textual_inversion.py. docs/methods.md §11,
+docs/checkpoints.md §11.
 
 - A placeholder token (e.g. "<cat-toy>", plus "<cat-toy>_1", "<cat-toy>_2", … for k > 1 vectors, as diffusers)
   gets k new rows v_1 … v_k of the token embedding table, initialised from a single-token initializer word.

@@ -1,4 +1,4 @@
-"""editlab make-pairs: InstructPix2Pix training pairs from caption pairs (the paper's recipe, METHODS.md §6.2).
+"""editlab make-pairs: InstructPix2Pix training pairs from caption pairs (the paper's recipe, docs/methods.md §6.2).
 
     editlab make-pairs --captions captions.jsonl --clip clip-vit-l-14.safetensors --out pairs
     editlab train-ip2p --data pairs --out ip2p.safetensors

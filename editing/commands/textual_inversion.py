@@ -1,4 +1,4 @@
-"""editlab textual-inversion: learn a new word for a concept from a few images (Gal et al., METHODS.md §11).
+"""editlab textual-inversion: learn a new word for a concept from a few images (Gal et al., docs/methods.md §11).
 
     editlab textual-inversion --weights sd15.safetensors --images cat_toy/ --token "<cat-toy>" \\
         --init-word toy --out cat-toy.safetensors

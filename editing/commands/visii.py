@@ -1,4 +1,4 @@
-"""editlab visii: learn an InstructPix2Pix instruction from one before/after example (Visii, METHODS.md §10).
+"""editlab visii: learn an InstructPix2Pix instruction from one before/after example (Visii, docs/methods.md §10).
 
     editlab visii --weights ip2p.safetensors --clip clip-vit-l-14.safetensors \\
         --before before.png --after after.png --out visii-run
