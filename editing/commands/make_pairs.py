@@ -31,7 +31,7 @@ from ldm.images import file_sha256, save_png
 from ldm.schedulers import SAMPLERS
 
 from ..clip_models import load_clip
-from ..options import add_model_arguments, load_model, native_size, weights_path
+from ..options import TOY_CLIP_WEIGHTS, add_model_arguments, load_model, native_size, toy_default, weights_path
 
 NAME = "make-pairs"
 HELP = "InstructPix2Pix training data: render caption pairs with Prompt-to-Prompt and keep CLIP-filtered ones"
@@ -46,8 +46,10 @@ def add_arguments(parser):
     source.add_argument("--toy-captions", type=int, metavar="N",
                         help="N random toy-world caption pairs (colour, shape or background edits; seeded by --seed)")
     parser.add_argument("--filter", choices=("clip", "toy"), default="clip",
-                        help="clip: the paper's CLIP filters (needs --clip); toy: the toy world's attribute readers")
-    parser.add_argument("--clip", type=Path, default=None, help="open_clip CLIP weights (.safetensors/.pt)")
+                        help="clip: the paper's CLIP filters (--clip; the toy CLIP with the toy model); toy: the toy "
+                             "world's attribute readers")
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="open_clip CLIP weights (.safetensors/.pt); default with the toy model: the bundled toy CLIP")
     parser.add_argument("--clip-config", type=Path, default=None,
                         help="JSON open_clip model config (embed_dim, vision_cfg, text_cfg); default ViT-L/14")
     parser.add_argument("--samples", type=int, default=100, help="samples rendered per caption pair (paper: 100)")
@@ -128,8 +130,10 @@ def sample_filter(args, recipe, device):
 def run(args):
     from ..ip2p_pairs import PairRecipe, make_caption_pairs  # imported here: the CLI lists every command
 
-    if args.filter == "clip" and args.clip is None:
-        raise ValueError("--filter clip needs --clip CLIP_WEIGHTS (a local open_clip state dict), or use --filter toy")
+    if args.filter == "clip":
+        if args.clip_config is not None and args.clip is None:
+            raise ValueError("--clip-config describes a --clip file; pass --clip too (or neither for the toy CLIP)")
+        args.clip = toy_default(args, args.clip, TOY_CLIP_WEIGHTS, "--clip")
     if args.filter == "clip" and not args.clip.is_file():
         raise FileNotFoundError(f"{args.clip}: no such CLIP weights file (a local open_clip state dict)")
     if args.batch < 1:
