@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from editing.instruct_pix2pix import load_instruction_embedding
+from editing.instruct_pix2pix.editor import apply_instruction, load_instruction_embedding
 from editing.options import TOY_CLIP_WEIGHTS, TOY_IP2P_WEIGHTS, TOY_IP_ADAPTER_WEIGHTS
 from ldm.images import read_parameters
 from ldm.model import StableDiffusion, metadata_of
@@ -71,7 +71,6 @@ def test_visii_from_the_cli_reproduces_the_readme_toy_result(tmp_path):
     """`editlab visii` with no --clip (the toy CLIP, the paper's CLIP weight 0.1) on one red -> green circle;
     the instruction it writes turns a blue square green in 10 of 10 seeds, read as tests/test_toy_instruct.py
     reads it (DDIM 20 steps, s_T 7.5, s_I 1.5)."""
-    from inversion.visii import apply_instruction
     from tests.test_toy_instruct import EDIT, SEEDS, image_of, reads
 
     before = png(tmp_path / "before.png", ShapeSpec("circle", "red", "white", **SIZE))

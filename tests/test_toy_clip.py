@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from editing.clip_models import clip_image_features, clip_text_features, load_clip
+from ldm.clip_models import clip_image_features, clip_text_features, load_clip
 from editing.options import TOY_CLIP_WEIGHTS, TOY_WEIGHTS
 from ldm.model import StableDiffusion, metadata_of
 from ldm.tokenizer import EOS

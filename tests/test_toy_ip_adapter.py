@@ -1,4 +1,4 @@
-"""The bundled toy IP-Adapter (ldm/toy/weights/toy-ip-adapter.safetensors, editing/ip_adapter_train.py):
+"""The bundled toy IP-Adapter (ldm/toy/weights/toy-ip-adapter.safetensors, controls/ip_adapter_train.py):
 loaded by the IP-Adapter loader with the toy CLIP's image tower as its encoder, the style image's colour
 moves the output's colour as the image-branch scale grows (toy readers); and its training resumes exactly."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from editing.ip_adapter import generate_with_image_prompt
+from controls.ip_adapter import generate_with_image_prompt
 from editing.options import TOY_CLIP_WEIGHTS, TOY_IP_ADAPTER_WEIGHTS, TOY_WEIGHTS
 from ldm.clip_vision import preprocess
 from ldm.model import StableDiffusion
@@ -60,12 +60,14 @@ def test_style_colour_moves_the_output_colour_with_scale(parts):
 
 
 def test_training_resumes_to_the_same_weights(tmp_path):
-    from editing.ip_adapter_train import AdapterRecipe, train_toy_ip_adapter
+    from controls.ip_adapter_train import AdapterRecipe, train_toy_ip_adapter
     from safetensors.torch import load_file
+    from weights_convert.clip_vision import load_image_encoder
 
     recipe = dataclasses.replace(AdapterRecipe(), pool=32, steps=3, batch=4, warmup=1)
-    whole = train_toy_ip_adapter(tmp_path / "a", TOY_WEIGHTS, TOY_CLIP_WEIGHTS, recipe)
-    train_toy_ip_adapter(tmp_path / "b", TOY_WEIGHTS, TOY_CLIP_WEIGHTS, recipe, stop_at=1)
-    resumed = train_toy_ip_adapter(tmp_path / "b", TOY_WEIGHTS, TOY_CLIP_WEIGHTS, recipe, resume=True)
+    encoder = load_image_encoder(TOY_CLIP_WEIGHTS)[0]
+    whole = train_toy_ip_adapter(tmp_path / "a", TOY_WEIGHTS, encoder, TOY_CLIP_WEIGHTS, recipe)
+    train_toy_ip_adapter(tmp_path / "b", TOY_WEIGHTS, encoder, TOY_CLIP_WEIGHTS, recipe, stop_at=1)
+    resumed = train_toy_ip_adapter(tmp_path / "b", TOY_WEIGHTS, encoder, TOY_CLIP_WEIGHTS, recipe, resume=True)
     first, second = load_file(str(whole)), load_file(str(resumed))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

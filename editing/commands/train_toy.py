@@ -8,7 +8,7 @@ with --resume. The toy InstructPix2Pix model is made from the result by make-pai
 Two more stages build on a trained toy model, the one in --out or else the bundled one (copied into --out,
 since the files made next read it from beside them):
 --stage clip trains the toy CLIP (ldm/toy/clip.py) into OUT/toy-clip.safetensors; --stage ip-adapter trains
-the toy IP-Adapter (editing/ip_adapter_train.py) on that CLIP's image tower into OUT/toy-ip-adapter.safetensors.
+the toy IP-Adapter (controls/ip_adapter_train.py) on that CLIP's image tower into OUT/toy-ip-adapter.safetensors.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def run_extra_stage(args):
 
     from ldm.toy.clip import ClipRecipe, train_toy_clip
 
-    from ..ip_adapter_train import AdapterRecipe, train_toy_ip_adapter
+    from controls.ip_adapter_train import AdapterRecipe, train_toy_ip_adapter
+    from weights_convert.clip_vision import load_image_encoder
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: give at least 1")
@@ -88,4 +89,5 @@ def run_extra_stage(args):
         raise FileNotFoundError(f"{clip} not found; run --stage clip first (or copy the bundled toy-clip.safetensors "
                                 "into --out)")
     recipe = dataclasses.replace(AdapterRecipe(), seed=args.seed, steps=args.steps or AdapterRecipe().steps)
-    print(train_toy_ip_adapter(args.out, base, clip, recipe, resume=args.resume))
+    encoder, _ = load_image_encoder(clip)
+    print(train_toy_ip_adapter(args.out, base, encoder, clip, recipe, resume=args.resume))

@@ -2,7 +2,7 @@
 Models*, Ye et al. 2023, §3.2-3.3), and the recipe of the bundled toy adapter.
 
 Frozen: the UNet, the text encoder, the VAE and the CLIP image encoder. Trained: the image projection
-(editing/ip_adapter.py ``ImageProjection``) and the new keys and values W_k_ip, W_v_ip of every
+(controls/ip_adapter.py ``ImageProjection``) and the new keys and values W_k_ip, W_v_ip of every
 cross-attention layer, each initialised from that layer's text W_k, W_v (as the official training script).
 The loss is the plain diffusion loss with both conditions (§3.3, eq. 4):
 
@@ -108,16 +108,15 @@ def adapter_loss(model: StableDiffusion, adapter: IPAdapter, means: torch.Tensor
     return loss_fn
 
 
-def train_toy_ip_adapter(out: Path, toy_weights: Path, toy_clip: Path, recipe: AdapterRecipe = AdapterRecipe(),
+def train_toy_ip_adapter(out: Path, toy_weights: Path, encoder, toy_clip: Path, recipe: AdapterRecipe = AdapterRecipe(),
                          resume: bool = False, stop_at: int | None = None) -> Path:
-    """Train the toy adapter into folder ``out`` (checkpoint ip-adapter-checkpoint.pt); writes
-    out/toy-ip-adapter.safetensors, naming its image encoder (``toy_clip``) and base model in the metadata."""
-    from weights_convert.clip_vision import load_image_encoder
-
+    """Train the toy adapter into folder ``out`` (checkpoint ip-adapter-checkpoint.pt) with ``encoder``, the
+    image tower of ``toy_clip`` (weights_convert.clip_vision.load_image_encoder); writes
+    out/toy-ip-adapter.safetensors, naming that file and the base model in the metadata."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = StableDiffusion.load(toy_weights).requires_grad_(False).eval()
-    encoder = load_image_encoder(toy_clip)[0].float()
+    encoder = encoder.float().eval()
     images, captions = render_pool(dataclasses.replace(ToyRecipe(), pool=recipe.pool, data_seed=recipe.data_seed))
     means, stds = encode_pool(model, images)
     distinct = [""] + sorted(set(captions))
