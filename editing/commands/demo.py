@@ -32,7 +32,7 @@ RECOLOURED = "a green circle on a blue background"
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, what="the toy model or any Stable Diffusion model")
+    add_model_arguments(parser, what="the toy model or any Stable Diffusion model", prompts=False)
     parser.add_argument("--out", type=Path, default=Path("editlab-demo"), help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50)

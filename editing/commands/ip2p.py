@@ -24,7 +24,7 @@ HELP = "InstructPix2Pix: edit an image by following a written instruction"
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
+    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS, needs="editor")
     parser.add_argument("--image", type=Path, required=True, help="input image")
     parser.add_argument("--instruction", default=None, help='edit instruction, e.g. "make it snowy"')
     parser.add_argument("--instruction-embedding", type=Path, default=None,

@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "a text-to-image model")
+    add_model_arguments(parser, "a text-to-image model", prompts=False)
     parser.add_argument("--images", type=Path, required=True, help="folder with 3-5 images of the concept")
     parser.add_argument("--token", required=True, help='the new placeholder, e.g. "<cat-toy>"')
     parser.add_argument("--init-word", required=True, help="a single-token word to start from, e.g. toy")

@@ -29,17 +29,11 @@ def add_arguments(parser):
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="text encoder + UNet steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); 1 is fastest on a busy machine")
 
 
 def run(args):
     if args.vae_steps < 1 or args.steps < 1:
         raise ValueError(f"--vae-steps {args.vae_steps} and --steps {args.steps}: give at least 1 each")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: give at least 1")
-        torch.set_num_threads(args.threads)
     recipe = dataclasses.replace(ToyRecipe(), seed=args.seed, data_seed=args.data_seed,
                                  vae_steps=args.vae_steps, steps=args.steps)
     print(train_toy(args.out, recipe, stage=args.stage, resume=args.resume))

@@ -32,7 +32,8 @@ HELP = "Visii: learn an InstructPix2Pix instruction from a before/after image pa
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
+    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS, needs="editor",
+                        prompts=False)
     parser.add_argument("--clip", type=Path, required=True, help="open_clip CLIP ViT-L/14 weights (.safetensors/.pt)")
     parser.add_argument("--clip-config", type=Path, default=None,
                         help="JSON open_clip model config (embed_dim, vision_cfg, text_cfg); default ViT-L/14")
