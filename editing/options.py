@@ -6,7 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import ldm
 from ldm.files import file_sha256
@@ -93,6 +95,25 @@ def load_model(args) -> StableDiffusion:
         token = load_textual_inversion(model, embedding, embedding_token(embedding))
         log.debug("embedding %s: token %s", embedding, token)
     return model
+
+
+def load_input_image(args, model: StableDiffusion, path) -> torch.Tensor:
+    """The input image of an image-to-image command as [1, 3, H, W] in [0, 1]: its own size, or resized to
+    --width/--height; a size the model cannot take is refused with the flags that fix it."""
+    from ldm.images import read_rgb
+
+    image = read_rgb(path)
+    width, height = args.width or image.size[0], args.height or image.size[1]
+    factor = model.config.vae.downsample_factor
+    if width % factor or height % factor:
+        fixed = max(factor, width // factor * factor), max(factor, height // factor * factor)
+        given = "" if (width, height) == image.size else f" (resized to {width}x{height})"
+        raise UserError(f"{path}: {image.size[0]}x{image.size[1]} pixels{given}; this model needs sides that are "
+                        f"multiples of {factor}: pass --width {fixed[0]} --height {fixed[1]} to resize it")
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()  # [H, W, 3] -> [1, 3, H, W]
 
 
 def embedding_token(path: Path) -> str:

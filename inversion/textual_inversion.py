@@ -171,16 +171,19 @@ def inversion_loss(model: StableDiffusion, data: InversionData):
 def train_textual_inversion(model: StableDiffusion, images: torch.Tensor, token: str, init_word: str,
                             vectors: int = 1, cfg: EmbeddingConfig = EmbeddingConfig(steps=3000, lr=5e-3, batch=1),
                             checkpoint=None, resume: bool = False, stop_at: int | None = None,
-                            progress: bool = True) -> EmbeddingResult:
+                            progress: bool = True, templates=TEMPLATES) -> EmbeddingResult:
     """Learn ``vectors`` rows for ``token`` from ``images`` [N, 3, H, W] in [0, 1]; the model stays frozen
-    and unchanged (``add_placeholder`` installs the result). Returns the engine's result: ``best`` [k, d]."""
+    and unchanged (``add_placeholder`` installs the result). ``templates``: the captions, "{}" standing for
+    the token. Returns the engine's result: ``best`` [k, d]."""
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise ValueError(f"caption templates must each hold '{{}}' once (where the token goes), got {list(templates)}")
     if vectors < 1:
         raise ValueError(f"vectors must be >= 1, got {vectors}")
     check_new_token(model, token, vectors)
     for part in (model.unet, model.vae, model.text_encoder):
         part.requires_grad_(False).eval()
     initial = init_rows(model, init_word, vectors)
-    data = prepare_data(model, images, token, vectors)
+    data = prepare_data(model, images, token, vectors, templates)
     return optimise_embedding(initial, torch.ones(vectors, dtype=torch.bool), inversion_loss(model, data), cfg,
                               checkpoint, resume, stop_at, progress, f"textual inversion {token}")
 

@@ -17,7 +17,8 @@ from ldm.schedulers import EULER_SPACINGS, SAMPLERS
 from ..instruct_pix2pix import EditConfig, check_ip2p_model, edit, load_instruction_embedding
 from ..ip2p_grid import format_scale, labelled_grid, parse_scales
 from ..ip2p_sizing import open_rgb, prepare_image, to_tensor
-from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, add_output_arguments, load_model, native_size, weights_path
+from ..options import (TOY_IP2P_WEIGHTS, add_model_arguments, add_output_arguments, load_model, native_size, run_settings,
+                       weights_path, weights_sha256)
 
 NAME = "ip2p"
 HELP = "InstructPix2Pix: edit an image by following a written instruction"
@@ -78,7 +79,7 @@ def run(args):
     source = open_rgb(args.image)
     resolution = args.resolution or native_size(model)
     image = prepare_image(source, model.config, resolution, args.keep_size)
-    base = dict(command=NAME, weights=weights_path(args).name, weights_sha256=file_sha256(weights_path(args)),
+    base = dict(command=NAME, weights=weights_path(args).name, weights_sha256=weights_sha256(weights_path(args)), **run_settings(args),
                 dtype=args.dtype, image=args.image.name, image_sha256=file_sha256(args.image),
                 sizing="keep-size" if args.keep_size else f"edit_cli resolution {resolution}", scheduler=args.scheduler,
                 spacing=args.spacing or ("log-linear" if args.scheduler == "euler-a" else "leading"),

@@ -31,7 +31,7 @@ from ldm.images import file_sha256, save_png
 from ldm.schedulers import SAMPLERS
 
 from ..clip_models import load_clip
-from ..options import add_model_arguments, load_model, native_size, weights_path
+from ..options import add_model_arguments, load_model, native_size, run_settings, weights_path, weights_sha256
 
 NAME = "make-pairs"
 HELP = "InstructPix2Pix training data: render caption pairs with Prompt-to-Prompt and keep CLIP-filtered ones"
@@ -150,7 +150,7 @@ def run(args):
     side = native_size(model)
     recipe = dataclasses.replace(recipe, height=args.height or side, width=args.width or side)
     chosen, filter_info = sample_filter(args, recipe, model.device)
-    run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
+    run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": weights_sha256(weights_path(args)), **run_settings(args),
                 **filter_info, "scheduler": recipe.scheduler, "steps": recipe.steps, "height": recipe.height,
                 "width": recipe.width, "recipe_seed": recipe.seed, "dtype": args.dtype}
     pairs, samples = [], []

@@ -34,6 +34,9 @@ def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-3, help="constant learning rate (original: 5e-3 base)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", action="append", default=None, metavar="TEXT",
+                        help='caption template with {} for the token, e.g. "a red {} on a blue background" '
+                             '(repeatable; default: the paper\'s "a photo of a {}" and nine more)')
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt")
     parser.add_argument("--out", type=Path, required=True, help="output learned_embeds .safetensors file")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -51,7 +54,7 @@ def load_images(folder: Path, size: int) -> torch.Tensor:
 
 def run(args):
     from inversion.embedding_optimiser import EmbeddingConfig
-    from inversion.textual_inversion import save_learned_embeds, train_textual_inversion
+    from inversion.textual_inversion import TEMPLATES, save_learned_embeds, train_textual_inversion
 
     if args.out.suffix != ".safetensors":
         raise ValueError(f"{args.out}: the output must be a .safetensors file")
@@ -64,6 +67,7 @@ def run(args):
     cfg = EmbeddingConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
                           checkpoint_every=max(1, min(500, args.steps // 4)))
     result = train_textual_inversion(model, images, args.token, args.init_word, args.vectors, cfg,
-                                     checkpoint=args.out.with_suffix(".ckpt.pt"), resume=args.resume)
+                                     checkpoint=args.out.with_suffix(".ckpt.pt"), resume=args.resume,
+                                     templates=tuple(args.template or TEMPLATES))
     save_learned_embeds(args.out, args.token, result.best)
     print(args.out)

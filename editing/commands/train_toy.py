@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
 
 from ldm.toy.train import STAGES, ToyRecipe, train_toy
+
+STAGE_FILES = {"vae": ("vae.safetensors", "vae-checkpoint.pt"),
+               "diffusion": ("toy-sd.safetensors", "diffusion-checkpoint.pt")}  # what each stage writes in --out
 
 NAME = "train-toy"
 HELP = "train the toy latent diffusion model (64x64 shapes) from scratch"
@@ -29,11 +31,19 @@ def add_arguments(parser):
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="text encoder + UNet steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    parser.add_argument("--force", action="store_true", help="start over, replacing an earlier run's files in --out")
+    parser.set_defaults(out_is_folder=True)
 
 
 def run(args):
     if args.vae_steps < 1 or args.steps < 1:
         raise ValueError(f"--vae-steps {args.vae_steps} and --steps {args.steps}: give at least 1 each")
+    written = {"vae": STAGE_FILES["vae"], "diffusion": STAGE_FILES["diffusion"],
+               "all": STAGE_FILES["vae"] + STAGE_FILES["diffusion"]}[args.stage]
+    existing = [name for name in written if (args.out / name).exists()]
+    if existing and not (args.force or args.resume):
+        raise FileExistsError(f"{args.out} holds an earlier run ({', '.join(existing)}); pass --resume to continue "
+                              "it, --force to start over, or choose another --out")
     recipe = dataclasses.replace(ToyRecipe(), seed=args.seed, data_seed=args.data_seed,
                                  vae_steps=args.vae_steps, steps=args.steps)
     print(train_toy(args.out, recipe, stage=args.stage, resume=args.resume))

@@ -25,7 +25,7 @@ from ldm.files import file_sha256
 from ..clip_models import load_clip
 from ..instruct_pix2pix import check_ip2p_model
 from ..ip2p_sizing import open_rgb, to_tensor
-from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size, weights_path
+from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size, weights_path, weights_sha256
 
 NAME = "visii"
 HELP = "Visii: learn an InstructPix2Pix instruction from a before/after image pair"
@@ -96,7 +96,8 @@ def run(args):
     result = train_visii(model, clip, before, after, None if search else args.init,
                          VisiiConfig(clip_gradients=args.clip_gradients), train, checkpoint=args.out / "checkpoint.pt",
                          resume=args.resume, init_search=search, search_clip=search_clip)
-    metadata = {"weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
+    metadata = {"weights": weights_path(args).name, "weights_sha256": weights_sha256(weights_path(args)),
+                "threads": str(torch.get_num_threads()),
                 "before_sha256": file_sha256(args.before), "after_sha256": file_sha256(args.after),
                 "init": result.init_prompt, "size": str(size), "steps": str(args.steps), "lr": str(args.lr),
                 "seed": str(args.seed), "best_step": str(result.run.best_step)}
