@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from PIL import Image
 
 from .checks import (check_device, check_memory, check_output_path, check_placeholders, check_sizes, check_weights,
                      native_side)
@@ -56,6 +59,18 @@ def embedding_tokens(args) -> set[str]:
     return tokens
 
 
+def native_image_size(args) -> tuple[int, int] | None:
+    """(width, height) of the command's --image (read from its header), which image-to-image commands keep."""
+    path = getattr(args, "image", None)
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:
+        return None  # reported by the command, which reads the image
+
+
 def check_before_work(args) -> None:
     threads = getattr(args, "threads", None)
     if threads is not None:
@@ -77,8 +92,8 @@ def check_before_work(args) -> None:
 
         config = check_weights(weights_path(args), args.model_needs, args.command)
     if config is not None:
-        native = native_side(config)
-        height = getattr(args, "height", None) or getattr(args, "size", None) or native
-        width = getattr(args, "width", None) or getattr(args, "size", None) or native
+        native = native_image_size(args) or (native_side(config),) * 2
+        height = getattr(args, "height", None) or getattr(args, "size", None) or native[1]
+        width = getattr(args, "width", None) or getattr(args, "size", None) or native[0]
         batch = max(getattr(args, "batch", None) or 1, getattr(args, "samples", None) or 1)
         check_memory(config, height, width, batch, args.device)
