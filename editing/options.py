@@ -84,6 +84,7 @@ def load_model(args) -> StableDiffusion:
         log.info("converted %s in memory: %s", path, converted.report.summary())
         check_converted(converted.config, path, needs, command)
         model = to_model(converted).to(args.device)
+        model.unet.use_channels_last()  # as StableDiffusion.load: the same kernels, the same pixels
         if args.dtype != "fp32":
             model.unet.to(DTYPES[args.dtype])
             model.text_encoder.to(DTYPES[args.dtype])
