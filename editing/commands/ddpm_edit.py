@@ -11,7 +11,7 @@ from inversion.ddpm_noise import DDPMInversionConfig
 from ldm.images import check_output, file_sha256, save_png
 from ldm.pipeline import decode_latents
 
-from ..ddpm_edit import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image, p2p_controller
+from ..ddpm_edit.editor import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image, p2p_controller
 from ..options import (UserError, add_model_arguments, load_input_image, load_model, run_settings, weights_path,
                        weights_sha256)
 
