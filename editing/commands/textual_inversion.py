@@ -1,10 +1,12 @@
-"""editlab textual-inversion: learn a new word for a concept from a few images (Gal et al., METHODS.md §11).
+"""editlab textual-inversion: learn a new word for a concept from a few images (Gal et al., ICLR 2023).
 
     editlab textual-inversion --weights sd15.safetensors --images cat_toy/ --token "<cat-toy>" \\
         --init-word toy --out cat-toy.safetensors
 
 OUT is diffusers' learned_embeds format ({token: [d] or [k, d]}): diffusers' ``load_textual_inversion``
-reads it, and so does editlab (``inversion.textual_inversion.load_textual_inversion``). OUT.ckpt.pt holds the
+reads it, and so does every editlab command that reads a prompt (``--embedding OUT``). --template gives the
+captions (default: the paper's "a photo of a {}" and nine more; on the toy model, toy captions such as
+"a red {} on a blue background"). OUT.ckpt.pt holds the
 resumable training state (--resume continues an interrupted run exactly).
 """
 
