@@ -202,6 +202,7 @@ def test_6_help_shows_defaults_and_the_defaults_fit_the_options(tmp_path):
                 continue
             assert action.help and ("default" in action.help), (name, action.dest)  # stated in --help
         assert any(a.dest == "threads" for a in command._actions), name  # --threads everywhere (finding 9)
+        assert "default" in command.format_help()
     result = editlab("generate", "--help")
     text = " ".join(result.stdout.split())
     assert "--steps STEPS default: 50" in text and "(default: 7.5)" in text and "where the model runs" in text
