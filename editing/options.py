@@ -15,6 +15,7 @@ from ldm.files import file_sha256
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig
 from ldm.schedulers import SAMPLERS
+from ldm.speed import apply_backend_settings
 
 from .checks import check_converted, check_weights, native_side, weights_kind
 from .errors import UserError  # noqa: F401  (re-exported: the commands raise it)
@@ -75,6 +76,7 @@ def load_model(args) -> StableDiffusion:
     command needs, with every --embedding installed."""
     if args.dtype != "fp32" and args.device == "cpu":
         raise UserError(f"--dtype {args.dtype} needs a GPU (--device cuda); use fp32 on the CPU")
+    apply_backend_settings(args.device)  # torch.backends flags chosen for the device (ldm/speed.py)
     path = weights_path(args)
     needs, command = getattr(args, "model_needs", "text-to-image"), getattr(args, "command", "?")
     if check_weights(path, needs, command) is None and weights_kind(path)[0] == "checkpoint":
