@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from controls.image_condition import check_ip2p_model, image_condition, three_way_guidance
 from ldm.clip_models import clip_image_features
-from ldm.files import atomic_path
+from ldm.files import save_safetensors
 from ldm.model import StableDiffusion
 from ldm.pipeline import encode_images
 from ldm.schedulers import NoiseSchedule, velocity
@@ -207,11 +207,8 @@ def hybrid_instruction(model: StableDiffusion, instruction: torch.Tensor, eos: i
 def save_instruction(path: str | Path, instruction: torch.Tensor, eos: int, metadata: dict[str, str] | None = None) -> None:
     """{"instruction_embedding": [77, C]} with the end position in the metadata; read back by
     ``editing.instruct_pix2pix.editor.load_instruction_embedding`` and ``instruction_eos``."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({"instruction_embedding": instruction.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"eos": str(eos), **(metadata or {})})
+    save_safetensors(path, {"instruction_embedding": instruction.detach().float().cpu().contiguous()},
+                     metadata={"eos": str(eos), **(metadata or {})})
 
 
 def instruction_eos(path: str | Path) -> int | None:

@@ -56,7 +56,13 @@ def load_clip(path: Path, config: Path | None, text_tower: bool = False):
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # shapes that do not fit: another CLIP than the config describes
+        width = state.get("visual.conv1.weight", torch.empty(0)).shape[:1]
+        raise ValueError(f"{path}: its shapes do not fit {'--clip-config ' + str(config) if config else 'CLIP ViT-L/14'} "
+                         f"(image tower width {tuple(width)[0] if width else '?'}); pass --clip-config with the "
+                         "model's JSON open_clip config") from None
     needed = [k for k in missing if text_tower or k.startswith("visual.") or k == "text_projection"]
     if needed:
         raise ValueError(f"{path}: not an open_clip CLIP state dict fitting the config (missing {needed[:3]}); "

@@ -44,8 +44,8 @@ class Tokenizer:
         for prompt in prompts:
             tokens = self.encode(prompt)
             if len(tokens) > room:
-                log.warning("prompt is %d tokens long; the last %d were cut (CLIP sees %d): %r",
-                            len(tokens), len(tokens) - room, room, prompt)
+                log.warning("prompt is %d tokens long; CLIP sees %d, so this end was dropped: %r",
+                            len(tokens), room, self.decode(tokens[room:]).strip())
                 tokens = tokens[:room]
             ids = [BOS] + tokens + [EOS]
             rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))

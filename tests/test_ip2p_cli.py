@@ -119,7 +119,7 @@ def test_cli_errors_are_one_line(files, capsys, tmp_path):
     code = main(["ip2p", "--weights", str(tmp_path / "plain.safetensors"), "--image", str(files / "input.png"),
                  "--instruction", "x", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
-    assert code == 2 and "takes 4 input channels, InstructPix2Pix needs 8" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "is a text-to-image model (4-channel UNet); 'editlab ip2p' needs an InstructPix2Pix editor" in err and len(err.strip().splitlines()) == 1
 
 
 def test_keep_size_floors_the_input_to_the_size_multiple(files, tmp_path):

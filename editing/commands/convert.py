@@ -15,7 +15,7 @@ import torch
 
 from ldm.config import PRESETS
 
-from ..options import UserError
+from ..errors import UserError
 
 NAME = "convert"
 HELP = "convert a checkpoint (LDM .ckpt/.safetensors, diffusers folder) into editlab's weights format"
@@ -27,7 +27,8 @@ DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": to
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint file, diffusers folder, or editlab file (with --vae)")
-    parser.add_argument("dst", help="output .safetensors file (written atomically)")
+    parser.add_argument("dst", type=Path, help="output .safetensors file (written atomically)")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--layout", choices=["ldm", "diffusers", "editlab", "vae"],
                         help="source layout (default: detected from the content)")
     parser.add_argument("--model", choices=["sd1", "sd2", "ip2p"], help="model type (default: detected)")
@@ -43,11 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "original LDM .yaml (v1-inference.yaml, v2-inference-v.yaml, generate.yaml, "
                              "cldm_v15.yaml)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="store tensors as (default: keep)")
+    parser.set_defaults(out_is_folder=False)
+
+
+def check_destination(dst: Path, force: bool) -> None:
+    """DST is a new .safetensors file (editlab's format is safetensors, whatever the name says), or --force."""
+    if dst.suffix != ".safetensors":
+        raise UserError(f"{dst}: editlab weights are safetensors; name the output {dst.with_suffix('.safetensors')}")
+    if dst.exists() and not force:
+        raise UserError(f"{dst} exists; choose another name or pass --force to replace it")
 
 
 def run(args: argparse.Namespace) -> int:
     from weights_convert import convert  # imported here: the CLI lists every command at start-up
 
+    check_destination(args.dst, args.force)
     preset = config = None
     if args.config in PRESETS:
         preset = PRESETS[args.config]()

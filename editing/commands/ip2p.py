@@ -18,7 +18,8 @@ from ldm.schedulers import EULER_SPACINGS, SAMPLERS
 from ..instruct_pix2pix.editor import EditConfig, edit_by_instruction, load_instruction_embedding
 from ..instruct_pix2pix.grid import format_scale, labelled_grid, parse_scales
 from ..instruct_pix2pix.sizing import open_rgb, prepare_image, to_tensor
-from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, add_output_arguments, load_model, native_size, weights_path
+from ..options import (TOY_IP2P_WEIGHTS, add_model_arguments, add_output_arguments, load_model, native_size, run_settings,
+                       weights_path, weights_sha256)
 
 NAME = "ip2p"
 HELP = "InstructPix2Pix: edit an image by following a written instruction"
@@ -27,7 +28,7 @@ HELP = "InstructPix2Pix: edit an image by following a written instruction"
 def add_arguments(parser):
     """Defaults: the Python API's (``EditConfig``)."""
     defaults = EditConfig()
-    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
+    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS, needs="editor")
     parser.add_argument("--image", type=Path, required=True, help="input image")
     parser.add_argument("--instruction", default=None, help='edit instruction, e.g. "make it snowy"')
     parser.add_argument("--instruction-embedding", type=Path, default=None,
@@ -82,7 +83,7 @@ def run(args):
     source = open_rgb(args.image)
     resolution = args.resolution or native_size(model)
     image = prepare_image(source, model.config, resolution, args.keep_size)
-    base = dict(command=NAME, weights=weights_path(args).name, weights_sha256=file_sha256(weights_path(args)),
+    base = dict(command=NAME, weights=weights_path(args).name, weights_sha256=weights_sha256(weights_path(args)), **run_settings(args),
                 dtype=args.dtype, image=args.image.name, image_sha256=file_sha256(args.image),
                 sizing="keep-size" if args.keep_size else f"edit_cli resolution {resolution}", scheduler=args.scheduler,
                 spacing=args.spacing or ("log-linear" if args.scheduler == "euler-a" else "leading"),

@@ -45,7 +45,8 @@ from ldm.interrupt import Interrupted, StopFlag, check_options
 from ldm.schedulers import SAMPLERS
 from ldm.training import backend_for, start_processes
 
-from ..options import TOY_CLIP_WEIGHTS, add_model_arguments, load_model, native_size, toy_default, weights_path
+from ..options import (TOY_CLIP_WEIGHTS, add_model_arguments, load_model, native_size, run_settings, toy_default,
+                       weights_path, weights_sha256)
 from ..instruct_pix2pix.pair_runs import PairRun
 
 NAME = "make-pairs"
@@ -206,7 +207,7 @@ def run(args):
     side = native_size(model)
     recipe = dataclasses.replace(recipe, height=args.height or side, width=args.width or side)
     chosen, filter_info = sample_filter(args, recipe, model.device)
-    run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
+    run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": weights_sha256(weights_path(args)), **run_settings(args),
                 **filter_info, "scheduler": recipe.scheduler, "steps": recipe.steps, "height": recipe.height,
                 "width": recipe.width, "recipe_seed": recipe.seed, "dtype": args.dtype}
     layout.progress.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ldm.images import check_output, file_sha256, load_image, save_png
+from ldm.images import check_output, file_sha256, save_png
 from ldm.pipeline import decode_latents
 
 from ..p2p.edit import (MODES, REAL_IMAGE_CONFIG, P2PConfig, edit_real_image, prompt_to_prompt, resolve_map_level,
                         resolve_self_level)
 
-from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
-                       run_parameters, sampling_config)
+from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_input_image,
+                       load_model, run_parameters, sampling_config)
 
 NAME = "p2p"
 HELP = "Prompt-to-Prompt: edit an image by swapping, adding or reweighting words of its prompt"
@@ -32,7 +32,9 @@ HELP = "Prompt-to-Prompt: edit an image by swapping, adding or reweighting words
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="source prompt")
-    parser.add_argument("--edit", required=True, action="append", help="edited prompt (repeat for several)")
+    parser.add_argument("--edit", action="append", default=None,
+                        help="edited prompt (repeat for several); default: the source prompt itself, for a pure "
+                             "--reweight")
     parser.add_argument("--mode", choices=MODES, default=P2PConfig.mode,
                         help="swap: words replaced (same word count); refine: words added or removed")
     parser.add_argument("--reweight", nargs="+", default=[], metavar="WORD=VALUE",
@@ -104,14 +106,45 @@ def p2p_config(args, model, real: bool):
     return dataclasses.replace(config, map_level=map_level, self_min_level=resolve_self_level(config, map_level))
 
 
+def check_cut_words(tokenizer, prompts: list[str], named: set[str]) -> None:
+    """Words beyond CLIP's 75 tokens are never seen: a word there that the edit changes (or that an option
+    names) would silently not be edited, so it is an error."""
+    tails = []
+    for prompt in prompts:
+        tails.append([word for word, kept in tokenizer.word_positions(prompt) if len(kept) < len(tokenizer.encode(word))])
+    for k, tail in enumerate(tails):
+        option = "--prompt" if k == 0 else "--edit"
+        for word in tail:
+            if word.strip(".,;:!?") in named or any(other != tail for other in tails):
+                raise ValueError(f"{option}: {word!r} lies beyond the {tokenizer.max_length - 2} tokens CLIP reads, "
+                                 "so it cannot be edited; shorten the prompt")
+
+
+def remove_stale_outputs(folder, keep: set[str]) -> None:
+    """With --force: the PNGs an earlier p2p run wrote into the folder that this run does not write (an earlier
+    run with more --edit prompts left edited-3.png, ...) are removed, so the folder shows one run."""
+    from ldm.images import read_parameters
+
+    for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if path.name not in keep and (read_parameters(path) or {}).get("command") == NAME:
+            path.unlink()
+
+
 def run(args):
     from editing.p2p.visualize import attention_grid
 
+    if args.edit is None:
+        if not args.reweight:
+            raise ValueError("give --edit PROMPT (the edited prompt), or --reweight WORD=VALUE to reweight words of "
+                             "--prompt itself")
+        args.edit = [args.prompt]
     model = load_model(args)
+    named = set(parse_word_values(args.reweight, "--reweight")) | set(args.blend) | \
+        set(parse_cross_replace(args.cross_replace)[1])
+    check_cut_words(model.tokenizer, [args.prompt] + args.edit, named)
     image = None
     if args.image:
-        size = (args.width, args.height) if args.width and args.height else None
-        image = load_image(args.image, size)
+        image = load_input_image(args, model, args.image)
         args.height, args.width = image.shape[-2], image.shape[-1]
     sampling = sampling_config(args, model)
     config = p2p_config(args, model, real=image is not None)
@@ -131,6 +164,8 @@ def run(args):
         outputs.append((args.out / f"attention-{name}.png", "attention", row))
     for path, kind, row in outputs:  # refuse another run's files before any work
         check_output(path, {**params, "output": kind, "row": row}, args.force)
+    if args.force:
+        remove_stale_outputs(args.out, {path.name for path, _, _ in outputs})
 
     if image is None:
         result = prompt_to_prompt(model, args.prompt, args.edit, sampling, config, progress=True)

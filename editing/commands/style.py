@@ -16,7 +16,7 @@ from PIL import Image
 
 from controls.ip_adapter import generate_with_image_prompt
 from ldm.clip_vision import preprocess
-from ldm.images import check_output, file_sha256, save_png
+from ldm.images import check_output, file_sha256, read_rgb, save_png
 from ldm.pipeline import decode_latents
 from ldm.tokenizer import Tokenizer
 
@@ -74,9 +74,9 @@ def read_style_image(path: Path) -> Image.Image:
     if not path.is_file():
         raise UserError(f"--style-image {path}: no such image file")
     try:
-        return Image.open(path).convert("RGB")
-    except Exception as err:
-        raise UserError(f"--style-image {path}: not an image PIL can read ({err.__class__.__name__})") from None
+        return read_rgb(path)
+    except ValueError as err:
+        raise UserError(f"--style-image {err}") from None
 
 
 def run(args):

@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
-from ldm.interrupt import check_fresh_start
 from ldm.toy.train import STAGES, ToyRecipe, train_toy
 
 from ..options import TOY_WEIGHTS
 
 EXTRA_STAGES = ("clip", "ip-adapter")  # built on a trained toy model
+STAGE_FILES = {"vae": ("vae.safetensors", "vae-checkpoint.pt"),
+               "diffusion": ("toy-sd.safetensors", "diffusion-checkpoint.pt")}  # what each stage writes in --out
 
 NAME = "train-toy"
 HELP = "train the toy latent diffusion model (64x64 shapes) from scratch"
@@ -42,9 +41,8 @@ def add_arguments(parser):
                         help=f"steps of the stage (default: text encoder + UNet {defaults.steps}, toy CLIP and "
                              "IP-Adapter: their recipes')")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    parser.add_argument("--force", action="store_true", help="start over an interrupted run's checkpoints in --out")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); 1 is fastest on a busy machine")
+    parser.add_argument("--force", action="store_true", help="start over, replacing an earlier run's files in --out")
+    parser.set_defaults(out_is_folder=True)
 
 
 def run(args):
@@ -53,20 +51,15 @@ def run(args):
     args.steps = ToyRecipe().steps if args.steps is None else args.steps
     if args.vae_steps < 1 or args.steps < 1:
         raise ValueError(f"--vae-steps {args.vae_steps} and --steps {args.steps}: give at least 1 each")
-    set_threads(args)
+    written = {"vae": STAGE_FILES["vae"], "diffusion": STAGE_FILES["diffusion"],
+               "all": STAGE_FILES["vae"] + STAGE_FILES["diffusion"]}[args.stage]
+    existing = [name for name in written if (args.out / name).exists()]
+    if existing and not (args.force or args.resume):
+        raise FileExistsError(f"{args.out} holds an earlier run ({', '.join(existing)}); pass --resume to continue "
+                              "it, --force to start over, or choose another --out")
     recipe = dataclasses.replace(ToyRecipe(), seed=args.seed, data_seed=args.data_seed,
                                  vae_steps=args.vae_steps, steps=args.steps)
-    if not args.resume and not args.force:  # an interrupted run's checkpoints are not overwritten silently
-        for name in ("vae-checkpoint.pt", "diffusion-checkpoint.pt"):
-            check_fresh_start(args.out / name, False, False)
     print(train_toy(args.out, recipe, stage=args.stage, resume=args.resume, force=args.force))
-
-
-def set_threads(args) -> None:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: give at least 1")
-        torch.set_num_threads(args.threads)
 
 
 def run_extra_stage(args):
@@ -80,7 +73,6 @@ def run_extra_stage(args):
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: give at least 1")
-    set_threads(args)
     base = args.out / TOY_WEIGHTS.name
     if not base.is_file():
         args.out.mkdir(parents=True, exist_ok=True)

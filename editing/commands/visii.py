@@ -28,7 +28,7 @@ from ldm.files import file_sha256
 
 from ..instruct_pix2pix.sizing import open_rgb, to_tensor
 from ..options import (TOY_CLIP_WEIGHTS, TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size,
-                       toy_default, weights_path)
+                       toy_default, weights_path, weights_sha256)
 from ..training_cli import recorded_options, start_checks
 
 NAME = "visii"
@@ -36,7 +36,8 @@ HELP = "Visii: learn an InstructPix2Pix instruction from a before/after image pa
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
+    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS, needs="editor",
+                        prompts=False)
     parser.add_argument("--clip", type=Path, default=None,
                         help="open_clip CLIP ViT-L/14 weights (.safetensors/.pt); default with a toy model: the "
                              "bundled toy CLIP (ldm/toy/weights/toy-clip.safetensors)")
@@ -122,7 +123,8 @@ def run(args):
                          loss_config, train, checkpoint=args.out / "checkpoint.pt",
                          resume=args.resume, init_search=search, search_clip=search_clip,
                          options=visii_options(args, size, clip_path), force=args.force)
-    metadata = {"weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
+    metadata = {"weights": weights_path(args).name, "weights_sha256": weights_sha256(weights_path(args)),
+                "threads": str(torch.get_num_threads()),
                 "before_sha256": file_sha256(args.before), "after_sha256": file_sha256(args.after),
                 "clip": clip_path.name, "clip_sha256": file_sha256(clip_path), "clip_weight": str(loss_config.clip_weight),
                 "init": result.init_prompt, "size": str(size), "steps": str(args.steps), "lr": str(args.lr),

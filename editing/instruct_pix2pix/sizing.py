@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.config import ModelConfig
+from ldm.images import read_rgb
 
 
 def size_multiple(config: ModelConfig) -> int:
@@ -79,14 +80,8 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as err:
-        raise ValueError(f"{path}: not an image PIL can read ({err.__class__.__name__}); give a PNG or JPEG") from None
+    """The image file as upright 8-bit RGB (ldm.images.read_rgb: EXIF orientation, 16-bit scaled)."""
+    return read_rgb(path)
 
 
 def prepare_image(image: Image.Image, config: ModelConfig, resolution: int, keep_size: bool = False) -> torch.Tensor:
