@@ -58,7 +58,7 @@ class Resources:
         return self._load(("ip2p", path), lambda: StableDiffusion.load(path, device=self.device))
 
     def clip_model(self):
-        from editing.clip_models import load_clip
+        from ldm.clip_models import load_clip
 
         if self.clip is None or not Path(self.clip).is_file():
             raise CannotRun(f"needs CLIP weights for its loss: {self.clip or '--clip FILE'} not found")

@@ -29,7 +29,7 @@ class IP2PParams:
 
 
 def run_ip2p(resources, case, params: IP2PParams, seed: int) -> MethodOutput:
-    from editing.instruct_pix2pix import EditConfig, edit
+    from editing.instruct_pix2pix.editor import EditConfig, edit
 
     if not case.instruction:
         raise CannotRun("the case has no instruction")
@@ -52,8 +52,8 @@ class VisiiParams:
 
 
 def run_visii(resources, case, params: VisiiParams, seed: int) -> MethodOutput:
-    from editing.instruct_pix2pix import EditConfig
-    from inversion.visii import apply_instruction, train_visii, visii_training
+    from editing.instruct_pix2pix.editor import EditConfig, apply_instruction
+    from inversion.visii import train_visii, visii_training
 
     if case.target is None:
         raise CannotRun("Visii learns from a before/after pair; the case has no ground-truth image")
@@ -105,7 +105,7 @@ class StyleParams:
 
 def run_style(resources, case, params: StyleParams, seed: int, instant: bool) -> MethodOutput:
     from editing.instant_style import preset_scales
-    from editing.ip_adapter import generate_with_image_prompt
+    from controls.ip_adapter import generate_with_image_prompt
     from ldm.clip_vision import preprocess
     from ldm.images import to_pil
 

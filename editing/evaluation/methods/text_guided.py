@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from editing.ddpm_edit import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image as ddpm_invert
+from editing.ddpm_edit.editor import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image as ddpm_invert
 from editing.p2p.edit import P2PConfig, invert_image, prompt_to_prompt, resolve_map_level
 from inversion.ddpm_noise import DDPMInversionConfig
 from inversion.null_text import NullTextConfig

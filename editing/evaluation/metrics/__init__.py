@@ -52,7 +52,7 @@ class MetricSuite:
 
             self._nets["dino"] = load_dino(self.dino)
         if self.clip is not None:
-            from editing.clip_models import load_clip
+            from ldm.clip_models import load_clip
 
             if not Path(self.clip).is_file():
                 raise FileNotFoundError(f"--clip {self.clip}: no such file ({CLIP_FILE})")

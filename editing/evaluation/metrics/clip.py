@@ -1,5 +1,5 @@
 """CLIP scores (*Learning Transferable Visual Models From Natural Language Supervision*, Radford et al., 2021),
-from an open_clip model the user gives (editing/clip_models.py loads it; nothing is downloaded). Features
+from an open_clip model the user gives (ldm/clip_models.py loads it; nothing is downloaded). Features
 are the pooled, projected embeddings, made unit length: e(x) = E(x)/‖E(x)‖. Images reach CLIP resized to its
 input size (clip_models.clip_image_features; for square images the same as resize + centre crop).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from editing.clip_models import clip_image_features, clip_text_features
+from ldm.clip_models import clip_image_features, clip_text_features
 
 
 @torch.no_grad()
