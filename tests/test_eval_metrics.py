@@ -187,15 +187,16 @@ def test_clip_metrics_equal_open_clip_by_hand(tmp_path, pair):
         text = F.normalize(clip.encode_text(open_clip.tokenize(["a green circle", "a red circle"])).double(), dim=-1)
     out, src = image(b), image(a)
     clean = results[False]
-    assert clean["clip_whole"] == pytest.approx(100 * max(float(out @ text[0]), 0), abs=1e-6)
-    assert clean["clip_image"] == pytest.approx(float(out @ src), abs=1e-9)
+    # the suite embeds images in one float32 batch, the reference one at a time: rounding differs (~1e-6)
+    assert clean["clip_whole"] == pytest.approx(100 * max(float(out @ text[0]), 0), abs=1e-3)
+    assert clean["clip_image"] == pytest.approx(float(out @ src), abs=1e-5)
     direction = F.cosine_similarity((out - src)[None], (text[0] - text[1])[None]).item()
-    assert clean["clip_direction"] == pytest.approx(direction, abs=1e-9)
-    assert clean["gt_clip_i"] == pytest.approx(1.0, abs=1e-9)  # the output is the ground truth
+    assert clean["clip_direction"] == pytest.approx(direction, abs=1e-5)
+    assert clean["gt_clip_i"] == pytest.approx(1.0, abs=1e-6)  # the output is the ground truth
     # edit region: PIE-Bench scores the blacked full frame, the clean definition its bounding box (rows 8-19, 4-29)
-    assert results[True]["clip_edited"] == pytest.approx(100 * max(float(image(b * mask) @ text[0]), 0), abs=1e-6)
+    assert results[True]["clip_edited"] == pytest.approx(100 * max(float(image(b * mask) @ text[0]), 0), abs=1e-3)
     box = (b * mask)[:, 8:20, 4:30]
-    assert clean["clip_edited"] == pytest.approx(100 * max(float(image(box) @ text[0]), 0), abs=1e-6)
+    assert clean["clip_edited"] == pytest.approx(100 * max(float(image(box) @ text[0]), 0), abs=1e-3)
     same = [k for k in clean if k not in ("clip_edited", "bg_mse", "bg_psnr", "bg_ssim")]
     assert all(clean[k] == results[True][k] for k in same)  # compat changes nothing else
 
@@ -258,8 +259,9 @@ def test_toy_edits_are_seeded_balanced_and_exact():
         assert read_colour(target) == case.target_attributes["colour"]
         assert read_shape(target) == case.target_attributes["shape"]
         changed = (case.target - case.image).abs().amax(0) > 0
-        if case.kind in ("background", "texture"):
-            assert not (changed & ~case.mask & case.target_object_mask).any()
+        if case.kind in ("background", "texture"):  # the object's interior (its anti-aliased rim blends) is kept
+            inner = -F.max_pool2d(-case.target_object_mask.float()[None, None], 3, 1, 1)[0, 0] > 0  # eroded
+            assert inner.any() and not (changed & inner).any()
         assert case.words[1] in case.target_prompt.split() and case.mask.any()
 
 
