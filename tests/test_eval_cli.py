@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from editing.cli import main
 
@@ -24,8 +25,15 @@ def command(out):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    # one thread, as every other run here (the conftest fixture sets it only after module fixtures run): a
+    # different thread count may round differently
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("eval") / "first"
-    assert main(RUN + ["--out", str(out)]) == 0
+    try:
+        assert main(RUN + ["--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(previous)
     return out
 
 

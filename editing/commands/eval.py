@@ -77,8 +77,6 @@ def run_identity(args) -> dict:
 
 
 def check_run_file(out: Path, identity: dict, record: dict) -> None:
-    import torchmetrics  # noqa: F401  (its version is recorded)
-
     from ldm.files import atomic_path
 
     path = out / "run.json"
@@ -135,11 +133,16 @@ def run(args):
     rows = plan(cases, args.method, sweeps, args.seed)
     suite = MetricSuite(args.clip, args.clip_config, args.dino, args.lpips, args.pie_bench_compat)
     suite.load()
+    if args.device == "cuda" and world()[1] > 1:  # torchrun: one GPU per process
+        import os
+
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     resources = Resources(args.weights, args.ip2p_weights, args.clip, args.clip_config, args.controlnet,
                           args.ip_adapter, args.image_encoder, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     if world()[0] == 0:
         check_run_file(args.out, run_identity(args), {"versions": versions(), "device": args.device,
+                                                      "threads": torch.get_num_threads(),
                                                       "not_computed": suite.missing()})
     merged = run_plan(rows, args.seed, suite, resources, args.out)
     if merged is not None:

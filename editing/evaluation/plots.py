@@ -27,11 +27,11 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [first + k * step for k in range(int((high - first) / step + 1e-9) + 1)]
 
 
-def tradeoff_plot(series: list[dict], x_label: str, y_label: str, title: str, size=(640, 480)) -> Image.Image:
+def tradeoff_plot(series: list[dict], x_label: str, y_label: str, title: str, size=(700, 480)) -> Image.Image:
     """``series``: [{"label", "points": [(x, x_lo, x_hi, y, y_lo, y_hi, point label)]}]; each series is drawn
     as a line through its points in order, with 95% interval whiskers on both axes."""
     width, height = size
-    left, right, top, bottom = 70, 170, 40, 50
+    left, right, top, bottom = 70, 230, 40, 50
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = _font()
@@ -67,8 +67,9 @@ def tradeoff_plot(series: list[dict], x_label: str, y_label: str, title: str, si
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
             if label:
                 draw.text((cx + 5, cy - 12), label, fill=colour, font=font)
-        draw.rectangle([width - right + 10, top + 15 * index + 3, width - right + 18, top + 15 * index + 11], fill=colour)
-        draw.text((width - right + 22, top + 15 * index), s["label"][:26], fill="black", font=font)
+        key_y = top + 15 * index
+        draw.rectangle([width - right + 10, key_y + 3, width - right + 18, key_y + 11], fill=colour)
+        draw.text((width - right + 22, key_y), s["label"][-36:], fill="black", font=font)
     return image
 
 

@@ -89,7 +89,8 @@ def markdown(summaries: list[dict], plots: list[str], grids: list[str], rows: li
         lines += ["Not computed:", ""] + [f"- {line}" for line in not_computed] + [""]
     failed = [(s["label"], s["cannot_run"], s["reasons"]) for s in summaries if s["cannot_run"]]
     if failed:
-        lines += ["Could not run:", ""] + [f"- {label}: {n} cases ({'; '.join(reasons)})" for label, n, reasons in failed]
+        lines += ["Could not run:", ""]
+        lines += [f"- {label}: {n} cases ({'; '.join(reasons)})" for label, n, reasons in failed]
         lines.append("")
     lines += [f"![{Path(p).stem}]({p})" for p in plots + grids]
     return "\n".join(lines) + "\n"
@@ -99,19 +100,26 @@ def _point(summary: dict, x: str, y: str):
     sx, sy = summary["stats"].get(x), summary["stats"].get(y)
     if sx is None or sy is None:
         return None
-    label = ",".join(f"{v}" for v in summary["setting"].values())
-    return (sx["mean"], sx["low"], sx["high"], sy["mean"], sy["low"], sy["high"], label)
+    first = next(iter(summary["setting"].values()), "")  # the first swept parameter runs along the line
+    return (sx["mean"], sx["low"], sx["high"], sy["mean"], sy["low"], sy["high"], f"{first}")
+
+
+def _line(summary: dict) -> str:
+    """The series a setting belongs to: its method and every swept parameter but the first."""
+    rest = list(summary["setting"].items())[1:]
+    return " ".join([summary["method"]] + [f"{k}={v}" for k, v in rest])
 
 
 def tradeoff_images(summaries: list[dict]) -> dict[str, Image.Image]:
-    """One plot per metric pair: a line per method through its settings (in sweep order)."""
+    """One plot per metric pair: a line per method (and value of its other swept parameters) through the
+    values of its first swept parameter, in sweep order."""
     out = {}
     for x, y in TRADEOFFS:
         series = []
-        for method in dict.fromkeys(s["method"] for s in summaries):
-            points = [p for s in summaries if s["method"] == method and (p := _point(s, x, y)) is not None]
+        for line in dict.fromkeys(_line(s) for s in summaries):
+            points = [p for s in summaries if _line(s) == line and (p := _point(s, x, y)) is not None]
             if points:
-                series.append({"label": method, "points": points})
+                series.append({"label": line, "points": points})
         if series:
             out[f"tradeoff-{x}-vs-{y}.png"] = tradeoff_plot(series, x, y, f"{y} against {x} (95% intervals)")
     return out
