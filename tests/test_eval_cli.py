@@ -116,6 +116,6 @@ def test_report_summarises_each_setting_with_intervals_plots_and_grids(reference
     values = [r["metrics"]["bg_psnr"] for r in rows if r["setting"] == summary[1]["setting"]]
     assert stat["mean"] == pytest.approx(sum(values) / len(values)) and stat["low"] <= stat["mean"] <= stat["high"]
     report = (reference / "report.md").read_text()
-    assert "ip2p image_guidance=2.0" not in report or "| ip2p steps=3 image_guidance=2.0 | 2 |" in report
+    assert "| ip2p image_guidance=2.0 steps=3 | 2 | " in report and "| sdedit steps=4 | 2 | " in report
     for name in ("grid-ip2p.png", "grid-sdedit.png", "tradeoff-edit_accuracy-vs-bg_psnr.png"):
         assert (reference / "report" / name).stat().st_size > 1000
