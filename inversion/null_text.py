@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ldm.hooks import join_guidance
 from ldm.model import StableDiffusion
 from ldm.pipeline import guided_unet
 from ldm.schedulers import DDIMSampler
@@ -121,7 +122,7 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
         embeddings.append(null.to(cond.dtype))
         all_losses.append(losses)
         with torch.no_grad():  # advance along the optimised trajectory, on the editing batch layout
-            context = torch.cat([null.to(cond.dtype).expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+            context = join_guidance(null.to(cond.dtype).expand(batch, -1, -1), cond.expand(batch, -1, -1))
             rows = z.expand(batch, -1, -1, -1)
             z = sampler.step(guided_unet(unet, context, w, sampler)(rows, i, t), i, rows)[:1]
     return NullTextInversion(pivots, embeddings, all_losses, z)
@@ -134,6 +135,6 @@ def null_text_predictor(unet, null_embeddings: list[torch.Tensor], cond: torch.T
         if guidance <= 1.0:  # no unconditional branch to replace
             return guided_unet(unet, cond, guidance, sampler)(x, i, t)
         null = null_embeddings[i].to(cond.dtype).expand(cond.shape[0], -1, -1)
-        return guided_unet(unet, torch.cat([null, cond]), guidance, sampler)(x, i, t)
+        return guided_unet(unet, join_guidance(null, cond), guidance, sampler)(x, i, t)
 
     return predict

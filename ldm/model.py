@@ -76,7 +76,7 @@ class StableDiffusion(nn.Module):
         model = cls(config)
         load_strict(model, tensors, path)
         model.to(device)
-        model.unet.use_channels_last()
+        model.unet.use_channels_last().fuse_projections()
         if dtype is not None:
             model.unet.to(dtype)
             model.text_encoder.to(dtype)
