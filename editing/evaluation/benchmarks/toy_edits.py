@@ -1,7 +1,7 @@
 """``toy-edits``: procedural editing cases from the toy world, each with its exact ground truth.
 
-Case i depends only on (seed, i) (numpy SeedSequence, as ldm/toy/shapes.ShapesDataset): a random toy scene
-(shapes.sample_spec) and one edit of it, chosen round-robin over ``kinds`` so that any prefix is balanced:
+Case i depends only on (seed, i) (ldm/seeding.derived_seed, as ldm/toy/shapes.ShapesDataset): a random toy
+scene (shapes.sample_spec) and one edit of it, chosen round-robin over ``kinds`` so that any prefix is balanced:
 
 | kind       | change                                     | instruction                      | edit mask            |
 |------------|--------------------------------------------|----------------------------------|----------------------|
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
+from ldm.seeding import derived_seed
 from ldm.toy.shapes import COLOURS, SHAPES, TEXTURES, ShapeSpec, caption, render, sample_spec
 
 from ..cases import EditCase, uint8_to_unit
@@ -76,8 +76,7 @@ class ToyEdits:
 
     def specs(self, index: int) -> tuple[ShapeSpec, ShapeSpec, str, str, tuple[str, str]]:
         """(source spec, target spec, kind, instruction, words) of case ``index``."""
-        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, index))
         source = sample_spec(generator)  # 8 draws
         kind = self.kinds[index % len(self.kinds)]
         u = float(torch.rand(1, generator=generator, dtype=torch.float64))
