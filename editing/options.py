@@ -34,13 +34,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str = "a Stable D
                         help="UNet and text encoder precision (the VAE always runs in fp32)")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, steps: int = 50, guidance: float = 7.5,
-                           scheduler: str = "ddim", size: int | None = None) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, steps: int = SamplingConfig.steps,
+                           guidance: float = SamplingConfig.guidance, scheduler: str = SamplingConfig.scheduler,
+                           size: int | None = None) -> None:
+    """Defaults: ``SamplingConfig``'s (the Python API's), unless a command passes its own."""
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale w")
     parser.add_argument("--scheduler", choices=SAMPLERS, default=scheduler)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 stochastic)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, default=SamplingConfig.eta,
+                        help="DDIM eta (0 deterministic, 1 stochastic)")
+    parser.add_argument("--seed", type=int, default=SamplingConfig.seed)
     parser.add_argument("--height", type=int, default=size, help="default: the model's native size")
     parser.add_argument("--width", type=int, default=size, help="default: the model's native size")
 

@@ -7,7 +7,7 @@ Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans):
 
 SDEdit (*SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations*, Meng et al.):
 encode the image, z0 = 0.18215·E(x).sample(); noise it to the first kept step,
-x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε; then sample as usual from there (METHODS.md §5).
+x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε; then sample as usual from there (docs/methods.md §5).
 
 Random draws follow diffusers exactly, on one CPU ``torch.Generator``: the initial latents
 ``randn((B, 4, H/8, W/8))`` (SDEdit: the posterior sample, then the noise), then each step's noise in the

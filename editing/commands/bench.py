@@ -11,8 +11,10 @@ from ..options import DTYPES
 NAME = "bench"
 HELP = ("benchmark editlab against diffusers side by side (unet: one UNet forward; sample: text to image); "
         "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images; gpu: the "
-        "whole GPU table (UNet, generation, P2P, ControlNet, DDPM inversion) as Markdown")
-TARGETS = ("unet", "sample", "p2p", "gpu")
+        "whole GPU table (UNet, generation, P2P, ControlNet, DDPM inversion) as Markdown; stream: peak memory of "
+        "streaming 100 vs 2000 packed 512 px pairs; checkpointing: UNet training memory with and without "
+        "gradient checkpointing")
+TARGETS = ("unet", "sample", "p2p", "gpu", "stream", "checkpointing")
 
 
 def add_arguments(parser):
@@ -39,6 +41,12 @@ def run(args):
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if gpu else "fp32")]
+    if args.target in ("stream", "checkpointing"):  # CPU memory at scale (editing/bench/scale.py)
+        from ..bench import scale
+
+        print(scale.run_stream() if args.target == "stream" else
+              scale.run_checkpointing(args.preset or "toy", args.size or 64, args.batch if args.batch != 2 else 8))
+        return
     bench = importlib.import_module(f"editing.bench.{args.target}")
     if args.target == "gpu":
         if not gpu and not args.dry_run:

@@ -14,7 +14,8 @@ from ldm.images import check_output, file_sha256, save_png
 from ldm.pipeline import decode_latents
 from ldm.tokenizer import Tokenizer
 
-from ..instant_style import CONTENT_SCALE, PRESETS, content_embedding, layer_scales, preset_scales, subtract_content
+from ..instant_style import (CONTENT_SCALE, STYLE_PRESETS, block_scales, content_embedding, preset_scales,
+                             subtract_content)
 from ..options import (UserError, add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
                        run_parameters, sampling_config)
 
@@ -33,7 +34,7 @@ def add_arguments(parser):
     parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     parser.add_argument("--scale", type=float, default=1.0, help="image-branch scale λ (all layers or the preset's)")
     blocks = parser.add_mutually_exclusive_group()
-    blocks.add_argument("--preset", choices=sorted(PRESETS),
+    blocks.add_argument("--preset", choices=sorted(STYLE_PRESETS),
                         help="InstantStyle SD 1.5 block selection (experimental): style = up_blocks.1; "
                              "style+layout = + down_blocks.2 and mid_block")
     blocks.add_argument("--block", action="append", default=[], metavar="NAME=SCALE",
@@ -86,7 +87,7 @@ def run(args):
     if args.preset:
         scales = preset_scales(model.unet, args.preset, args.scale)
     elif blocks:
-        scales = layer_scales(model.unet, blocks)
+        scales = block_scales(model.unet, blocks)
     else:
         scales = args.scale
     params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",

@@ -1,7 +1,7 @@
 """InstructPix2Pix's paired-data recipe: render a caption pair before and after, keep the samples CLIP likes.
 
 Paper: *InstructPix2Pix: Learning to Follow Image Editing Instructions* (Brooks, Holynski, Efros, CVPR 2023),
-§3.1.2; the public script is dataset_creation/generate_img_dataset.py (METHODS.md §6.2). For each caption pair
+§3.1.2; the public script is dataset_creation/generate_img_dataset.py (docs/methods.md §6.2). For each caption pair
 (input caption c_0, edited caption c_1, instruction) and each of N samples:
 
     seed, u_p, u_w  from the pair's generator (seeded by (recipe seed, pair index))
@@ -51,7 +51,7 @@ SCORES = ("image_text_before", "image_text_after", "image_image", "direction")
 
 @dataclass(frozen=True)
 class PairRecipe:
-    """The recipe of METHODS §6.2 (defaults: the paper's; the script keeps image-image ≥ 0.7)."""
+    """The recipe of docs/methods.md §6.2 (defaults: the paper's; the script keeps image-image ≥ 0.7)."""
 
     samples: int = 100  # N samples rendered per caption pair
     keep: int = 4  # at most K kept per caption pair
@@ -255,14 +255,17 @@ class PairSample:
 
 @torch.no_grad()
 def make_caption_pairs(model: StableDiffusion, captions: list[tuple[str, str]], recipe: PairRecipe, sample_filter,
-                       batch: int = 16, progress: bool = False) -> Iterator[tuple[int, list[PairSample]]]:
+                       batch: int = 16, progress: bool = False,
+                       indices: list[int] | None = None) -> Iterator[tuple[int, list[PairSample]]]:
     """Render the N samples of every caption pair (before, after), ``batch`` (caption pair, draw) items per
     sampling loop, score each with ``sample_filter`` (ClipFilter, toy_pairs.ToyFilter) and rank the kept ones.
     Yields (pair index, its N samples) in caption order as soon as a pair is complete. Only the images of
-    the (at most K) samples still in the running are held, so memory does not grow with N."""
+    the (at most K) samples still in the running are held, so memory does not grow with N. ``indices``: the
+    caption pairs' indices in the whole list (their draws depend on them; default 0, 1, …), yielded as such."""
     if batch < 1:
         raise ValueError(f"batch {batch}: render at least 1 item per sampling loop")
-    jobs = [(index, draw) for index in range(len(captions)) for draw in draw_samples(recipe, index)]
+    indices = list(range(len(captions))) if indices is None else list(indices)
+    jobs = [(k, draw) for k, index in enumerate(indices) for draw in draw_samples(recipe, index)]
     pending: dict[int, list[PairSample]] = {index: [] for index in range(len(captions))}
     done = 0  # the next caption pair to yield
     for start in range(0, len(jobs), batch):
@@ -280,5 +283,5 @@ def make_caption_pairs(model: StableDiffusion, captions: list[tuple[str, str]], 
             samples = pending.pop(done)
             for rank, position in enumerate(sample_filter.select([s.scores for s in samples])):
                 samples[position].rank = rank
-            yield done, samples
+            yield indices[done], samples
             done += 1
