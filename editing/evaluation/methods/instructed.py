@@ -29,7 +29,7 @@ class IP2PParams:
 
 
 def run_ip2p(resources, case, params: IP2PParams, seed: int) -> MethodOutput:
-    from editing.instruct_pix2pix.editor import EditConfig, edit
+    from editing.instruct_pix2pix.editor import EditConfig, edit_by_instruction
 
     if not case.instruction:
         raise CannotRun("the case has no instruction")
@@ -37,7 +37,7 @@ def run_ip2p(resources, case, params: IP2PParams, seed: int) -> MethodOutput:
     image_size(model, case)
     cfg = EditConfig(text_guidance=params.text_guidance, image_guidance=params.image_guidance, steps=params.steps,
                      scheduler=params.scheduler, seed=seed)
-    latents = edit(model, case.image[None].to(model.device), [case.instruction], cfg, progress=False)
+    latents = edit_by_instruction(model, case.image[None].to(model.device), [case.instruction], cfg, progress=False)
     return MethodOutput(decode_latents(model, latents)[0].cpu())
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from editing.ddpm_edit.editor import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image as ddpm_invert
+from editing.ddpm_edit.editor import DDPMEditConfig, DDPMP2PConfig, ddpm_invert_image, edit_inversion, edit_with_p2p
 from editing.p2p.edit import P2PConfig, invert_image, prompt_to_prompt, resolve_map_level
 from inversion.ddpm_noise import DDPMInversionConfig
 from inversion.null_text import NullTextConfig
@@ -76,14 +76,14 @@ def run_ddpm(resources, case, params: DDPMParams, seed: int, p2p: bool) -> Metho
     if not 0 <= params.skip < params.steps:
         raise ValueError(f"ddpm skip {params.skip} must lie in [0, steps={params.steps})")
     inversion_cfg = DDPMInversionConfig(steps=params.steps, source_guidance=params.source_guidance)
-    inversion = ddpm_invert(model, case.image[None].to(model.device), case.source_prompt, inversion_cfg, seed)
+    inversion = ddpm_invert_image(model, case.image[None].to(model.device), case.source_prompt, inversion_cfg, seed)
     if p2p:
         cfg = DDPMP2PConfig(skip=params.skip, target_guidance=params.target_guidance,
                             cross_replace=params.cross_replace, self_replace=params.self_replace)
         reconstruction, edited = decode_latents(model, edit_with_p2p(model, inversion, case.source_prompt,
                                                                      case.target_prompt, cfg)).cpu()
         return MethodOutput(edited, reconstruction)
-    latents = edit(model, inversion, case.target_prompt, DDPMEditConfig(params.skip, params.target_guidance))
+    latents = edit_inversion(model, inversion, case.target_prompt, DDPMEditConfig(params.skip, params.target_guidance))
     return MethodOutput(decode_latents(model, latents)[0].cpu())
 
 
