@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 import ldm
 from ldm.files import file_sha256
-from ldm.model import StableDiffusion
+from ldm.model import StableDiffusion, metadata_of
 from ldm.pipeline import SamplingConfig
 from ldm.schedulers import SAMPLERS
 from ldm.speed import apply_backend_settings
 
 TOY_WEIGHTS = Path(ldm.__file__).parent / "toy" / "weights" / "toy-sd.safetensors"
 TOY_IP2P_WEIGHTS = TOY_WEIGHTS.with_name("toy-ip2p.safetensors")  # its UNet only; VAE and text from TOY_WEIGHTS
+TOY_CLIP_WEIGHTS = TOY_WEIGHTS.with_name("toy-clip.safetensors")  # image tower; text tower from TOY_WEIGHTS
+TOY_IP_ADAPTER_WEIGHTS = TOY_WEIGHTS.with_name("toy-ip-adapter.safetensors")  # its encoder: TOY_CLIP_WEIGHTS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -60,6 +63,22 @@ def weights_path(args) -> Path:
                 else "convert a checkpoint first: editlab convert CHECKPOINT OUT.safetensors")
         raise UserError(f"weights file {path} not found; {hint}")
     return path
+
+
+def toy_default(args, given: Path | None, toy_file: Path, flag: str) -> Path:
+    """``given``, or the bundled toy file when the weights are a toy-world model (family "toy")."""
+    if given is not None:
+        return given
+    path = weights_path(args)
+    try:
+        family = json.loads(metadata_of(path).get("config", "{}")).get("family")
+    except Exception:  # not a safetensors file: loading the model reports it
+        family = None
+    if family != "toy":
+        raise UserError(f"{flag} is needed with {path.name} (the bundled {toy_file.name} fits only the toy model)")
+    if not toy_file.is_file():
+        raise UserError(f"{toy_file} is missing from this install; remake it with editlab train-toy or pass {flag}")
+    return toy_file
 
 
 def load_model(args) -> StableDiffusion:

@@ -115,7 +115,12 @@ def load_image_encoder(path: str | Path, config: VisionConfig | None = None,
             n_heads = raw.get("num_attention_heads")
             activation = {"gelu": "gelu", "quick_gelu": "quick_gelu"}.get(raw.get("hidden_act", activation), activation)
         path = files[0]
-    tensors = read_checkpoint(path).tensors
+    checkpoint = read_checkpoint(path)
+    tensors = checkpoint.tensors
+    if "open_clip_config" in checkpoint.metadata:  # a file that names its open_clip config (the toy CLIP)
+        vision = json.loads(checkpoint.metadata["open_clip_config"])
+        n_heads = vision["vision_cfg"]["width"] // vision["vision_cfg"].get("head_width", 64)
+        activation = "quick_gelu" if vision.get("quick_gelu") else "gelu"
     mapping = convert_open_clip_visual(tensors) if is_open_clip(tensors) else convert_transformers_visual(tensors)
     if config is None:
         try:
