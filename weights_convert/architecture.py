@@ -8,11 +8,13 @@ exactly the path a full one does.
 
 Head counts are not in the weights (q, k, v are C×C whatever the split). They follow from the family
 (CHECKPOINTS.md §3, §7): SD 1 UNets have 8 heads, SD 2 UNets heads of size 64; CLIP-L has 12 heads and
-OpenCLIP-H 16. Any other model needs its ``ModelConfig`` passed explicitly.
+OpenCLIP-H 16; SDXL's UNet has heads of 64, its bigG 20 heads, and its VAE scale is 0.13025. Any other
+model needs its ``ModelConfig`` passed explicitly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -24,6 +26,9 @@ FAMILY_RULES = {  # family -> what the weights cannot say
     "sd1": dict(unet_heads=dict(n_heads=8, head_dim=None), text_heads=12, activation="quick_gelu", pad=49407),
     "ip2p": dict(unet_heads=dict(n_heads=8, head_dim=None), text_heads=12, activation="quick_gelu", pad=49407),
     "sd2": dict(unet_heads=dict(n_heads=None, head_dim=64), text_heads=16, activation="gelu", pad=0),
+    # SDXL: CLIP-L as SD 1 (text_encoder), OpenCLIP-bigG (text_encoder_2: 20 heads, gelu, padded with 0)
+    "sdxl": dict(unet_heads=dict(n_heads=None, head_dim=64), text_heads=12, activation="quick_gelu", pad=49407,
+                 text_2=dict(text_heads=20, activation="gelu", pad=0), vae_scaling=0.13025),
 }
 
 
@@ -37,8 +42,9 @@ def _need(tensors: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor
     return tensors[key]
 
 
-def unet_config(t: dict[str, torch.Tensor], family: str) -> UNetConfig:
-    """UNetConfig from editlab-named UNet tensors (no ``unet.`` prefix)."""
+def unet_config(t: dict[str, torch.Tensor], family: str, pooled_dim: int = 0) -> UNetConfig:
+    """UNetConfig from editlab-named UNet tensors (no ``unet.`` prefix). ``pooled_dim``: the width of SDXL's
+    pooled text embedding, the rest of add_embedding's input being six sinusoids."""
     conv_in = _need(t, "conv_in.weight", "UNet")
     model_channels = conv_in.shape[0]
     levels = _count(t, r"down_blocks\.(\d+)\.")
@@ -46,6 +52,8 @@ def unet_config(t: dict[str, torch.Tensor], family: str) -> UNetConfig:
     if any(ch % model_channels for ch in level_channels):
         raise WeightsError(f"UNet level channels {level_channels} are not multiples of {model_channels}")
     attn_key = next((k for k in t if k.endswith("attn2.to_k.weight")), None)
+    depths = [_count(t, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.") for i in range(levels)]
+    add = t.get("add_embedding.linear_1.weight")
     proj_key = next((k for k in t if k.endswith("proj_in.weight")), None)
     if attn_key is None or proj_key is None:
         raise WeightsError("the UNet has no cross-attention layers: not a Stable Diffusion UNet")
@@ -62,6 +70,11 @@ def unet_config(t: dict[str, torch.Tensor], family: str) -> UNetConfig:
             linear_projection=t[proj_key].ndim == 2,
             upcast_attention=family == "sd2",  # editlab: SD 2.x attention scores and softmax always in fp32
             time_embed_dim_mult=_need(t, "time_embedding.linear_1.weight", "UNet").shape[0] // model_channels,
+            # SDXL: blocks per transformer (a level without attention takes 1, as in SDXL's own config)
+            transformer_depth=None if max(depths) <= 1 else tuple(max(d, 1) for d in depths),
+            addition_embed=None if add is None else "text_time",
+            addition_time_embed_dim=256 if add is None else (add.shape[1] - pooled_dim) // 6,
+            addition_in_dim=0 if add is None else add.shape[1],
             **rules["unet_heads"],
         )
     except AssertionError as err:
@@ -81,10 +94,10 @@ def vae_config(t: dict[str, torch.Tensor]) -> VAEConfig:
     )
 
 
-def text_config(t: dict[str, torch.Tensor], family: str) -> TextEncoderConfig:
+def text_config(t: dict[str, torch.Tensor], family: str, rules: dict | None = None) -> TextEncoderConfig:
     """TextEncoderConfig from editlab-named text tensors (no ``text_encoder.`` prefix)."""
     token = _need(t, "text_model.embeddings.token_embedding.weight", "text encoder")
-    rules = FAMILY_RULES[family]
+    rules = rules or FAMILY_RULES[family]
     width, heads = token.shape[1], rules["text_heads"]
     if width % heads:
         raise WeightsError(f"text width {width} is not divisible by the {family} text encoder's {heads} heads; "
@@ -107,5 +120,11 @@ def model_config(tensors: dict[str, torch.Tensor], family: str, prediction_type:
     """The whole ModelConfig from editlab-named tensors (``unet.*``, ``vae.*``, ``text_encoder.*``)."""
     def part(prefix):
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return ModelConfig(unet=unet_config(part("unet."), family), vae=vae_config(part("vae.")),
-                       text=text_config(part("text_encoder."), family), prediction_type=prediction_type, family=family)
+    rules = FAMILY_RULES[family]
+    text_2 = text_config(part("text_encoder_2."), family, rules["text_2"]) if "text_2" in rules else None
+    vae = vae_config(part("vae."))
+    if "vae_scaling" in rules:  # not in the weights: the family's value
+        vae = dataclasses.replace(vae, scaling_factor=rules["vae_scaling"])
+    return ModelConfig(unet=unet_config(part("unet."), family, text_2.projection_dim if text_2 else 0), vae=vae,
+                       text=text_config(part("text_encoder."), family), text_2=text_2,
+                       prediction_type=prediction_type, family=family)
