@@ -65,8 +65,8 @@ def load_model(args) -> StableDiffusion:
 
 
 def native_size(model: StableDiffusion) -> int:
-    """Default image side: 512 for SD 1.x/2.x and the model's training size for the toy model."""
-    return {"toy": 64}.get(model.config.family, 512)
+    """Default image side: 512 for SD 1.x/2.x, 1024 for SDXL, the training size for the toy model."""
+    return {"toy": 64, "sdxl": 1024}.get(model.config.family, 512)
 
 
 def sampling_config(args, model: StableDiffusion) -> SamplingConfig:

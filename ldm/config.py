@@ -247,6 +247,7 @@ PRESETS = {
     "tiny-sd1": tiny_sd1,
     "tiny-sd2": tiny_sd2,
     "sdxl-base": sdxl_base,
+    "sdxl": sdxl_base,  # short name of the same preset
     "tiny-sdxl": tiny_sdxl,
 }
 

@@ -87,8 +87,9 @@ class StableDiffusion(nn.Module):
         Memory: the model is built on the meta device and takes the tensors as read (each read straight into
         its own memory, cast on the way), so the weights are held once."""
         def dtype_for(name: str) -> torch.dtype | None:
-            keep_vae = name.startswith("vae.") and config.vae.force_upcast
-            return None if dtype is None or keep_vae else dtype
+            if name.startswith("vae.") and config.vae.force_upcast:
+                return torch.float32  # also when the file stores it in fp16
+            return dtype
 
         config = ModelConfig.from_json(read_weights_metadata(path, FORMAT, "editlab model")["config"])
         config, tensors = read_editlab_file(path, dtype_for)

@@ -114,21 +114,32 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor] | Iterable[
                   metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """Write a safetensors file one tensor at a time (atomically); ``dtype`` casts the floating tensors as
     they are written."""
-    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
+    items = dict(tensors.items() if isinstance(tensors, dict) else tensors)
+    stored = {name: dtype if dtype is not None and t.is_floating_point() else t.dtype for name, t in items.items()}
+    specs = [(name, tuple(t.shape), stored[name]) for name, t in items.items()]
+    write_produced(path, specs, lambda name: items[name].detach().to("cpu", stored[name]), metadata)
+
+
+def write_produced(path: str | Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                   produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write (name, shape, dtype) ``specs``, asking ``produce(name)`` for each tensor only when it is written."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    target = [dtype if dtype is not None and t.is_floating_point() else t.dtype for _, t in items]
-    for (name, tensor), stored in zip(items, target):
-        if stored not in NAMES:
-            raise SafetensorsError(f"tensor {name}: dtype {stored} cannot be stored in safetensors")
-        size = tensor.numel() * stored.itemsize
-        header[name] = {"dtype": NAMES[stored], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+    for name, shape, dtype in specs:
+        if dtype not in NAMES:
+            raise SafetensorsError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for (_, tensor), stored in zip(items, target):
-            if tensor.numel():
-                f.write(_bytes_of(tensor.detach().to("cpu", stored).contiguous()).data)
+        for name, shape, dtype in specs:
+            if torch.Size(shape).numel():
+                tensor = produce(name)
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise SafetensorsError(f"tensor {name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                                           f"announced {tuple(shape)} {dtype}")
+                f.write(_bytes_of(tensor.contiguous()).data)

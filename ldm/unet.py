@@ -16,6 +16,14 @@ Topology for SD 1.5 (levels i = 0..3, C_i = 320, 640, 1280, 1280, L = 2 ResBlock
 
 Each up ResBlock takes the previous output concatenated with the last unused skip. ControlNet's 13 residuals
 are added to the skips (12) and to the middle block output (1) before the decoder runs.
+
+SDXL (Podell et al. 2023, §2.1) uses the same classes with three levels of 320/640/1280 channels: no attention
+at level 0, spatial transformers of 2 blocks at level 1 and 10 at level 2 and in the middle (``transformer_depth``),
+no downsampler after level 2, head size 64 and linear projections. Its time embedding gets a second term,
+
+    emb = MLP_t(sinusoid_320(t)) + MLP_add([pooled text (1280); sinusoid_256(n_1); …; sinusoid_256(n_6)])
+
+from the pooled text embedding and the six size/crop numbers (``TextTime``; diffusers' "text_time").
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from ..options import DTYPES
 
 NAME = "bench"
 HELP = ("benchmark editlab against diffusers side by side (unet: one UNet forward; sample: text to image); "
-        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images")
-TARGETS = ("unet", "sample", "p2p")
+        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images; "
+        "weights: peak memory of convert and load of a full-size random checkpoint (SDXL presets)")
+TARGETS = ("unet", "sample", "p2p", "weights")
 
 
 def add_arguments(parser):
@@ -29,6 +30,7 @@ def add_arguments(parser):
                         help="p2p on CPU: also measure each run's peak resident memory in a fresh process")
     parser.add_argument("--nchw", action="store_true", help="unet: run editlab in plain NCHW layout instead of "
                                                             "its default channels_last")
+    parser.add_argument("--work", default=None, help="weights: folder for the temporary checkpoint files")
 
 
 def run(args):
@@ -36,7 +38,9 @@ def run(args):
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if gpu else "fp32")]
     bench = importlib.import_module(f"editing.bench.{args.target}")
-    if args.target == "unet":
+    if args.target == "weights":
+        text = bench.run(args.preset or "sdxl-base", DTYPES[args.dtype or "fp16"], args.work)
+    elif args.target == "unet":
         text = bench.run(args.preset or "sd15", args.batch, args.size or 64, dtype, device, args.repeats,
                          args.warmup, not args.nchw)
     else:

@@ -7,6 +7,7 @@ from ldm.pipeline import decode_latents, text_to_image
 
 from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
                        run_parameters, sampling_config)
+from ..sdxl_options import add_micro_conditioning_arguments, micro_conditioning, sdxl_parameters
 
 NAME = "generate"
 HELP = "generate images from a prompt (text to image, classifier-free guidance)"
@@ -15,9 +16,11 @@ HELP = "generate images from a prompt (text to image, classifier-free guidance)"
 def add_arguments(parser):
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+    parser.add_argument("--negative", default=None,
+                        help="negative prompt (default: empty; SDXL: zero conditioning, as diffusers)")
     parser.add_argument("--batch", type=int, default=1, help="images to generate from one seed")
     add_sampling_arguments(parser)
+    add_micro_conditioning_arguments(parser)
     add_output_arguments(parser)
 
 
@@ -31,11 +34,14 @@ def run(args):
         raise ValueError(f"--batch {args.batch}: give at least 1")
     model = load_model(args)
     cfg = sampling_config(args, model)
-    params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "")
+    micro = micro_conditioning(args, model)
+    params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
+                            **sdxl_parameters(micro, cfg.height, cfg.width, args.negative))
     outputs = [(path, {**params, "batch_index": k}) for k, path in enumerate(output_paths(args.out, args.batch))]
     for path, image_params in outputs:
         check_output(path, image_params, args.force)
-    images = decode_latents(model, text_to_image(model, [args.prompt] * args.batch, cfg, negative=args.negative))
+    latents = text_to_image(model, [args.prompt] * args.batch, cfg, negative=args.negative, micro=micro)
+    images = decode_latents(model, latents)
     for (path, image_params), image in zip(outputs, images):
         save_png(path, image, image_params, force=args.force)
         print(path)
