@@ -1,0 +1,112 @@
+"""Editing methods on a tiny SDXL model (converted from a random diffusers SDXL folder) against diffusers.
+
+InstantStyle with an SDXL-shaped IP-Adapter: the paper's presets select exactly the transformer blocks of
+``up_blocks.0.attentions.1`` (style) and ``down_blocks.2.attentions.1`` (layout), read from the layers that
+actually received image tokens; the generations equal ``StableDiffusionXLPipeline`` after
+``load_ip_adapter`` + ``set_ip_adapter_scale`` with the same per-block dictionaries (latents to 1e-4
+relative: the same sums in a different batch layout).
+"""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from editing import ip_adapter as ip
+from editing.instant_style import content_embedding, instant_style, layer_scales, preset_scales, subtract_content
+from editing.bench.peers import diffusers_scheduler
+from ldm.attention import attention_layers
+from ldm.config import tiny_sdxl
+from ldm.model import StableDiffusion
+from ldm.pipeline import SamplingConfig
+from tests.peers import relative_error
+from tests.peers_sdxl import make_sdxl_folder
+from weights_convert import convert
+from weights_convert.ip_adapter import load_ip_adapter, processor_table
+
+EMBED = 32  # width of the (stand-in) image encoder's embedding
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl-methods")
+    pipe = make_sdxl_folder(tiny_sdxl(), folder / "diffusers", seed=9)
+    convert(folder / "diffusers", folder / "model.safetensors")
+    return StableDiffusion.load(folder / "model.safetensors"), pipe, folder
+
+
+def _adapter_file(model, path, seed=0):
+    """A random IP-Adapter in the official layout for this UNet (4 tokens of the 80-wide context)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, width = 4, model.config.unet.context_dim
+    state = {"image_proj": {"proj.weight": torch.randn(tokens * width, EMBED, generator=g) / EMBED ** 0.5,
+                            "proj.bias": 0.1 * torch.randn(tokens * width, generator=g),
+                            "norm.weight": 1 + 0.1 * torch.randn(width, generator=g),
+                            "norm.bias": 0.1 * torch.randn(width, generator=g)},
+             "ip_adapter": {}}
+    for k, layer in processor_table(model.unet).items():
+        hidden = layer.n_heads * layer.head_dim
+        for name in ("to_k_ip", "to_v_ip"):
+            state["ip_adapter"][f"{k}.{name}.weight"] = torch.randn(hidden, width, generator=g) / width ** 0.5
+    save_file({f"{group}.{key}": v for group, d in state.items() for key, v in d.items()}, str(path))
+    return state
+
+
+def test_processor_numbering_follows_diffusers(sdxl):
+    model, pipe, _ = sdxl
+    ours = [ip.diffusers_block(layer.name) for k, layer in sorted(processor_table(model.unet).items())]
+    theirs = [name.rsplit(".transformer_blocks", 1)[0] for name in pipe.unet.attn_processors if name.endswith("attn2.processor")]
+    assert ours == theirs and len(ours) == 28  # down 2·2 + 2·3, up 3·3 + 3·2, mid 3: down, up, mid order
+
+
+@pytest.mark.parametrize("preset, diffusers_scale, blocks", [
+    ("style", {"up": {"block_0": [0.0, 1.0, 0.0]}}, ["up.0.1"]),
+    ("style+layout", {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}, ["up.0.1", "down.2.1"]),
+])
+@torch.no_grad()
+def test_instant_style_presets_match_diffusers(sdxl, monkeypatch, preset, diffusers_scale, blocks):
+    model, pipe, folder = sdxl
+    state = _adapter_file(model, folder / "ip.safetensors")
+    adapter, report = load_ip_adapter(folder / "ip.safetensors", model.unet)
+    assert report.ok
+    scales = preset_scales(model.unet, preset)
+    in_diffusers_form = {name: s for name, s in layer_scales(model.unet, diffusers_scale).items() if s}
+    assert scales == in_diffusers_form  # the same selection in diffusers' dict form
+
+    received = set()
+    original = ip.ImagePromptHook.extra_output
+
+    def recording(self, layer, q, attend):
+        out = original(self, layer, q, attend)
+        if out is not None:
+            received.add(layer.name)
+        return out
+
+    monkeypatch.setattr(ip.ImagePromptHook, "extra_output", recording)
+    embeds = torch.randn(1, EMBED, generator=torch.Generator().manual_seed(3))
+    cfg = SamplingConfig(steps=4, guidance=5.0, scheduler="ddim", seed=4, height=32, width=48)
+    ours = instant_style(model, adapter, embeds, ["a cat"], scales, cfg=cfg, negative="blurry", progress=False)
+    depth = {"up.0.1": 3, "down.2.1": 3}  # transformer blocks per attention at level 2 (tiny config)
+    expected = {f"{b}.{k}.cross" for b in blocks for k in range(depth[b])}
+    assert received == expected and expected <= set(attention_layers(model.unet))
+
+    pipe.load_ip_adapter(state, subfolder=None, weight_name=None, image_encoder_folder=None)
+    try:
+        pipe.set_ip_adapter_scale(diffusers_scale)
+        pipe.scheduler = diffusers_scheduler("ddim", "epsilon")
+        ref = pipe(prompt="a cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0, height=32,
+                   width=48, ip_adapter_image_embeds=[torch.cat([torch.zeros_like(embeds), embeds])[:, None]],
+                   generator=torch.Generator().manual_seed(4), output_type="latent").images
+    finally:
+        pipe.unload_ip_adapter()
+    assert relative_error(ref, ours) <= 1e-4
+    plain = instant_style(model, adapter, embeds, ["a cat"], {}, cfg=cfg, negative="blurry", progress=False)
+    assert relative_error(ours, plain) > 1e-3  # the image tokens changed the result
+
+
+def test_content_subtraction_uses_the_pooled_bigG_embedding(sdxl):
+    model, pipe, _ = sdxl
+    content = content_embedding(model.text_encoder_2, model.tokenizer_2, "a cat")
+    _, _, pooled, _ = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)
+    assert content.shape == (1, 48) and relative_error(pooled, content) <= 1e-5
+    style = torch.randn(1, 48)
+    assert torch.allclose(subtract_content(style, content, 0.5), style - 0.5 * pooled, atol=1e-6)
