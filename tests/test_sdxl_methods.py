@@ -18,6 +18,7 @@ from ldm.attention import attention_layers
 from ldm.config import tiny_sdxl
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig
+from ldm.sdxl import MicroConditioning
 from tests.peers import relative_error
 from tests.peers_sdxl import make_sdxl_folder
 from weights_convert import convert
@@ -110,3 +111,40 @@ def test_content_subtraction_uses_the_pooled_bigG_embedding(sdxl):
     assert content.shape == (1, 48) and relative_error(pooled, content) <= 1e-5
     style = torch.randn(1, 48)
     assert torch.allclose(subtract_content(style, content, 0.5), style - 0.5 * pooled, atol=1e-6)
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+@torch.no_grad()
+def test_controlnet_matches_stable_diffusion_xl_controlnet_pipeline(sdxl, guess_mode):
+    """An SDXL ControlNet (its own text_time embedding) saved by diffusers and converted by editlab."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from controls.controlnet import ControlNet
+    from controls.guidance import Control, controlnet_to_image
+    from tests.peers import randomize_
+    from weights_convert.controlnet import to_diffusers_config
+
+    model, pipe, folder = sdxl
+    made = randomize_(ControlNet.from_unet(model.unet, (16, 32)), 6).eval()
+    peer = ControlNetModel(**to_diffusers_config(made.control_config))
+    peer.load_state_dict(made.state_dict(), strict=True)
+    peer.save_pretrained(folder / "controlnet")
+    convert(folder / "controlnet", folder / "controlnet.safetensors")
+    net = ControlNet.load(folder / "controlnet.safetensors")
+    assert net.control_config == made.control_config and net.control_config.unet.addition_embed == "text_time"
+
+    hint = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(8))
+    cfg = SamplingConfig(steps=4, guidance=5.0, scheduler="ddim", seed=2, height=32, width=48)
+    micro = MicroConditioning(original_size=(64, 96), crop_top_left=(4, 0), target_size=(32, 48))
+    ours = controlnet_to_image(model, [Control(net, hint, 0.7)], ["a cat"], cfg, negative="blurry",
+                               guess_mode=guess_mode, progress=False, micro=micro)
+    xl = StableDiffusionXLControlNetPipeline(**{k: v for k, v in pipe.components.items()
+                                                if k not in ("image_encoder", "feature_extractor")},
+                                             controlnet=peer.eval(), add_watermarker=False)
+    xl.set_progress_bar_config(disable=True)
+    xl.scheduler = diffusers_scheduler("ddim", "epsilon")
+    ref = xl("a cat", image=hint, negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0, height=32,
+             width=48, controlnet_conditioning_scale=0.7, guess_mode=guess_mode, original_size=(64, 96),
+             crops_coords_top_left=(4, 0), target_size=(32, 48), generator=torch.Generator().manual_seed(2),
+             output_type="latent").images
+    assert relative_error(ref, ours) <= 1e-4
