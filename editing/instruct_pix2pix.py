@@ -26,6 +26,10 @@ editlab vs diffusers: both scales are used as given. diffusers switches *all* gu
 row, no image-free row) unless s_T > 1 **and** s_I ≥ 1; editlab always runs the three rows, so s_I < 1 (which
 extrapolates away from the input image) and s_T ≤ 1 mean what the formula says. With s_T > 1, s_I ≥ 1 and the
 same sampler, seed and image the final latents equal diffusers' (tests/test_ip2p.py).
+
+SDXL (diffusers' 8-channel SDXL editing UNet, StableDiffusionXLInstructPix2PixPipeline): the same three rows
+and formula; c_T comes from both text encoders with SDXL's pooled embedding and size numbers, ∅_T is zeros
+(diffusers' default for a missing negative prompt), and c_I is again the unscaled posterior mode.
 Random draws follow diffusers: the initial latents randn((B, 4, h, w)) on a CPU generator, then each step's
 noise in the sampler; c_I takes no draw (the mode).
 """
@@ -40,6 +44,9 @@ import torch
 
 from ldm.model import StableDiffusion
 from ldm.pipeline import Predictor, denoise, initial_noise
+from ldm.sdxl import MicroConditioning
+from ldm.sdxl import encode_prompt as sdxl_encode_prompt
+from ldm.unet import TextTime
 from ldm.schedulers import NoiseSchedule, make_sampler
 
 from .ip2p_sizing import check_edit_size
@@ -109,16 +116,34 @@ def _embedding_batch(embedding: torch.Tensor, batch: int, shape: tuple[int, int]
     return embedding.expand(batch, *shape)
 
 
+def sdxl_instruction_conditioning(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
+                                  height: int, width: int) -> tuple[torch.Tensor, TextTime]:
+    """SDXL's three rows: context [c_T; ∅_T; ∅_T] and the added conditioning (pooled text, size numbers).
+    ∅_T is all zeros, context and pooled embedding alike, as diffusers' StableDiffusionXLInstructPix2PixPipeline
+    (``force_zeros_for_empty_prompt``) conditions its model; the six numbers are the image size and crop (0, 0)."""
+    if instructions is None:
+        raise ValueError("a learned instruction embedding is not supported on SDXL yet; give an instruction")
+    if len(instructions) != batch:
+        raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
+    with torch.no_grad():
+        cond, pooled = sdxl_encode_prompt(model, list(instructions))
+    ids = torch.tensor([MicroConditioning().time_ids(height, width)] * batch, dtype=cond.dtype, device=cond.device)
+    null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+    return (torch.cat([cond, null, null]),
+            TextTime(torch.cat([pooled, null_pooled, null_pooled]), torch.cat([ids, ids, ids])))
+
+
 def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor, text_scale: float,
-                       image_scale: float, sampler) -> Predictor:
+                       image_scale: float, sampler, added: TextTime | None = None) -> Predictor:
     """predict(x, i, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
-    [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w])."""
+    [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w]);
+    ``added``: SDXL's added conditioning for the three rows."""
     image_rows = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [c_I; c_I; ∅_I]
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         x_in = sampler.scale_model_input(torch.cat([x, x, x]), i)  # [B, 4, h, w] -> [3B, 4, h, w]
         unet_in = torch.cat([x_in, image_rows.to(x_in.dtype)], dim=1)  # -> [3B, 8, h, w]
-        full, image_only, unconditional = unet(unet_in, t, context).chunk(3)  # -> 3 × [B, 4, h, w]
+        full, image_only, unconditional = unet(unet_in, t, context, added=added).chunk(3)  # -> 3 × [B, 4, h, w]
         return (unconditional
                 + text_scale * (full - image_only)  # s_T (ε(c_T, c_I) − ε(∅_T, c_I))
                 + image_scale * (image_only - unconditional))  # s_I (ε(∅_T, c_I) − ε(∅_T, ∅_I))
@@ -140,11 +165,18 @@ def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[st
     batch = images.shape[0]
     sampler = edit_sampler(cfg, model.config.prediction_type)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    context = instruction_context(model, instructions, batch, instruction_embedding)
+    added = None
+    if model.is_sdxl:
+        if instruction_embedding is not None:
+            raise ValueError("a learned instruction embedding is not supported on SDXL yet; give an instruction")
+        context, added = sdxl_instruction_conditioning(model, instructions, batch, height, width)
+    else:
+        context = instruction_context(model, instructions, batch, instruction_embedding)
     image_latents = image_condition(model, images).to(context.dtype)
     latents = initial_noise(model, batch, height, width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma  # z = σ_0·N(0, I) for Euler, N(0, I) for DDIM/DDPM
-    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, sampler)
+    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, sampler,
+                                 added)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
 
 

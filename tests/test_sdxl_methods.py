@@ -148,3 +148,32 @@ def test_controlnet_matches_stable_diffusion_xl_controlnet_pipeline(sdxl, guess_
              crops_coords_top_left=(4, 0), target_size=(32, 48), generator=torch.Generator().manual_seed(2),
              output_type="latent").images
     assert relative_error(ref, ours) <= 1e-4
+
+
+@torch.no_grad()
+def test_instruct_pix2pix_matches_stable_diffusion_xl_instruct_pix2pix_pipeline(sdxl):
+    """An 8-channel SDXL editing UNet in a diffusers folder, converted; three-row guidance, zero ∅_T."""
+    import dataclasses
+
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+
+    from editing.instruct_pix2pix import EditConfig, edit
+    from tests.peers import make_diffusers_unet
+
+    model, pipe, folder = sdxl
+    components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor", "unet")}
+    unet = make_diffusers_unet(dataclasses.replace(model.config.unet, in_channels=8), seed=12)
+    ip2p = StableDiffusionXLInstructPix2PixPipeline(**components, unet=unet, add_watermarker=False)
+    ip2p.save_pretrained(folder / "ip2p")
+    convert(folder / "ip2p", folder / "ip2p.safetensors")
+    edit_model = StableDiffusion.load(folder / "ip2p.safetensors")
+    assert edit_model.config.unet.in_channels == 8 and edit_model.is_sdxl
+
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    cfg = EditConfig(text_guidance=5.0, image_guidance=1.5, steps=4, scheduler="ddim", seed=3)
+    ours = edit(edit_model, image, ["make it red"], cfg, progress=False)
+    ip2p.set_progress_bar_config(disable=True)
+    ip2p.scheduler = diffusers_scheduler("ddim", "epsilon")
+    ref = ip2p("make it red", image=image, height=32, width=48, num_inference_steps=4, guidance_scale=5.0,
+               image_guidance_scale=1.5, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    assert relative_error(ref, ours) <= 1e-4

@@ -84,7 +84,7 @@ def detect_ldm_family(path: Path, tensors: dict[str, torch.Tensor]) -> str:
         if not any(k.startswith(SDXL_CLIP_PREFIX) for k in tensors):
             raise WeightsError(f"{path}: an SDXL file without its CLIP-L text encoder ({SDXL_CLIP_PREFIX}*)")
         conv_in = tensors.get(UNET_PREFIX + "input_blocks.0.0.weight")
-        if conv_in is not None and conv_in.shape[1] != 4:
+        if conv_in is not None and conv_in.shape[1] not in (4, 8):  # 8: the InstructPix2Pix SDXL UNet
             raise WeightsError(f"{path}: an SDXL UNet with {conv_in.shape[1]} input channels is not supported")
         return "sdxl"
     if any(k.startswith(CLIP_PREFIX) for k in tensors):
@@ -102,7 +102,7 @@ def detect_diffusers_family(path: Path, unet: dict, text: dict) -> str:
     """sd1 / sd2 / ip2p / sdxl of a diffusers folder, from its configs (CLIP-L uses quick_gelu, OpenCLIP-H
     gelu; SDXL's UNet has the "text_time" added conditioning)."""
     if unet.get("addition_embed_type") == "text_time":
-        if unet.get("in_channels", 4) != 4:
+        if unet.get("in_channels", 4) not in (4, 8):  # 8: the InstructPix2Pix SDXL UNet
             raise WeightsError(f"{path}: an SDXL UNet with {unet.get('in_channels')} input channels is not supported")
         return "sdxl"
     return _family(path, "sd2" if text.get("hidden_act") == "gelu" else "sd1", unet.get("in_channels", 4))
