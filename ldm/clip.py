@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextEncoderConfig
+from .tokenizer import EOS
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,14 @@ class CLIPTextModel(nn.Module):
         return penultimate, self.pooled(final, ids)
 
     def pooled(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """CLIP's text embedding: the hidden state at the end token (the highest id), projected if the
-        tower has a projection. [B, N, width] -> [B, projection_dim or width]."""
-        end = hidden[torch.arange(hidden.shape[0]), ids.argmax(dim=-1)]
+        """CLIP's text embedding: the hidden state at the (first) end token, projected if the tower has a
+        projection. [B, N, width] -> [B, projection_dim or width].
+
+        The end token is the highest id of CLIP's vocabulary, so open_clip and the original code take
+        ``argmax(ids)``; with textual-inversion tokens appended after it that would pick the new token, so the
+        end token is looked up by its id (transformers does the same when the config names eos_token_id
+        49407; SDXL's shipped configs say 2, which selects its legacy argmax)."""
+        is_end = ids == EOS
+        position = torch.where(is_end.any(dim=-1), is_end.int().argmax(dim=-1), ids.argmax(dim=-1))
+        end = hidden[torch.arange(hidden.shape[0]), position]
         return end if self.text_projection is None else self.text_projection(end)

@@ -177,3 +177,33 @@ def test_instruct_pix2pix_matches_stable_diffusion_xl_instruct_pix2pix_pipeline(
     ref = ip2p("make it red", image=image, height=32, width=48, num_inference_steps=4, guidance_scale=5.0,
                image_guidance_scale=1.5, generator=torch.Generator().manual_seed(3), output_type="latent").images
     assert relative_error(ref, ours) <= 1e-4
+
+
+@torch.no_grad()
+def test_textual_inversion_sdxl_format_matches_diffusers(sdxl, tmp_path):
+    """{"clip_l": [k, 32], "clip_g": [k, 48]} into both encoders, as diffusers' documented two
+    load_textual_inversion calls; the conditioning (context and pooled) of a prompt using the token agrees."""
+    import copy
+
+    from inversion.textual_inversion import load_textual_inversion
+
+    model, pipe, folder = sdxl
+    model = StableDiffusion.load(folder / "model.safetensors")  # a fresh copy: loading grows its token tables
+    g = torch.Generator().manual_seed(5)
+    rows = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 48, generator=g)}
+    save_file(rows, str(tmp_path / "emb.safetensors"))
+    token = load_textual_inversion(model, tmp_path / "emb.safetensors", token="<thing>")
+
+    te, te2 = copy.deepcopy(pipe.text_encoder), copy.deepcopy(pipe.text_encoder_2)
+    tok, tok2 = copy.deepcopy(pipe.tokenizer), copy.deepcopy(pipe.tokenizer_2)
+    other = type(pipe)(**{**pipe.components, "text_encoder": te, "text_encoder_2": te2, "tokenizer": tok,
+                          "tokenizer_2": tok2})
+    other.load_textual_inversion(rows["clip_l"], token=token, text_encoder=te, tokenizer=tok)
+    other.load_textual_inversion(rows["clip_g"], token=token, text_encoder=te2, tokenizer=tok2)
+    prompt = [f"a photo of {token} on a mat"]
+    ref_context, _, ref_pooled, _ = other.encode_prompt(prompt, do_classifier_free_guidance=False)
+    from ldm.sdxl import encode_prompt
+    context, pooled = encode_prompt(model, prompt)
+    assert relative_error(ref_context, context) <= 1e-5 and relative_error(ref_pooled, pooled) <= 1e-5
+    plain, _ = encode_prompt(model, ["a photo of thing on a mat"])
+    assert relative_error(context, plain) > 1e-3
