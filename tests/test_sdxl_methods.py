@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from editing import ip_adapter as ip
+from controls import ip_adapter as ip
 from editing.instant_style import content_embedding, instant_style, layer_scales, preset_scales, subtract_content
 from editing.bench.peers import diffusers_scheduler
 from ldm.attention import attention_layers
@@ -157,7 +157,7 @@ def test_instruct_pix2pix_matches_stable_diffusion_xl_instruct_pix2pix_pipeline(
 
     from diffusers import StableDiffusionXLInstructPix2PixPipeline
 
-    from editing.instruct_pix2pix import EditConfig, edit
+    from editing.instruct_pix2pix.editor import EditConfig, edit
     from tests.peers import make_diffusers_unet
 
     model, pipe, folder = sdxl

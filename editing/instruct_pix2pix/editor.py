@@ -26,10 +26,6 @@ editlab vs diffusers: both scales are used as given. diffusers switches *all* gu
 row, no image-free row) unless s_T > 1 **and** s_I ≥ 1; editlab always runs the three rows, so s_I < 1 (which
 extrapolates away from the input image) and s_T ≤ 1 mean what the formula says. With s_T > 1, s_I ≥ 1 and the
 same sampler, seed and image the final latents equal diffusers' (tests/test_ip2p.py).
-
-SDXL (diffusers' 8-channel SDXL editing UNet, StableDiffusionXLInstructPix2PixPipeline): the same three rows
-and formula; c_T comes from both text encoders with SDXL's pooled embedding and size numbers, ∅_T is zeros
-(diffusers' default for a missing negative prompt), and c_I is again the unscaled posterior mode.
 Random draws follow diffusers: the initial latents randn((B, 4, h, w)) on a CPU generator, then each step's
 noise in the sampler; c_I takes no draw (the mode).
 """
@@ -42,14 +38,14 @@ from typing import Sequence
 
 import torch
 
+from controls.image_condition import (check_ip2p_model, image_condition, instruction_context,
+                                     sdxl_instruction_conditioning, three_way_guidance)
+from inversion.visii import hybrid_instruction
 from ldm.model import StableDiffusion
-from ldm.pipeline import Predictor, denoise, initial_noise
-from ldm.sdxl import MicroConditioning
-from ldm.sdxl import encode_prompt as sdxl_encode_prompt
-from ldm.unet import TextTime
+from ldm.pipeline import denoise, initial_noise
 from ldm.schedulers import NoiseSchedule, make_sampler
 
-from .ip2p_sizing import check_edit_size
+from .sizing import check_edit_size
 
 
 @dataclass(frozen=True)
@@ -63,15 +59,6 @@ class EditConfig:
     seed: int = 0
 
 
-def check_ip2p_model(model: StableDiffusion) -> None:
-    """The UNet must take [noisy latent ‖ image latent]: twice the VAE's latent channels."""
-    expected = 2 * model.config.vae.latent_channels
-    if model.config.unet.in_channels != expected:
-        raise ValueError(f"this model's UNet takes {model.config.unet.in_channels} input channels, InstructPix2Pix "
-                         f"needs {expected} (noisy latent + image latent); convert an InstructPix2Pix checkpoint "
-                         "(e.g. instruct-pix2pix-00-22000.ckpt) with 'editlab convert' and pass it with --weights")
-
-
 def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon"):
     """The sampler of ``cfg``; Euler ancestral defaults to the log-linear grid of edit_cli.py."""
     spacing = cfg.spacing or ("log-linear" if cfg.scheduler == "euler-a" else None)
@@ -80,82 +67,10 @@ def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon"):
 
 
 @torch.no_grad()
-def image_condition(model: StableDiffusion, images: torch.Tensor) -> torch.Tensor:
-    """c_I = E(2x − 1).mode(): images [B, 3, H, W] in [0, 1] -> latents [B, 4, H/f, W/f], NOT multiplied by
-    the 0.18215 scaling factor (the training convention; scaling it silently degrades edits)."""
-    vae = model.vae
-    posterior = vae.encode((images * 2 - 1).to(model.device, vae.dtype))
-    return posterior.mode()
-
-
-def instruction_context(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
-                        instruction_embedding: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-attention context of the three rows, [c_T; ∅_T; ∅_T] ([3B, 77, C]).
-
-    c_T is CLIP(instruction), or ``instruction_embedding`` ([77, C] or [B, 77, C]) used as it is: the hook for
-    a learned instruction (Visii, METHODS §10) that replaces the encoded text; gradients flow back to it.
-    """
-    if (instructions is None) == (instruction_embedding is None):
-        raise ValueError("give either instructions or an instruction embedding (exactly one of the two)")
-    if instructions is not None and len(instructions) != batch:
-        raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
-    with torch.no_grad():
-        null = model.encode_prompt([""] * batch)  # ∅_T
-        cond = model.encode_prompt(list(instructions)) if instructions is not None else None
-    if cond is None:
-        cond = _embedding_batch(instruction_embedding, batch, tuple(null.shape[1:])).to(null.device, null.dtype)
-    return torch.cat([cond, null, null])  # 3 × [B, 77, C] -> [3B, 77, C]
-
-
-def _embedding_batch(embedding: torch.Tensor, batch: int, shape: tuple[int, int]) -> torch.Tensor:
-    if embedding.ndim == 2:
-        embedding = embedding[None]  # [77, C] -> [1, 77, C]
-    if embedding.ndim != 3 or tuple(embedding.shape[1:]) != shape or embedding.shape[0] not in (1, batch):
-        raise ValueError(f"instruction embedding of shape {tuple(embedding.shape)} does not fit this model; "
-                         f"it must be [{shape[0]}, {shape[1]}] (or [{batch}, {shape[0]}, {shape[1]}])")
-    return embedding.expand(batch, *shape)
-
-
-def sdxl_instruction_conditioning(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
-                                  height: int, width: int) -> tuple[torch.Tensor, TextTime]:
-    """SDXL's three rows: context [c_T; ∅_T; ∅_T] and the added conditioning (pooled text, size numbers).
-    ∅_T is all zeros, context and pooled embedding alike, as diffusers' StableDiffusionXLInstructPix2PixPipeline
-    (``force_zeros_for_empty_prompt``) conditions its model; the six numbers are the image size and crop (0, 0)."""
-    if instructions is None:
-        raise ValueError("a learned instruction embedding is not supported on SDXL yet; give an instruction")
-    if len(instructions) != batch:
-        raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
-    with torch.no_grad():
-        cond, pooled = sdxl_encode_prompt(model, list(instructions))
-    ids = torch.tensor([MicroConditioning().time_ids(height, width)] * batch, dtype=cond.dtype, device=cond.device)
-    null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
-    return (torch.cat([cond, null, null]),
-            TextTime(torch.cat([pooled, null_pooled, null_pooled]), torch.cat([ids, ids, ids])))
-
-
-def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor, text_scale: float,
-                       image_scale: float, sampler, added: TextTime | None = None) -> Predictor:
-    """predict(x, i, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
-    [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w]);
-    ``added``: SDXL's added conditioning for the three rows."""
-    image_rows = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [c_I; c_I; ∅_I]
-
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        x_in = sampler.scale_model_input(torch.cat([x, x, x]), i)  # [B, 4, h, w] -> [3B, 4, h, w]
-        unet_in = torch.cat([x_in, image_rows.to(x_in.dtype)], dim=1)  # -> [3B, 8, h, w]
-        full, image_only, unconditional = unet(unet_in, t, context, added=added).chunk(3)  # -> 3 × [B, 4, h, w]
-        return (unconditional
-                + text_scale * (full - image_only)  # s_T (ε(c_T, c_I) − ε(∅_T, c_I))
-                + image_scale * (image_only - unconditional))  # s_I (ε(∅_T, c_I) − ε(∅_T, ∅_I))
-
-    return predict
-
-
-@torch.no_grad()
 def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
          cfg: EditConfig = EditConfig(), instruction_embedding: torch.Tensor | None = None,
          hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
-    """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see ip2p_sizing) by one instruction each.
+    """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see sizing.py) by one instruction each.
     Returns the final latents [B, 4, H/f, W/f]; ``ldm.pipeline.decode_latents`` turns them into images."""
     check_ip2p_model(model)
     if images.ndim != 4 or images.shape[1] != 3:
@@ -178,6 +93,18 @@ def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[st
     predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, sampler,
                                  added)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
+
+
+def apply_instruction(model: StableDiffusion, images: torch.Tensor, instruction: torch.Tensor,
+                      cfg: EditConfig = EditConfig(steps=20, text_guidance=8.0), extra_text: str | None = None,
+                      eos: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Edit ``images`` [B, 3, H, W] with a learned Visii instruction (inversion/visii.py; optionally plus
+    ``extra_text``); returns latents. Defaults: the reference's test.py (Euler ancestral, 20 steps, s_T 8, s_I 1.5)."""
+    if extra_text:
+        if eos is None:
+            raise ValueError("a hybrid instruction needs the learned instruction's end position (eos)")
+        instruction = hybrid_instruction(model, instruction, eos, extra_text)
+    return edit(model, images, None, cfg, instruction_embedding=instruction, progress=progress)
 
 
 def load_instruction_embedding(path: str | Path) -> torch.Tensor:
