@@ -207,3 +207,31 @@ def test_textual_inversion_sdxl_format_matches_diffusers(sdxl, tmp_path):
     assert relative_error(ref_context, context) <= 1e-5 and relative_error(ref_pooled, pooled) <= 1e-5
     plain, _ = encode_prompt(model, ["a photo of thing on a mat"])
     assert relative_error(context, plain) > 1e-3
+
+
+@torch.no_grad()
+def test_prompt_to_prompt_on_sdxl(sdxl):
+    """One token alignment serves both encoders (their 77 positions coincide); the controller sees every
+    attention layer of SDXL's deep transformers, keeps the source row, edits the others."""
+    from dataclasses import replace
+
+    from editing.p2p.edit import P2PConfig, prompt_to_prompt
+    from ldm.pipeline import text_to_image
+
+    model, _, _ = sdxl
+    cfg = SamplingConfig(steps=4, guidance=5.0, scheduler="ddim", seed=7, height=32, width=48)
+    source, target = "a cat sitting on a mat", "a dog sitting on a mat"
+    same = prompt_to_prompt(model, source, source, cfg, P2PConfig(blend_words=("cat",)))
+    assert torch.equal(same.latents[1], same.latents[0])
+    # the stored maps average many layers' rows, whose reductions may round per row: equal to float precision
+    assert relative_error(same.maps[0], same.maps[1]) <= 1e-6
+    assert same.maps.shape[0] == 2 and same.maps.shape[-1] == 77
+    assert same.controller.calls_per_step == [len(attention_layers(model.unet))] * cfg.steps
+    edit = prompt_to_prompt(model, source, target, cfg, P2PConfig(self_replace=(0.0, 0.5)))
+    alone = text_to_image(model, [source], cfg, progress=False)  # no negative: zero conditioning, as P2P's
+    assert relative_error(alone[0], edit.latents[0]) <= 1e-4  # batch 2 vs 1: sums in another order
+    untouched = prompt_to_prompt(model, source, target, cfg, P2PConfig(cross_replace=0.0, self_replace=(0.0, 0.0),
+                                                                       store=False))
+    assert relative_error(untouched.latents[1], edit.latents[1]) > 1e-3
+    with pytest.raises(ValueError, match="null-text inversion is not available for SDXL"):
+        prompt_to_prompt(model, source, target, replace(cfg, steps=1), null_embeddings=[torch.zeros(1, 77, 80)])
