@@ -80,7 +80,7 @@ def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: 
         scales = guess_mode_scales(n, strength, guess_rule) if guess_mode else strength
         hint = control.hint.to(x.device, x.dtype)
         hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)  # [1 or B, ...] -> [B or 2B, ...] ([uncond; cond])
-        down, mid = control.net(x, t, context, hint, scales, added=added)
+        down, mid = control.net(x, t, context, hint, scales, **({} if added is None else {"added": added}))
         if down_sum is None:
             down_sum, mid_sum = down, mid
         else:
@@ -98,6 +98,7 @@ def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, gu
     :param added: SDXL's added conditioning, rows matching ``context`` (None for SD 1.x/2.x)
     """
     control_uncond = (not guess_mode) if control_uncond is None else control_uncond
+    extra = {} if added is None else {"added": added}  # SD 1.x/2.x UNets (and wrappers of them) take no added
     n_steps = len(sampler.timesteps)
     if guess_rule not in GUESS_RULES:
         raise ValueError(f"unknown guess-mode rule {guess_rule!r}; choose one of {', '.join(GUESS_RULES)}")
@@ -109,7 +110,7 @@ def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, gu
         x_in = sampler.scale_model_input(x, i)  # the ControlNet sees the same scaled input (diffusers PR #3571)
         if guidance <= 1.0:
             down, mid = residuals(x_in, t, context, i)
-            return unet(x_in, t, context, down, mid, added=added)
+            return unet(x_in, t, context, down, mid, **extra)
         x_both = torch.cat([x_in, x_in])  # [B, ...] -> [2B, ...]: [uncond; cond]
         if control_uncond:
             down, mid = residuals(x_both, t, context, i)
@@ -118,7 +119,7 @@ def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, gu
             down, mid = residuals(x_in, t, context.chunk(2)[1], i, cond_added)
             down, mid = [torch.cat([torch.zeros_like(r), r]) for r in down], torch.cat([torch.zeros_like(mid), mid])
         # y = F(x) + Z(F'(x + Z(c))): the locked UNet adds the residuals to its skips and middle block
-        uncond, cond = unet(x_both, t, context, down, mid, added=added).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        uncond, cond = unet(x_both, t, context, down, mid, **extra).chunk(2)  # [2B, ...] -> 2 × [B, ...]
         return uncond + guidance * (cond - uncond)  # ε̂ = ε_u + w(ε_c − ε_u)
 
     return predict

@@ -94,12 +94,13 @@ def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor,
                        image_scale: float, sampler, added: TextTime | None = None) -> Predictor:
     """predict(x, i, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
     [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w])."""
+    extra = {} if added is None else {"added": added}  # SD 1.x UNets (and wrappers of them) take three inputs
     image_rows = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [c_I; c_I; ∅_I]
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         x_in = sampler.scale_model_input(torch.cat([x, x, x]), i)  # [B, 4, h, w] -> [3B, 4, h, w]
         unet_in = torch.cat([x_in, image_rows.to(x_in.dtype)], dim=1)  # -> [3B, 8, h, w]
-        full, image_only, unconditional = unet(unet_in, t, context, added=added).chunk(3)  # -> 3 × [B, 4, h, w]
+        full, image_only, unconditional = unet(unet_in, t, context, **extra).chunk(3)  # -> 3 × [B, 4, h, w]
         return (unconditional
                 + text_scale * (full - image_only)  # s_T (ε(c_T, c_I) − ε(∅_T, c_I))
                 + image_scale * (image_only - unconditional))  # s_I (ε(∅_T, c_I) − ε(∅_T, ∅_I))

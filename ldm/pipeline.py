@@ -95,15 +95,16 @@ def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], 
     samplers whose input needs no scaling (DDIM, DDPM). ``added``: SDXL's pooled embedding and
     micro-conditioning, rows matching ``context``."""
     scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+    extra = {} if added is None else {"added": added}  # SD 1.x/2.x UNets (and wrappers of them) take three inputs
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         x_in = x if sampler is None else sampler.scale_model_input(x, i)
         if not guided(guidance):
-            return unet(x_in, t, context, added=added)
+            return unet(x_in, t, context, **extra)
         if len(scales) not in (1, x.shape[0]):
             raise ValueError(f"{len(scales)} guidance scales for a batch of {x.shape[0]}; give one or one per row")
         w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
-        uncond, cond = unet(torch.cat([x_in, x_in]), t, context, added=added).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        uncond, cond = unet(torch.cat([x_in, x_in]), t, context, **extra).chunk(2)  # [2B, ...] -> 2 × [B, ...]
         return uncond + w * (cond - uncond)
 
     return predict
