@@ -25,9 +25,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ldm.seeding import derived_seed
 from ldm.toy.shapes import COLOURS, SHAPES, ShapeSpec, render, sample_spec
 
 from .sizing import fit, open_rgb, to_tensor
@@ -67,7 +67,7 @@ class ToyEditPairs(torch.utils.data.Dataset):
     def pair(self, index: int) -> tuple[ShapeSpec, ShapeSpec, str]:
         if not 0 <= index < self.n:
             raise IndexError(f"pair {index} out of range for {self.n} pairs")
-        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        seed = derived_seed(self.seed, index)
         generator = torch.Generator().manual_seed(seed)
         before = sample_spec(generator)
         after, instruction = sample_edit(before, generator)

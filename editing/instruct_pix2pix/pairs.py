@@ -34,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +43,7 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import (SamplingConfig, check_image_size, decode_latents, denoise, guided_unet, sampler_for,
                           text_context)
 from ldm.schedulers import gaussian_noise
+from ldm.seeding import derived_seed
 
 SCORES = ("image_text_before", "image_text_after", "image_image", "direction")
 
@@ -90,7 +90,7 @@ class SampleDraw:
 
 def pair_generator(seed: int, pair_index: int) -> torch.Generator:
     """The generator of caption pair ``pair_index``: depends only on (seed, index) (numpy SeedSequence)."""
-    state = int(np.random.SeedSequence([seed, pair_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    state = derived_seed(seed, pair_index)
     return torch.Generator().manual_seed(state)
 
 
