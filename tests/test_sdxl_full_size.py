@@ -1,7 +1,7 @@
 """The full SDXL base UNet (2.6 B parameters) against diffusers' at small latents, fp32.
 
-Opt-in: it needs 10.3 GB for the weights (held once: both models share the tensors, editing/bench/unet.py)
-and about two minutes on a 2-core CPU, beyond what the default suite may take. Run it with
+Opt-in: it needs 10.3 GB for the weights (held once: both models share the tensors, editing/bench/unet.py);
+measured 47 s and 11.8 GiB peak on the 2-core CPU, at the edge of what the default suite may take. Run it with
 
     EDITLAB_FULL_SDXL=1 flock /tmp/editlab-bigmem.lock python -m pytest -q tests/test_sdxl_full_size.py
 
