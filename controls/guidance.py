@@ -1,6 +1,6 @@
 """Sampling with ControlNets: conditioning scales, guess mode, several ControlNets, classifier-free guidance.
 
-Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Rao, Agrawala), METHODS.md §7.2.
+Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Rao, Agrawala), docs/methods.md §7.2.
 
 - Normal mode: every residual of ControlNet n is scaled by its strength s_n; both CFG halves get control
   (the original runs the two halves as separate passes, diffusers batches [uncond; cond] with the hint
@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from ldm.hooks import guidance_batch, join_guidance, split_guidance
 from ldm.model import StableDiffusion
 from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, denoise, initial_noise, prompt_conditioning,
                           sampler_for)
@@ -79,7 +80,7 @@ def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: 
         n = control.net.control_config.n_residuals
         scales = guess_mode_scales(n, strength, guess_rule) if guess_mode else strength
         hint = control.hint.to(x.device, x.dtype)
-        hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)  # [1 or B, ...] -> [B or 2B, ...] ([uncond; cond])
+        hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)  # [1 or B, ...] -> [B or 2B, ...] (every row)
         down, mid = control.net(x, t, context, hint, scales, **({} if added is None else {"added": added}))
         if down_sum is None:
             down_sum, mid_sum = down, mid
@@ -111,15 +112,16 @@ def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, gu
         if guidance <= 1.0:
             down, mid = residuals(x_in, t, context, i)
             return unet(x_in, t, context, down, mid, **extra)
-        x_both = torch.cat([x_in, x_in])  # [B, ...] -> [2B, ...]: [uncond; cond]
+        x_both = guidance_batch(x_in)  # [B, ...] -> [2B, ...]: [uncond × B; cond × B]
         if control_uncond:
             down, mid = residuals(x_both, t, context, i)
         else:  # guess mode: control only the conditional half, zeros for the unconditional one
             cond_added = None if added is None else added.rows(slice(x.shape[0], None))
-            down, mid = residuals(x_in, t, context.chunk(2)[1], i, cond_added)
-            down, mid = [torch.cat([torch.zeros_like(r), r]) for r in down], torch.cat([torch.zeros_like(mid), mid])
+            down, mid = residuals(x_in, t, split_guidance(context)[1], i, cond_added)
+            down = [join_guidance(torch.zeros_like(r), r) for r in down]
+            mid = join_guidance(torch.zeros_like(mid), mid)
         # y = F(x) + Z(F'(x + Z(c))): the locked UNet adds the residuals to its skips and middle block
-        uncond, cond = unet(x_both, t, context, down, mid, **extra).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        uncond, cond = split_guidance(unet(x_both, t, context, down, mid, **extra))  # [2B, ...] -> 2 × [B, ...]
         return uncond + guidance * (cond - uncond)  # ε̂ = ε_u + w(ε_c − ε_u)
 
     return predict

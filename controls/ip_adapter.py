@@ -1,5 +1,5 @@
 """IP-Adapter (*IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion Models*, Ye et
-al. 2023; METHODS.md §8): an image prompt through decoupled cross-attention.
+al. 2023; docs/methods.md §8): an image prompt through decoupled cross-attention.
 
     c_ip   = LayerNorm(reshape(W e + b, T × C))                   image tokens (T = 4, C = 768 for SD 1.5)
     c_ip^∅ = LayerNorm(reshape(W 0 + b, T × C))                   the negative: projection of zeros, not zeros
@@ -9,11 +9,11 @@ al. 2023; METHODS.md §8): an image prompt through decoupled cross-attention.
 The text branch is the UNet's own cross-attention, untouched; the image branch is an attention hook
 (ldm/attention.py ``extra_output``) that adds λ_l·softmax(Q K_ipᵀ/√d)V_ip before to_out, with the same Q.
 Layers whose scale λ_l is 0 get no hook at all (no computation), so scale 0 everywhere is the plain model.
-The text context stays 77 tokens: image tokens never pass through the text projections (METHODS.md §9.3.2).
+The text context stays 77 tokens: image tokens never pass through the text projections (docs/methods.md §9.3 item 2).
 
 Parameter names are the official file's (``image_proj.proj``, ``image_proj.norm``, ``ip_adapter.{k}.to_k_ip``):
 k is the attention processor's position in diffusers' registration order (down, up, mid; odd k = attn2),
-``processor_table`` builds it from the UNet (CHECKPOINTS.md §9.1).
+``processor_table`` builds it from the UNet (docs/checkpoints.md §9.1).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ldm.attention import Attention, attached, attention_layers
+from ldm.hooks import AttentionHook, join_guidance
 from ldm.pipeline import SamplingConfig, text_to_image
 
 
@@ -88,7 +89,7 @@ class IPAdapter(nn.Module):
         positive = self.image_proj(image_embeds)
         if guidance <= 1.0:
             return positive
-        return torch.cat([self.image_proj(torch.zeros_like(image_embeds)), positive])  # c_ip^∅ = proj(0)
+        return join_guidance(self.image_proj(torch.zeros_like(image_embeds)), positive)  # c_ip^∅ = proj(0)
 
     def layer_scales(self, scale: float | Mapping[str, float]) -> dict[str, float]:
         """One scale for every adapted layer, or a {layer name: scale} dict (unnamed layers: 0)."""
@@ -100,7 +101,7 @@ class IPAdapter(nn.Module):
         return {name: float(s) for name, s in scale.items()}
 
 
-class ImagePromptHook:
+class ImagePromptHook(AttentionHook):
     """Attention hook adding λ_l·softmax(Q K_ipᵀ/√d)V_ip to the selected cross-attention layers."""
 
     def __init__(self, adapter: IPAdapter, tokens: torch.Tensor, scales: Mapping[str, float]):

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 import ldm
 from ldm.files import file_sha256
-from ldm.model import StableDiffusion
+from ldm.model import StableDiffusion, metadata_of
 from ldm.pipeline import SamplingConfig
 from ldm.schedulers import SAMPLERS
+from ldm.speed import apply_backend_settings
 
 TOY_WEIGHTS = Path(ldm.__file__).parent / "toy" / "weights" / "toy-sd.safetensors"
 TOY_IP2P_WEIGHTS = TOY_WEIGHTS.with_name("toy-ip2p.safetensors")  # its UNet only; VAE and text from TOY_WEIGHTS
+TOY_CLIP_WEIGHTS = TOY_WEIGHTS.with_name("toy-clip.safetensors")  # image tower; text tower from TOY_WEIGHTS
+TOY_IP_ADAPTER_WEIGHTS = TOY_WEIGHTS.with_name("toy-ip-adapter.safetensors")  # its encoder: TOY_CLIP_WEIGHTS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -33,13 +37,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str = "a Stable D
                         help="UNet and text encoder precision (the VAE always runs in fp32)")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, steps: int = 50, guidance: float = 7.5,
-                           scheduler: str = "ddim", size: int | None = None) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, steps: int = SamplingConfig.steps,
+                           guidance: float = SamplingConfig.guidance, scheduler: str = SamplingConfig.scheduler,
+                           size: int | None = None) -> None:
+    """Defaults: ``SamplingConfig``'s (the Python API's), unless a command passes its own."""
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale w")
     parser.add_argument("--scheduler", choices=SAMPLERS, default=scheduler)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 stochastic)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, default=SamplingConfig.eta,
+                        help="DDIM eta (0 deterministic, 1 stochastic)")
+    parser.add_argument("--seed", type=int, default=SamplingConfig.seed)
     parser.add_argument("--height", type=int, default=size, help="default: the model's native size")
     parser.add_argument("--width", type=int, default=size, help="default: the model's native size")
 
@@ -58,9 +65,26 @@ def weights_path(args) -> Path:
     return path
 
 
+def toy_default(args, given: Path | None, toy_file: Path, flag: str) -> Path:
+    """``given``, or the bundled toy file when the weights are a toy-world model (family "toy")."""
+    if given is not None:
+        return given
+    path = weights_path(args)
+    try:
+        family = json.loads(metadata_of(path).get("config", "{}")).get("family")
+    except Exception:  # not a safetensors file: loading the model reports it
+        family = None
+    if family != "toy":
+        raise UserError(f"{flag} is needed with {path.name} (the bundled {toy_file.name} fits only the toy model)")
+    if not toy_file.is_file():
+        raise UserError(f"{toy_file} is missing from this install; remake it with editlab train-toy or pass {flag}")
+    return toy_file
+
+
 def load_model(args) -> StableDiffusion:
     if args.dtype != "fp32" and args.device == "cpu":
         raise UserError(f"--dtype {args.dtype} needs a GPU (--device cuda); use fp32 on the CPU")
+    apply_backend_settings(args.device)  # torch.backends flags chosen for the device (ldm/speed.py)
     return StableDiffusion.load(weights_path(args), device=args.device, dtype=DTYPES[args.dtype])
 
 

@@ -2,7 +2,7 @@
 
 Paper: *An Edit Friendly DDPM Noise Space: Inversion and Manipulations* (Huberman-Spiegelglas, Kulikov &
 Michaeli, CVPR 2024), Sec. 2.2 and its inversion algorithm. Reference code: inbarhub/DDPM_inversion
-(ddm_inversion/inversion_utils.py) and diffusers' LEDITS++ ``invert`` (METHODS.md §4).
+(ddm_inversion/inversion_utils.py) and diffusers' LEDITS++ ``invert`` (docs/methods.md §4).
 
 A DDPM sampler (DDIM with η > 0, *Denoising Diffusion Implicit Models* eq. 12 and 16) draws one noise map z_t
 per step:
@@ -20,7 +20,7 @@ The edit-friendly noise space inverts this for a given x0 in two passes:
    μ_t + σ_t z_t, the sampler's own arithmetic. Regenerating with the same prompt, guidance, η and z_t
    therefore repeats every operation and returns x0 up to float rounding (no optimisation).
 
-editlab conventions (METHODS.md §4.3):
+editlab conventions (docs/methods.md §4.3):
 - η²σ² under the root, as DDIM and LEDITS++. inbarhub/DDPM_inversion puts ησ² there; the two agree at η = 1.
   η must be > 0: at η = 0 there is no noise to extract (use DDIM inversion).
 - The last map z_1 is kept (the public code zeroes it and breaks the x_1 → x0 step; its author agrees).

@@ -2,8 +2,8 @@
 
 Paper: *An Image is Worth One Word: Personalizing Text-to-Image Generation using Textual Inversion*
 (Gal et al., ICLR 2023); code followed for conventions: rinongal/textual_inversion, diffusers
-examples/textual_inversion/textual_inversion.py and loaders/textual_inversion.py. METHODS.md §11,
-CHECKPOINTS.md §11.
+examples/textual_inversion/textual_inversion.py and loaders/textual_inversion.py. docs/methods.md §11,
+docs/checkpoints.md §11.
 
 - A placeholder token (e.g. "<cat-toy>", plus "<cat-toy>_1", "<cat-toy>_2", … for k > 1 vectors, as diffusers)
   gets k new rows v_1 … v_k of the token embedding table, initialised from a single-token initializer word.
@@ -174,7 +174,7 @@ def inversion_loss(model: StableDiffusion, data: InversionData):
 def train_textual_inversion(model: StableDiffusion, images: torch.Tensor, token: str, init_word: str,
                             vectors: int = 1, cfg: EmbeddingConfig = EmbeddingConfig(steps=3000, lr=5e-3, batch=1),
                             checkpoint=None, resume: bool = False, stop_at: int | None = None,
-                            progress: bool = True) -> EmbeddingResult:
+                            progress: bool = True, options: dict | None = None, force: bool = False) -> EmbeddingResult:
     """Learn ``vectors`` rows for ``token`` from ``images`` [N, 3, H, W] in [0, 1]; the model stays frozen
     and unchanged (``add_placeholder`` installs the result). Returns the engine's result: ``best`` [k, d]."""
     if vectors < 1:
@@ -185,7 +185,7 @@ def train_textual_inversion(model: StableDiffusion, images: torch.Tensor, token:
     initial = init_rows(model, init_word, vectors)
     data = prepare_data(model, images, token, vectors)
     return optimise_embedding(initial, torch.ones(vectors, dtype=torch.bool), inversion_loss(model, data), cfg,
-                              checkpoint, resume, stop_at, progress, f"textual inversion {token}")
+                              checkpoint, resume, stop_at, progress, f"textual inversion {token}", options, force)
 
 
 # ------------------------------------------------------------------------------------------------- files

@@ -1,7 +1,7 @@
 """Visii: learn an InstructPix2Pix instruction from one before/after example, then apply it to new images.
 
 Paper: *Visual Instruction Inversion: Image Editing via Visual Prompting* (Nguyen, Li, Ojha, Lee, NeurIPS
-2023); code: thaoshibe/visii (= WisconsinAIVision/visii) visii.py, train.py, test.py. METHODS.md §10, §6.
+2023); code: thaoshibe/visii (= WisconsinAIVision/visii) visii.py, train.py, test.py. docs/methods.md §10, §6.
 
 Learned: the CLIP text encoder's **output hidden states** c of an instruction (cond row, [77, C]) at
 positions 1 … eos−1; BOS, EOS and padding stay at their initial values (reset after every step). c starts as
@@ -20,7 +20,7 @@ Per step (t: a shuffled permutation of 0 … 999, each once; ε ~ N(0, I); both 
     t̂    = normalise(text_projection(mean over all 77 positions of c))
     L = 4·MSE(ε̂, ε) − 0.1·clamp(cos(d_img, t̂), −1, 0.5)
 
-Non-standard, kept for agreement with the reference (METHODS §10.2 pitfall 4): t̂ averages all 77 hidden
+Non-standard, kept for agreement with the reference (docs/methods.md §10.2 pitfall 4): t̂ averages all 77 hidden
 states (fixed BOS and padding included) instead of CLIP's EOS pooling, and the clamp at 0.5 stops the CLIP
 term's gradient once cos > 0.5. The CLIP image tower and text projection come from an open_clip ViT-L/14
 (the projection must take the IP2P text width, 768). AdamW lr 1e-3, fp32, unscaled backward; gradient value
@@ -119,7 +119,7 @@ class VisiiResult:
 
 def search_init_prompt(search_clip, after: torch.Tensor, cfg: PezConfig = PezConfig(),
                        progress: bool = True) -> PezResult:
-    """PEZ on the AFTER images only (METHODS §10.1 step 2): the hard prompt matching CLIP_img(after)."""
+    """PEZ on the AFTER images only (docs/methods.md §10.1 step 2): the hard prompt matching CLIP_img(after)."""
     with torch.no_grad():
         features = clip_image_features(search_clip, after).float()  # [N, D]
     return search_prompt(search_clip, features, cfg, progress=progress)
@@ -128,7 +128,8 @@ def search_init_prompt(search_clip, after: torch.Tensor, cfg: PezConfig = PezCon
 def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after: torch.Tensor, init_prompt: str | None,
                 cfg: VisiiConfig = VisiiConfig(), train: EmbeddingConfig = visii_training(), checkpoint=None,
                 resume: bool = False, stop_at: int | None = None, progress: bool = True,
-                init_search: PezConfig | None = None, search_clip=None) -> VisiiResult:
+                init_search: PezConfig | None = None, search_clip=None, options: dict | None = None,
+                force: bool = False) -> VisiiResult:
     """Learn the instruction that turns ``before`` into ``after`` ([N, 3, H, W] in [0, 1], N pairs). With
     ``init_search`` the init prompt is found by PEZ on ``after`` with ``search_clip`` (default: ``clip_model``)
     instead of given (``init_prompt`` must then be None)."""
@@ -181,7 +182,8 @@ def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after:
         goal = velocity(noise, target, alpha_bar) if v_model else noise
         return visii_loss(eps_hat, goal, image_dir, text_direction(hidden, projection), cfg)
 
-    run = optimise_embedding(initial, trainable, loss_fn, train, checkpoint, resume, stop_at, progress, "Visii")
+    run = optimise_embedding(initial, trainable, loss_fn, train, checkpoint, resume, stop_at, progress, "Visii",
+                             options, force)
     return VisiiResult(run.best, eos, run, init_prompt, search)
 
 

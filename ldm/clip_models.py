@@ -3,7 +3,9 @@ editing methods use it: an open_clip model read from a local weights file, and i
 
 - ``load_clip``: an open_clip ``CLIP`` with the weights of a local .safetensors (or a .pt read with
   weights_only); without a config, the shape of ViT-L/14 with QuickGELU (the OpenAI weights); with one, the
-  JSON open_clip config (embed_dim, vision_cfg, text_cfg, quick_gelu) of any other CLIP.
+  JSON open_clip config (embed_dim, vision_cfg, text_cfg, quick_gelu) of any other CLIP. The bundled toy CLIP
+  (ldm/toy/weights/toy-clip.safetensors, ldm/toy/clip.py) names its text tower in its metadata and loads
+  through ``ldm.toy.clip.load_toy_clip``.
 - ``clip_image_features``: images in [0, 1] -> resized (bicubic, antialiased) to the tower's input size,
   normalised x' = (x − μ) / σ with the OpenAI statistics, -> pooled + projected embeddings [B, D].
 - ``clip_text_features``: captions -> open_clip's BPE tokens (cut to the context length) -> the EOS-pooled,
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldm.model import metadata_of
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP image normalisation (open_clip.constants)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -34,6 +38,10 @@ def load_clip(path: Path, config: Path | None, text_tower: bool = False):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such CLIP weights file")
+    if config is None and path.suffix == ".safetensors" and "text_tower" in metadata_of(path):
+        from ldm.toy.clip import load_toy_clip  # the toy CLIP: its text tower is the toy model's text encoder
+
+        return load_toy_clip(path)
     if config is not None:
         config = Path(config)
         if not config.is_file():

@@ -98,7 +98,7 @@ class StableDiffusion(nn.Module):
         load_strict(model, tensors, path, assign=True)
         del tensors  # the model holds the only references now: channels_last below converts one at a time
         model.to(device)
-        model.unet.use_channels_last()
+        model.unet.use_channels_last().fuse_projections()
         return model.eval()
 
 

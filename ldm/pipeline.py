@@ -2,11 +2,12 @@
 
 Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans):
 
-    ε̂ = ε_u + w·(ε_c − ε_u)        batch order [unconditional; conditional], as diffusers
+    ε̂ = ε_u + w·(ε_c − ε_u)        one UNet call on the rows [uncond × B; cond × B], as diffusers
+                                   (ldm.hooks.guidance_rows names this layout for every hook)
 
 SDEdit (*SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations*, Meng et al.):
 encode the image, z0 = s·E(x).sample() (s = 0.18215, SDXL 0.13025); noise it to the first kept step,
-x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε; then sample as usual from there (METHODS.md §5).
+x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε; then sample as usual from there (docs/methods.md §5).
 
 Random draws follow diffusers exactly, on one CPU ``torch.Generator``: the initial latents
 ``randn((B, 4, H/8, W/8))`` (SDEdit: the posterior sample, then the noise), then each step's noise in the
@@ -16,8 +17,9 @@ SDXL takes the same path: ``prompt_conditioning`` adds its pooled text embedding
 (ldm/sdxl.py), which travel beside the context to every UNet call.
 
 Every editing method reuses ``denoise``: it takes a ``predict(x, i, t)`` function (here CFG over the
-UNet; InstructPix2Pix and ControlNet bring their own) and optional step hooks with ``begin_step(i, t)``
-and ``end_step(i, t, latents) -> latents`` (Prompt-to-Prompt counts steps and blends latents there).
+UNet; InstructPix2Pix and ControlNet bring their own) and optional step hooks (``ldm.hooks.StepHook``:
+``begin_step(i, t)`` and ``end_step(i, t, latents) -> latents``; Prompt-to-Prompt counts steps and blends
+latents there).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .hooks import StepHook, guidance_batch, join_guidance, split_guidance
 from .model import StableDiffusion
 from .schedulers import NoiseSchedule, gaussian_noise, make_sampler
 from .sdxl import MicroConditioning
@@ -71,7 +74,7 @@ def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str |
     negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
     if len(negative) != len(prompts):
         raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
-    return torch.cat([model.encode_prompt(negative), cond])
+    return join_guidance(model.encode_prompt(negative), cond)
 
 
 def prompt_conditioning(model: StableDiffusion, prompts: Sequence[str], negative: str | Sequence[str] | None,
@@ -104,7 +107,7 @@ def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], 
         if len(scales) not in (1, x.shape[0]):
             raise ValueError(f"{len(scales)} guidance scales for a batch of {x.shape[0]}; give one or one per row")
         w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
-        uncond, cond = unet(torch.cat([x_in, x_in]), t, context, **extra).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        uncond, cond = split_guidance(unet(guidance_batch(x_in), t, context, **extra))  # [uncond × B; cond × B]
         return uncond + w * (cond - uncond)
 
     return predict
@@ -113,16 +116,17 @@ def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], 
 def denoise(sampler, predict: Predictor, latents: torch.Tensor, generator: torch.Generator | None,
             start: int = 0, hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
     """Run the sampler from step ``start`` to the end; returns the final latents."""
+    for hook in hooks:
+        if not isinstance(hook, StepHook):
+            raise TypeError(f"{type(hook).__name__} is not a step hook; subclass ldm.hooks.StepHook")
     steps = range(start, len(sampler.timesteps))
     for i in tqdm(steps, disable=not progress, leave=False, desc="sampling"):
         t = sampler.timesteps[i]
         for hook in hooks:
-            if hasattr(hook, "begin_step"):
-                hook.begin_step(i, t)
+            hook.begin_step(i, t)
         latents = sampler.step(predict(latents, i, t), i, latents, generator)
         for hook in hooks:
-            if hasattr(hook, "end_step"):
-                latents = hook.end_step(i, t, latents)
+            latents = hook.end_step(i, t, latents)
     return latents
 
 

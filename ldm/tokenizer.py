@@ -2,8 +2,8 @@
 
 The vocabulary and merges are open_clip's (the same 49408-entry BPE as OpenAI CLIP). A prompt becomes
 ``[BOS] t_1 … t_n [EOS] pad …`` with n ≤ 75: the prompt is cut to 75 tokens *before* the start and end
-tokens are added, so a long prompt keeps its end token (STYLE.md §4 bug 4). Padding is the end token for
-SD 1.x and 0 for SD 2.x (CHECKPOINTS.md §7.3).
+tokens are added, so a long prompt keeps its end token (docs/checkpoints.md §7.3). Padding is the end token for
+SD 1.x and 0 for SD 2.x (docs/checkpoints.md §7.3).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from editing.ddpm_edit.noise_space import noise_statistics
 from inversion.ddpm_noise import (DDPMInversion, DDPMInversionConfig, auxiliary_path, edit_friendly_sampler, extract_noise_maps,
                                   invert, regenerate, sample_native)
 from ldm.config import ModelConfig, sd15, tiny_sd1, tiny_sd2
+from ldm.hooks import StepHook
 from ldm.model import StableDiffusion
 from ldm.pipeline import encode_images, guided_unet, text_context
 from ldm.schedulers import ddim_sigma
@@ -34,7 +35,7 @@ def _image(side: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
-class Recorder:
+class Recorder(StepHook):
     """Step hook keeping every latent the sampler produces."""
 
     def __init__(self):
@@ -75,7 +76,7 @@ def test_reconstruction_v_prediction():
 
 
 def test_zeroing_the_last_noise_map_breaks_reconstruction(sd1):
-    """METHODS.md §4.3.1: inbarhub/DDPM_inversion sets z_1 = 0; then x_1 -> x0 misses exactly σ_1·z_1."""
+    """docs/methods.md §4.3 item 1: inbarhub/DDPM_inversion sets z_1 = 0; then x_1 -> x0 misses exactly σ_1·z_1."""
     x0 = encode_images(sd1, _image())
     inversion = invert(sd1, x0, PROMPT, DDPMInversionConfig(steps=5), torch.Generator().manual_seed(0))
     zeroed = inversion.noise_maps.clone()
@@ -176,7 +177,7 @@ def test_edit_friendly_maps_have_higher_variance_and_negative_correlation(sd1):
     assert (friendly_corr[:-1] < -0.1).all()
 
 
-# --- agreement with diffusers' LEDITS++ inversion (METHODS.md §4.2) ----------------------------------------
+# --- agreement with diffusers' LEDITS++ inversion (docs/methods.md §4.2) ----------------------------------------
 
 
 def _ledits_pipeline(model):

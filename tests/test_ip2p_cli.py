@@ -18,7 +18,7 @@ CFG = tiny_sd1(8)  # size multiple 2 (VAE) × 4 (two UNet downsamplings) = 8
 
 
 @pytest.mark.parametrize("size,expected", [
-    ((1024, 768), (512, 384)),  # METHODS §6.1
+    ((1024, 768), (512, 384)),  # docs/methods.md §6.1
     ((768, 1024), (384, 512)),
     ((512, 512), (512, 512)),
     ((256, 256), (512, 512)),  # small images are scaled up

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
 from ldm.config import PRESETS
+
+from ..options import UserError
 
 NAME = "convert"
 HELP = "convert a checkpoint (LDM .ckpt/.safetensors, diffusers folder) into editlab's weights format"
@@ -33,18 +36,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="use the UNet's EMA copy (default: yes for InstructPix2Pix, no otherwise)")
     parser.add_argument("--vae", metavar="VAE_FILE", help="standalone VAE (file or diffusers vae/ folder) to swap in")
-    parser.add_argument("--config", choices=sorted(PRESETS), metavar="PRESET",
-                        help=f"architecture preset, for models whose head counts differ from the family's "
-                             f"({', '.join(sorted(PRESETS))})")
+    parser.add_argument("--config", metavar="PRESET_OR_FILE",
+                        help="what a single file cannot say (head counts, GroupNorm groups, ...): a preset "
+                             f"({', '.join(sorted(PRESETS))}; the shapes still come from the file), or a config "
+                             "file: an editlab config JSON, a diffusers model folder or config.json, or the "
+                             "original LDM .yaml (v1-inference.yaml, v2-inference-v.yaml, generate.yaml, "
+                             "cldm_v15.yaml)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="store tensors as (default: keep)")
 
 
 def run(args: argparse.Namespace) -> int:
     from weights_convert import convert  # imported here: the CLI lists every command at start-up
 
-    config = PRESETS[args.config]() if args.config else None
+    preset = config = None
+    if args.config in PRESETS:
+        preset = PRESETS[args.config]()
+    elif args.config is not None:
+        config = Path(args.config)
+        if not config.exists():
+            raise UserError(f"--config {args.config}: neither a preset ({', '.join(sorted(PRESETS))}) nor an "
+                            "existing file or folder")
     report = convert(args.src, args.dst, layout=args.layout, model=args.model, prediction=args.prediction,
-                     ema=args.ema, vae=args.vae, config=config, dtype=DTYPES[args.dtype])
+                     ema=args.ema, vae=args.vae, config=config, preset=preset, dtype=DTYPES[args.dtype])
     log.info(report.summary())
     log.info("wrote %s", args.dst)
     return 0

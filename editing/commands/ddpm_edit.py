@@ -11,7 +11,8 @@ from inversion.ddpm_noise import DDPMInversionConfig
 from ldm.images import file_sha256, load_image, save_png
 from ldm.pipeline import decode_latents
 
-from ..ddpm_edit.editor import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image, p2p_controller
+from ..ddpm_edit.editor import (DDPMEditConfig, DDPMP2PConfig, ddpm_invert_image, edit_inversion, edit_with_p2p,
+                                p2p_controller)
 from ..options import UserError, add_model_arguments, load_model, weights_path
 
 NAME = "ddpm-edit"
@@ -19,24 +20,28 @@ HELP = "edit a real image: edit-friendly DDPM inversion under a source prompt, r
 
 
 def add_arguments(parser):
+    """Defaults: the Python API's (``DDPMInversionConfig``, ``DDPMEditConfig``, ``DDPMP2PConfig``)."""
+    inversion, plain, with_p2p = DDPMInversionConfig(), DDPMEditConfig(), DDPMP2PConfig()
     add_model_arguments(parser)
     parser.add_argument("--image", required=True, help="input image; its size is kept unless --width/--height")
     parser.add_argument("--source-prompt", required=True, help="describes the input image")
     parser.add_argument("--target-prompt", required=True, help="describes the wanted edit")
-    parser.add_argument("--steps", type=int, default=100, help="DDPM steps on the leading grid (paper: 100)")
+    parser.add_argument("--steps", type=int, default=inversion.steps, help="DDPM steps on the leading grid")
     parser.add_argument("--skip", type=int, default=None,
-                        help="first steps not regenerated (default 36, or 12 with --p2p); more keeps more of the input")
-    parser.add_argument("--source-guidance", type=float, default=3.5, help="CFG scale of the inversion")
-    parser.add_argument("--target-guidance", type=float, default=None, help="CFG scale of the edit (default 15, "
-                        "or 9 with --p2p)")
-    parser.add_argument("--eta", type=float, default=1.0, help="noise scale eta > 0 (1: DDPM)")
+                        help=f"first steps not regenerated (default {plain.skip}, or {with_p2p.skip} with --p2p); "
+                             "more keeps more of the input")
+    parser.add_argument("--source-guidance", type=float, default=inversion.source_guidance,
+                        help="CFG scale of the inversion")
+    parser.add_argument("--target-guidance", type=float, default=None, help="CFG scale of the edit (default "
+                        f"{plain.target_guidance:g}, or {with_p2p.target_guidance:g} with --p2p)")
+    parser.add_argument("--eta", type=float, default=inversion.eta, help="noise scale eta > 0 (1: DDPM)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the auxiliary noise (sample k uses seed + k)")
     parser.add_argument("--samples", type=int, default=1, help="diverse edits, one inversion draw each")
     parser.add_argument("--p2p", action="store_true", help="combine with Prompt-to-Prompt attention control")
     parser.add_argument("--cross-replace", type=float, default=None, help="P2P: fraction of steps with cross-"
-                        "attention replaced (default 0.6)")
+                        f"attention replaced (default {with_p2p.cross_replace})")
     parser.add_argument("--self-replace", type=float, default=None, help="P2P: fraction of steps with self-"
-                        "attention injected (default 0.2)")
+                        f"attention injected (default {with_p2p.self_replace})")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True, help="output folder (edit-0.png, edit-1.png, ...)")
@@ -76,13 +81,14 @@ def run(args):
         factor = model.config.vae.downsample_factor
         p2p_controller(model, args.source_prompt, args.target_prompt, args.steps,
                        (image.shape[-2] // factor, image.shape[-1] // factor), cfg)
-    inversion = invert_image(model, image, args.source_prompt, inversion_cfg, args.seed, args.samples, progress=True)
+    inversion = ddpm_invert_image(model, image, args.source_prompt, inversion_cfg, args.seed, args.samples,
+                                  progress=True)
     if args.p2p:
         rows = [edit_with_p2p(model, inversion.row(k), args.source_prompt, args.target_prompt, cfg, progress=True)[1:]
                 for k in range(args.samples)]
         latents = torch.cat(rows)  # the target rows, [samples, C, h, w]
     else:
-        latents = edit(model, inversion, args.target_prompt, cfg, progress=True)
+        latents = edit_inversion(model, inversion, args.target_prompt, cfg, progress=True)
     images = decode_latents(model, latents)
     path = weights_path(args)
     params = {"command": NAME, "weights": path.name, "weights_sha256": file_sha256(path),

@@ -15,7 +15,7 @@ from ldm.images import file_sha256, save_png, to_pil
 from ldm.pipeline import decode_latents
 from ldm.schedulers import EULER_SPACINGS, SAMPLERS
 
-from ..instruct_pix2pix.editor import EditConfig, edit, load_instruction_embedding
+from ..instruct_pix2pix.editor import EditConfig, edit_by_instruction, load_instruction_embedding
 from ..instruct_pix2pix.grid import format_scale, labelled_grid, parse_scales
 from ..instruct_pix2pix.sizing import open_rgb, prepare_image, to_tensor
 from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, add_output_arguments, load_model, native_size, weights_path
@@ -25,21 +25,24 @@ HELP = "InstructPix2Pix: edit an image by following a written instruction"
 
 
 def add_arguments(parser):
+    """Defaults: the Python API's (``EditConfig``)."""
+    defaults = EditConfig()
     add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
     parser.add_argument("--image", type=Path, required=True, help="input image")
     parser.add_argument("--instruction", default=None, help='edit instruction, e.g. "make it snowy"')
     parser.add_argument("--instruction-embedding", type=Path, default=None,
                         help="safetensors file with a learned [77, width] instruction (e.g. from Visii), used "
                              "instead of --instruction")
-    parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T: how strongly to follow the instruction")
-    parser.add_argument("--image-guidance", type=float, default=1.5,
+    parser.add_argument("--text-guidance", type=float, default=defaults.text_guidance,
+                        help="s_T: how strongly to follow the instruction")
+    parser.add_argument("--image-guidance", type=float, default=defaults.image_guidance,
                         help="s_I: how closely to keep the input image (values below 1 are honoured)")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--scheduler", choices=SAMPLERS, default="euler-a")
-    parser.add_argument("--spacing", choices=EULER_SPACINGS, default=None,
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--scheduler", choices=SAMPLERS, default=defaults.scheduler)
+    parser.add_argument("--spacing", choices=EULER_SPACINGS, default=defaults.spacing,
                         help="euler-a timestep grid (default log-linear, as the original edit_cli.py)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, default=defaults.eta, help="DDIM eta (ddim only)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--resolution", type=int, default=None,
                         help="long side of the edit (default: the model's native size, 512 for SD)")
     parser.add_argument("--keep-size", action="store_true",
@@ -92,7 +95,8 @@ def run(args):
         for s_text in text_scales:
             cfg = EditConfig(text_guidance=s_text, image_guidance=s_image, steps=args.steps, scheduler=args.scheduler,
                              spacing=args.spacing, eta=args.eta, seed=args.seed)
-            edited = decode_latents(model, edit(model, image, instructions, cfg, instruction_embedding=embedding))[0]
+            latents = edit_by_instruction(model, image, instructions, cfg, instruction_embedding=embedding)
+            edited = decode_latents(model, latents)[0]
             params = {**base, "text_guidance": s_text, "image_guidance": s_image}
             path = cell_path(args.out, s_text, s_image) if grid else args.out
             print(save_png(path, edited, params, force=args.force))

@@ -1,7 +1,8 @@
 """Text-guided editing of real images from edit-friendly DDPM noise maps.
 
 Paper: *An Edit Friendly DDPM Noise Space: Inversion and Manipulations* (Huberman-Spiegelglas, Kulikov &
-Michaeli, CVPR 2024), text-guided editing of real images. Reference code: inbarhub/DDPM_inversion main_run.py (METHODS.md §4.1).
+Michaeli, CVPR 2024), text-guided editing of real images. Reference code:
+inbarhub/DDPM_inversion main_run.py (docs/methods.md §4.1).
 
 1. Invert the image under the source prompt at w_src (``inversion.ddpm_noise.invert``): latents x_t and
    noise maps z_t that regenerate it exactly.
@@ -31,6 +32,7 @@ import torch
 
 from inversion.ddpm_noise import DDPMInversion, DDPMInversionConfig, check_skip, invert, regenerate
 from ldm.attention import attached
+from ldm.hooks import AttentionHook, StepHook
 from ldm.pipeline import check_image_size, encode_images, guided_unet, text_context
 
 from ..p2p import P2PConfig, build_controller
@@ -57,8 +59,9 @@ def _prompts(prompts: str | Sequence[str], count: int) -> list[str]:
 
 
 @torch.no_grad()
-def edit(model, inversion: DDPMInversion, target_prompts: str | Sequence[str], cfg: DDPMEditConfig = DDPMEditConfig(),
-         hooks: Sequence = (), progress: bool = False) -> torch.Tensor:
+def edit_inversion(model, inversion: DDPMInversion, target_prompts: str | Sequence[str],
+                   cfg: DDPMEditConfig = DDPMEditConfig(), hooks: Sequence = (),
+                   progress: bool = False) -> torch.Tensor:
     """Regenerate from step ``cfg.skip`` with the stored noise maps under the target prompt(s) at
     ``cfg.target_guidance``; returns the final latents [B, C, h, w].
 
@@ -76,7 +79,7 @@ def edit(model, inversion: DDPMInversion, target_prompts: str | Sequence[str], c
 def reconstruct(model, inversion: DDPMInversion, progress: bool = False) -> torch.Tensor:
     """Regenerate the inverted latents x0 (source prompts, source guidance, no skip): exact up to rounding."""
     cfg = DDPMEditConfig(skip=0, target_guidance=inversion.source_guidance)
-    return edit(model, inversion, list(inversion.source_prompts), cfg, progress=progress)
+    return edit_inversion(model, inversion, list(inversion.source_prompts), cfg, progress=progress)
 
 
 def sample_generators(seed: int, samples: int) -> list[torch.Generator]:
@@ -87,8 +90,9 @@ def sample_generators(seed: int, samples: int) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def invert_image(model, images: torch.Tensor, source_prompt: str, cfg: DDPMInversionConfig = DDPMInversionConfig(),
-                 seed: int = 0, samples: int = 1, progress: bool = False) -> DDPMInversion:
+def ddpm_invert_image(model, images: torch.Tensor, source_prompt: str,
+                      cfg: DDPMInversionConfig = DDPMInversionConfig(), seed: int = 0, samples: int = 1,
+                      progress: bool = False) -> DDPMInversion:
     """Invert one image [1, 3, H, W] in [0, 1] ``samples`` times (a batch of independent auxiliary paths).
 
     The image is encoded with the posterior mode, 0.18215-scaled (both references)."""
@@ -104,39 +108,37 @@ def invert_and_edit(model, images: torch.Tensor, source_prompt: str, target_prom
                     edit_cfg: DDPMEditConfig = DDPMEditConfig(), seed: int = 0, samples: int = 1,
                     progress: bool = False) -> tuple[torch.Tensor, DDPMInversion]:
     """``samples`` diverse edits of one image: (latents [samples, C, h, w], the batched inversion)."""
-    inversion = invert_image(model, images, source_prompt, inversion_cfg, seed, samples, progress)
-    return edit(model, inversion, target_prompt, edit_cfg, progress=progress), inversion
+    inversion = ddpm_invert_image(model, images, source_prompt, inversion_cfg, seed, samples, progress)
+    return edit_inversion(model, inversion, target_prompt, edit_cfg, progress=progress), inversion
 
 
-class ExecutedSteps:
+class ExecutedSteps(StepHook):
     """Step hooks of a controller, re-indexed by executed step: i − skip = 0, 1, …, N − skip − 1.
 
     The reference (``p2pinv``) counts a P2P schedule built for all N steps from the first regenerated step
     (xa 0.6 → the first ⌊0.6·N⌋ executed steps), and so do the controllers driven through this adapter."""
 
-    def __init__(self, controller, skip: int):
+    def __init__(self, controller: AttentionHook, skip: int):
         self.controller, self.skip = controller, skip
 
     def begin_step(self, i: int, t) -> None:
-        if hasattr(self.controller, "begin_step"):
-            self.controller.begin_step(i - self.skip, t)
+        self.controller.begin_step(i - self.skip, t)
 
     def end_step(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.controller, "end_step"):
-            return self.controller.end_step(i - self.skip, t, latents)
-        return latents
+        return self.controller.end_step(i - self.skip, t, latents)
 
 
 @torch.no_grad()
-def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, target_prompt: str, controller,
+def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, target_prompt: str,
+                         controller: AttentionHook,
                          cfg: DDPMP2PConfig = DDPMP2PConfig(), select=None, progress: bool = False) -> torch.Tensor:
     """Edit-friendly inversion combined with an attention controller (the paper's "ours + P2P").
 
     Batch [source; target] starts from the same latent x at step ``cfg.skip`` and adds the same σ_t z_t to
     both rows; the source row runs at the inversion's w_src (so it follows the inverted image) and the
     target row at ``cfg.target_guidance``. The UNet sees [uncond × 2; source, target]. ``controller`` is any
-    attention hook (``ldm.attention``), attached to the ``select``ed layers, that may also have the step hooks
-    ``begin_step(i, t)`` / ``end_step(i, t, latents)``; they get the executed-step index (``ExecutedSteps``).
+    ``ldm.hooks.AttentionHook``, attached to the ``select``ed layers; its step hooks ``begin_step(i, t)`` /
+    ``end_step(i, t, latents)`` get the executed-step index (``ExecutedSteps``).
     Returns the final latents [2, C, h, w] (source, target).
     """
     if inversion.latents.shape[1] != 1:
@@ -146,9 +148,7 @@ def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, ta
     prompts = [source_prompt, target_prompt]
     guidance = [inversion.source_guidance, cfg.target_guidance]
     predict = guided_unet(model.unet, text_context(model, prompts, None, guidance), guidance)
-    with attached(model.unet, controller, select) as layers:
-        if hasattr(controller, "expected_calls"):  # P2PController checks it sees every layer once per step
-            controller.expected_calls = len(layers)
+    with attached(model.unet, controller, select):
         return regenerate(predict, inversion, cfg.skip, hooks=[ExecutedSteps(controller, cfg.skip)], batch=2,
                           progress=progress)
 
@@ -159,9 +159,9 @@ def p2p_controller(model, source_prompt: str, target_prompt: str, num_steps: int
     Refine; cross-attention replaced in the first ⌊N·cross⌋ executed steps, self-attention in the first
     ⌊N·self⌋ (N = all inversion steps, as the reference), no local blend, no attention store."""
     words = [len(model.tokenizer.word_positions(prompt)) for prompt in (source_prompt, target_prompt)]
-    config = P2PConfig(mode="swap" if words[0] == words[1] else "refine", cross_replace=cfg.cross_replace,
-                       self_replace=(0.0, cfg.self_replace), store=False)
-    return build_controller(model, [source_prompt, target_prompt], num_steps, latent_hw, config).to(model.device)
+    p2p = P2PConfig(mode="swap" if words[0] == words[1] else "refine", cross_replace=cfg.cross_replace,
+                    self_replace=(0.0, cfg.self_replace), store=False)
+    return build_controller(model, [source_prompt, target_prompt], num_steps, latent_hw, p2p).to(model.device)
 
 
 def edit_with_p2p(model, inversion: DDPMInversion, source_prompt: str, target_prompt: str,

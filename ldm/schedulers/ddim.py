@@ -4,9 +4,9 @@ Paper: *Denoising Diffusion Implicit Models* (Song, Meng & Ermon, 2021).
 - eq. 12: x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ_t²) ε̂ + σ_t z,   x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t
 - eq. 16: σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_prev);  η = 0 is deterministic DDIM, η = 1 is DDPM-like.
 
-SD conventions (diffusers DDIMScheduler with the SD config, METHODS §0.2-0.3): grid t_k = k·(1000//N)+1, previous
-timestep p = t − 1000//N, ᾱ_p = ᾱ_0 when p < 0 ("final alpha"), no clipping of x̂0. z is drawn on every step
-when η > 0 and never when η = 0, so a seeded generator gives the same images as diffusers.
+SD conventions (diffusers DDIMScheduler with the SD config, docs/methods.md §0.2-0.3): grid t_k = k·(1000//N)+1,
+previous timestep p = t − 1000//N, ᾱ_p = ᾱ_0 when p < 0 ("final alpha"), no clipping of x̂0. z is drawn on every
+step when η > 0 and never when η = 0, so a seeded generator gives the same images as diffusers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def ddim_sigma(
 ) -> float | torch.Tensor:
     """σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t) · (1−ᾱ_t/ᾱ_prev))   (DDIM eq. 16).
 
-    At η = 1 this is the DDPM posterior std, the σ_t of edit-friendly DDPM inversion (METHODS §4.1)."""
+    At η = 1 this is the DDPM posterior std, the σ_t of edit-friendly DDPM inversion (docs/methods.md §4.1)."""
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
     return eta * variance**0.5
 

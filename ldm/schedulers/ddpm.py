@@ -9,7 +9,7 @@ q(x_prev | x_t, x0) = N(μ̃, β̃ I) with
 On a grid that skips steps, α_t and β_t are those of the whole jump: α_t = ᾱ_t/ᾱ_prev, β_t = 1 − α_t.
 x̂0 from the model replaces x0; the sample is x_prev = μ̃ + √β̃ z.
 
-SD conventions (diffusers DDPMScheduler, variance_type "fixed_small", clip_sample False, METHODS §0.2):
+SD conventions (diffusers DDPMScheduler, variance_type "fixed_small", clip_sample False, docs/methods.md §0.2):
 - grid t_k = k·(1000//N)+1; the previous timestep is the next grid entry, and after the last one ᾱ_prev = 1
   (not ᾱ_0 as in DDIM), so the last step returns x̂0's posterior mean with zero variance;
 - β̃ is clamped to ≥ 1e-20, and z is drawn on every step with t > 0 (also the last step of the offset-1 grid,

@@ -1,7 +1,7 @@
 """Euler ancestral sampler (η = 1) in the σ parameterisation.
 
 Papers and code: *Elucidating the Design Space of Diffusion-Based Generative Models* (Karras et al., 2022) for
-the σ view of a VP model, and k-diffusion `sample_euler_ancestral` for the ancestral step (METHODS §0.3):
+the σ view of a VP model, and k-diffusion `sample_euler_ancestral` for the ancestral step (docs/methods.md §0.3):
 
     x_σ = x_VP·√(σ²+1),  UNet input c_in·x with c_in = 1/√(σ²+1),  D = x − σ ε̂      (denoised estimate)
     σ_up   = √(σ'² (σ² − σ'²) / σ²),   σ_down = √(σ'² − σ_up²)                        (σ' = next σ)
@@ -10,7 +10,7 @@ the σ view of a VP model, and k-diffusion `sample_euler_ancestral` for the ance
 σ_up ≤ σ' always holds here, so k-diffusion's min(σ', ·) is not needed. Like diffusers, z is drawn on every step,
 also the last (σ' = 0, σ_up = 0), so a seeded generator advances exactly as in diffusers.
 
-Grids (METHODS §0.2): "linspace" (diffusers default, used for parity tests), "leading" (t_k = k·(1000//N)+1;
+Grids (docs/methods.md §0.2): "linspace" (diffusers default, used for parity tests), "leading" (t_k = k·(1000//N)+1;
 diffusers then starts from √(σ_0²+1)·z instead of σ_0·z) and "log-linear" (k-diffusion, InstructPix2Pix).
 The timesteps given to the UNet are real-valued.
 """

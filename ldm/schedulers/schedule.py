@@ -8,7 +8,7 @@ Papers:
 - *Elucidating the Design Space of Diffusion-Based Generative Models* (Karras et al., 2022) and k-diffusion:
   the σ view, σ_t = √((1−ᾱ_t)/ᾱ_t), x_σ = x_VP·√(σ²+1).
 
-Timestep grids (METHODS.md §0.2, N = inference steps, T = 1000 training steps):
+Timestep grids (docs/methods.md §0.2, N = inference steps, T = 1000 training steps):
 
 | grid          | rule                                                  | N=50          | used by             |
 |---------------|-------------------------------------------------------|---------------|---------------------|
@@ -120,7 +120,7 @@ def sigma_grid(schedule: NoiseSchedule, timesteps: torch.Tensor, log_linear: boo
 
 
 def log_linear_sigma_grid(schedule: NoiseSchedule, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-diffusion's discrete grid (METHODS §0.2), used by InstructPix2Pix `edit_cli.py`:
+    """k-diffusion's discrete grid (docs/methods.md §0.2), used by InstructPix2Pix `edit_cli.py`:
     t = linspace(999, 0, N), σ by log-linear interpolation of log σ_t, σ = 0 appended. σ_0 = σ at t=999.
     Returns (timesteps [N], sigmas [N+1])."""
     timesteps = log_linear_timesteps(num_steps, schedule.num_train_timesteps)
@@ -231,7 +231,8 @@ class Sampler:
         return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
 
     def start_index(self, strength: float) -> int:
-        """SDEdit start (diffusers img2img, METHODS §5): k = min(⌊N·strength⌋, N) steps run, from index N − k."""
+        """SDEdit start (diffusers img2img, docs/methods.md §5): k = min(⌊N·strength⌋, N) steps run, from
+        index N − k."""
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         steps_to_run = min(int(self.num_steps * strength), self.num_steps)
