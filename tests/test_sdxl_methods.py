@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from controls import ip_adapter as ip
-from editing.instant_style import content_embedding, instant_style, layer_scales, preset_scales, subtract_content
+from editing.instant_style import content_embedding, instant_style, block_scales, preset_scales, subtract_content
 from editing.bench.peers import diffusers_scheduler
 from ldm.attention import attention_layers
 from ldm.config import tiny_sdxl
@@ -70,7 +70,7 @@ def test_instant_style_presets_match_diffusers(sdxl, monkeypatch, preset, diffus
     adapter, report = load_ip_adapter(folder / "ip.safetensors", model.unet)
     assert report.ok
     scales = preset_scales(model.unet, preset)
-    in_diffusers_form = {name: s for name, s in layer_scales(model.unet, diffusers_scale).items() if s}
+    in_diffusers_form = {name: s for name, s in block_scales(model.unet, diffusers_scale).items() if s}
     assert scales == in_diffusers_form  # the same selection in diffusers' dict form
 
     received = set()
@@ -157,7 +157,7 @@ def test_instruct_pix2pix_matches_stable_diffusion_xl_instruct_pix2pix_pipeline(
 
     from diffusers import StableDiffusionXLInstructPix2PixPipeline
 
-    from editing.instruct_pix2pix.editor import EditConfig, edit
+    from editing.instruct_pix2pix.editor import EditConfig, edit_by_instruction as edit
     from tests.peers import make_diffusers_unet
 
     model, pipe, folder = sdxl
