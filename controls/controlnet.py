@@ -36,7 +36,7 @@ from torch import nn
 
 from ldm.config import UNetConfig
 from ldm.model import load_strict, read_weights, save_weights
-from ldm.unet import UNet, UNetEncoder, skip_channels
+from ldm.unet import TextTime, UNet, UNetEncoder, skip_channels
 
 FORMAT = "editlab-controlnet"
 SD_HINT_CHANNELS = (16, 32, 96, 256)  # the released hint encoder; 3 stride-2 convs = SD's VAE factor 8
@@ -126,12 +126,15 @@ class ControlNet(UNetEncoder):
         return net
 
     def forward(self, x: torch.Tensor, timestep, context: torch.Tensor, hint: torch.Tensor,
-                scales: float | Sequence[float] = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:
+                scales: float | Sequence[float] = 1.0, added: TextTime | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Residuals for the locked UNet.
 
         :param x: the same (scale_model_input'ed) latents the UNet gets [B, C, h, w]
         :param hint: [B, 3, f·h, f·w] in [0, 1] (f = config.hint_factor)
         :param scales: one strength for all residuals, or one per residual (n_residuals; guess mode)
+        :param added: SDXL's pooled text embedding and micro-conditioning (an SDXL ControlNet embeds them
+            with its own copy of add_embedding, as the UNet does)
         :return: (down residuals, one per skip, each s_k·Z_k(skip'_k); mid residual s·Z(h'_mid))
         """
         scales = self._scales(scales)
@@ -140,7 +143,7 @@ class ControlNet(UNetEncoder):
             raise ValueError(f"hint of shape {tuple(hint.shape)} does not fit latents {tuple(x.shape)}: need "
                              f"[{x.shape[0]}, 3, {expected[0]}, {expected[1]}] (the hint is "
                              f"{self.control_config.hint_factor}x the latent size, one per latent)")
-        emb = self.embed_time(timestep, x.shape[0], x.device)
+        emb = self.embed_time(timestep, x.shape[0], x.device, added)
         h, skips = self.encode(x, emb, context, hint=self.controlnet_cond_embedding(hint))  # F'(x + Z(c))
         h = self.mid_block(h, emb, context)
         down = [s * zero(skip) for s, zero, skip in zip(scales, self.controlnet_down_blocks, skips)]  # s_k·Z_k(·)

@@ -24,8 +24,10 @@ import torch
 
 from ldm.hooks import guidance_batch, join_guidance, split_guidance
 from ldm.model import StableDiffusion
-from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, denoise, initial_noise, sampler_for,
-                          text_context)
+from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, denoise, initial_noise, prompt_conditioning,
+                          sampler_for)
+from ldm.sdxl import MicroConditioning
+from ldm.unet import TextTime
 
 from .controlnet import ControlNet
 
@@ -69,7 +71,8 @@ class Control:
 
 
 def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: torch.Tensor, i: int,
-                      n_steps: int, guess_mode: bool = False, guess_rule: str = "diffusers"):
+                      n_steps: int, guess_mode: bool = False, guess_rule: str = "diffusers",
+                      added: TextTime | None = None):
     """Σ_n of every ControlNet's residuals for latents ``x`` [B, ...]: (down list, mid)."""
     down_sum, mid_sum = None, None
     for control in controls:
@@ -78,7 +81,7 @@ def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: 
         scales = guess_mode_scales(n, strength, guess_rule) if guess_mode else strength
         hint = control.hint.to(x.device, x.dtype)
         hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)  # [1 or B, ...] -> [B or 2B, ...] (every row)
-        down, mid = control.net(x, t, context, hint, scales)
+        down, mid = control.net(x, t, context, hint, scales, **({} if added is None else {"added": added}))
         if down_sum is None:
             down_sum, mid_sum = down, mid
         else:
@@ -88,34 +91,37 @@ def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: 
 
 def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, guidance: float, sampler,
                     guess_mode: bool = False, guess_rule: str = "diffusers",
-                    control_uncond: bool | None = None) -> Predictor:
+                    control_uncond: bool | None = None, added: TextTime | None = None) -> Predictor:
     """predict(x, i, t) for ``ldm.pipeline.denoise``: CFG over the UNet with ControlNet residuals.
 
     :param context: [uncond; cond] text states under guidance (``text_context``), else cond only
     :param control_uncond: whether the unconditional half gets control; default: yes, except in guess mode
+    :param added: SDXL's added conditioning, rows matching ``context`` (None for SD 1.x/2.x)
     """
     control_uncond = (not guess_mode) if control_uncond is None else control_uncond
+    extra = {} if added is None else {"added": added}  # SD 1.x/2.x UNets (and wrappers of them) take no added
     n_steps = len(sampler.timesteps)
     if guess_rule not in GUESS_RULES:
         raise ValueError(f"unknown guess-mode rule {guess_rule!r}; choose one of {', '.join(GUESS_RULES)}")
 
-    def residuals(x_in, t, ctx, i):
-        return control_residuals(controls, x_in, t, ctx, i, n_steps, guess_mode, guess_rule)
+    def residuals(x_in, t, ctx, i, rows_added=added):
+        return control_residuals(controls, x_in, t, ctx, i, n_steps, guess_mode, guess_rule, rows_added)
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         x_in = sampler.scale_model_input(x, i)  # the ControlNet sees the same scaled input (diffusers PR #3571)
         if guidance <= 1.0:
             down, mid = residuals(x_in, t, context, i)
-            return unet(x_in, t, context, down, mid)
+            return unet(x_in, t, context, down, mid, **extra)
         x_both = guidance_batch(x_in)  # [B, ...] -> [2B, ...]: [uncond × B; cond × B]
         if control_uncond:
             down, mid = residuals(x_both, t, context, i)
         else:  # guess mode: control only the conditional half, zeros for the unconditional one
-            down, mid = residuals(x_in, t, split_guidance(context)[1], i)
+            cond_added = None if added is None else added.rows(slice(x.shape[0], None))
+            down, mid = residuals(x_in, t, split_guidance(context)[1], i, cond_added)
             down = [join_guidance(torch.zeros_like(r), r) for r in down]
             mid = join_guidance(torch.zeros_like(mid), mid)
         # y = F(x) + Z(F'(x + Z(c))): the locked UNet adds the residuals to its skips and middle block
-        uncond, cond = split_guidance(unet(x_both, t, context, down, mid))  # [2B, ...] -> 2 × [B, ...]
+        uncond, cond = split_guidance(unet(x_both, t, context, down, mid, **extra))  # [2B, ...] -> 2 × [B, ...]
         return uncond + guidance * (cond - uncond)  # ε̂ = ε_u + w(ε_c − ε_u)
 
     return predict
@@ -125,7 +131,8 @@ def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, gu
 def controlnet_to_image(model: StableDiffusion, controls: Sequence[Control], prompts: Sequence[str],
                         cfg: SamplingConfig = SamplingConfig(), negative: str | Sequence[str] | None = None,
                         guess_mode: bool = False, guess_rule: str = "diffusers", control_uncond: bool | None = None,
-                        hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
+                        hooks: Sequence = (), progress: bool = True, micro: MicroConditioning | None = None
+                        ) -> torch.Tensor:
     """Text to image under ControlNet control; returns the final latents (``decode_latents`` for images).
     The random draws are those of ``ldm.pipeline.text_to_image`` (and of diffusers' ControlNet pipeline)."""
     if not controls:
@@ -147,9 +154,9 @@ def controlnet_to_image(model: StableDiffusion, controls: Sequence[Control], pro
             raise ValueError(f"{control.hint.shape[0]} hints for {len(prompts)} prompts; give one or one per prompt")
     sampler = sampler_for(model, cfg)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    context = text_context(model, prompts, negative, cfg.guidance)
+    context, added = prompt_conditioning(model, prompts, negative, cfg.guidance, cfg.height, cfg.width, micro)
     latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma
     predict = controlled_unet(model.unet, controls, context, cfg.guidance, sampler, guess_mode, guess_rule,
-                              control_uncond)
+                              control_uncond, added)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)

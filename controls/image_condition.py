@@ -9,6 +9,9 @@ Visii's loss (inversion/visii.py) both sample through it.
 - c_I = E(x).mode(), **unscaled** (no 0.18215); ∅_I is an all-zero latent, ∅_T the CLIP hidden states of "".
 - rows [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)];
   ε̃ = row2 + s_I·(row1 − row2) + s_T·(row0 − row1).
+- SDXL (diffusers' 8-channel SDXL editing UNet): the same rows and formula; c_T from both text encoders
+  with the pooled embedding and size numbers; ∅_T all zeros (diffusers' default for a missing negative
+  prompt); c_I again the unscaled posterior mode.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import torch
 
 from ldm.model import StableDiffusion
 from ldm.pipeline import Predictor
+from ldm.sdxl import MicroConditioning
+from ldm.sdxl import encode_prompt as sdxl_encode_prompt
+from ldm.unet import TextTime
 
 
 def check_ip2p_model(model: StableDiffusion) -> None:
@@ -67,16 +73,34 @@ def _embedding_batch(embedding: torch.Tensor, batch: int, shape: tuple[int, int]
     return embedding.expand(batch, *shape)
 
 
+def sdxl_instruction_conditioning(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
+                                  height: int, width: int) -> tuple[torch.Tensor, TextTime]:
+    """SDXL's three rows: context [c_T; ∅_T; ∅_T] and the added conditioning (pooled text, size numbers).
+    ∅_T is all zeros, context and pooled embedding alike, as diffusers' StableDiffusionXLInstructPix2PixPipeline
+    (``force_zeros_for_empty_prompt``) conditions its model; the six numbers are the image size and crop (0, 0)."""
+    if instructions is None:
+        raise ValueError("a learned instruction embedding is not supported on SDXL yet; give an instruction")
+    if len(instructions) != batch:
+        raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
+    with torch.no_grad():
+        cond, pooled = sdxl_encode_prompt(model, list(instructions))
+    ids = torch.tensor([MicroConditioning().time_ids(height, width)] * batch, dtype=cond.dtype, device=cond.device)
+    null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+    return (torch.cat([cond, null, null]),
+            TextTime(torch.cat([pooled, null_pooled, null_pooled]), torch.cat([ids, ids, ids])))
+
+
 def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor, text_scale: float,
-                       image_scale: float, sampler) -> Predictor:
+                       image_scale: float, sampler, added: TextTime | None = None) -> Predictor:
     """predict(x, i, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
     [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w])."""
+    extra = {} if added is None else {"added": added}  # SD 1.x UNets (and wrappers of them) take three inputs
     image_rows = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [c_I; c_I; ∅_I]
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         x_in = sampler.scale_model_input(torch.cat([x, x, x]), i)  # [B, 4, h, w] -> [3B, 4, h, w]
         unet_in = torch.cat([x_in, image_rows.to(x_in.dtype)], dim=1)  # -> [3B, 8, h, w]
-        full, image_only, unconditional = unet(unet_in, t, context).chunk(3)  # -> 3 × [B, 4, h, w]
+        full, image_only, unconditional = unet(unet_in, t, context, **extra).chunk(3)  # -> 3 × [B, 4, h, w]
         return (unconditional
                 + text_scale * (full - image_only)  # s_T (ε(c_T, c_I) − ε(∅_T, c_I))
                 + image_scale * (image_only - unconditional))  # s_I (ε(∅_T, c_I) − ε(∅_T, ∅_I))

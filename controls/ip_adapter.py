@@ -29,8 +29,9 @@ from ldm.pipeline import SamplingConfig, text_to_image
 
 
 def diffusers_block(layer_name: str) -> str:
-    """editlab layer name -> diffusers attention block: "down.2.1.cross" -> "down_blocks.2.attentions.1"."""
-    part, level, block, _ = layer_name.split(".")
+    """editlab layer name -> diffusers attention block: "down.2.1.cross" (or, in a block of SDXL's deep
+    transformers, "down.2.1.7.cross") -> "down_blocks.2.attentions.1"."""
+    part, level, block = layer_name.split(".")[:3]
     if part == "mid":
         return f"mid_block.attentions.{block}"
     return f"{part}_blocks.{level}.attentions.{block}"

@@ -9,7 +9,11 @@
    IP-Adapter SD 1.5: the full 24-layer OpenCLIP ViT-H text tower with text_projection, not SD 2's 23 layers).
 2. Block selection: the image branch runs only in chosen cross-attention blocks; elsewhere its scale is 0
    and the layer is plain text cross-attention. SD 1.5 presets (experimental in InstantStyle):
-   "style" = up_blocks.1; "style+layout" = up_blocks.1 + down_blocks.2 + mid_block.
+   "style" = up_blocks.1; "style+layout" = up_blocks.1 + down_blocks.2 + mid_block. On SDXL, the paper's
+   own setting (§3.3, its Fig. 5-6): "style" = up_blocks.0.attentions.1 (colour, material, atmosphere),
+   "style+layout" adds down_blocks.2.attentions.1 (structure, composition); every transformer block of the
+   chosen attentions (10 each in SDXL base) gets the image tokens. t_content is then the pooled embedding
+   of SDXL's second text encoder (OpenCLIP-bigG, 1280), the space of the SDXL adapter's bigG image encoder.
 
 Blocks are named as diffusers names them ("up_blocks.1", "down_blocks.2.attentions.1", "mid_block") or in
 diffusers' ``set_ip_adapter_scale`` dict ({"down": {"block_2": [1, 1]}, "mid": 1, "up": {"block_1": 1}}).
@@ -32,6 +36,10 @@ from ldm.pipeline import SamplingConfig
 STYLE_PRESETS = {  # SD 1.5 (docs/methods.md §9.1); unnamed blocks get scale 0
     "style": ("up_blocks.1",),
     "style+layout": ("down_blocks.2", "mid_block", "up_blocks.1"),
+}
+SDXL_PRESETS = {  # the paper's own blocks (SDXL): style lives in up_blocks.0.attentions.1, layout in down_blocks.2.attentions.1
+    "style": ("up_blocks.0.attentions.1",),
+    "style+layout": ("up_blocks.0.attentions.1", "down_blocks.2.attentions.1"),
 }
 CONTENT_SCALE = 0.8  # λ_c of InstantStyle's SD 1.5 demo
 
@@ -106,18 +114,28 @@ def block_scales(unet: nn.Module, spec: Mapping) -> dict[str, float]:
             scales.update({name: float(value) for name in layers})
             continue
         values = list(value)
-        if len(values) != len(layers):
-            raise ValueError(f"{block}: {len(values)} scales for its {len(layers)} attention layers; give one "
-                             f"per layer or a single number")
-        scales.update({name: float(s) for name, s in zip(layers, values)})
+        attentions = sorted({diffusers_block(name) for name in layers}, key=lambda b: int(b.rsplit(".", 1)[1]))
+        if len(values) == len(attentions):  # diffusers' form: one scale per attention (all its transformer blocks)
+            scales.update({name: float(values[attentions.index(diffusers_block(name))]) for name in layers})
+        elif len(values) == len(layers):
+            scales.update({name: float(s) for name, s in zip(layers, values)})
+        else:
+            raise ValueError(f"{block}: {len(values)} scales for its {len(attentions)} attentions "
+                             f"({len(layers)} attention layers); give one per attention, one per layer or one number")
     return scales
 
 
+def presets_for(unet: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The presets of the UNet's family: SDXL's (the paper's blocks) or SD 1.5's."""
+    return SDXL_PRESETS if getattr(unet.config, "addition_embed", None) == "text_time" else STYLE_PRESETS
+
+
 def preset_scales(unet: nn.Module, preset: str, scale: float = 1.0) -> dict[str, float]:
-    """λ = ``scale`` in the preset's blocks (``STYLE_PRESETS``), 0 elsewhere."""
-    if preset not in STYLE_PRESETS:
-        raise ValueError(f"unknown InstantStyle preset {preset!r}; choose one of {sorted(STYLE_PRESETS)}")
-    return block_scales(unet, {block: scale for block in STYLE_PRESETS[preset]})
+    """λ = ``scale`` in the preset's blocks (``STYLE_PRESETS`` / ``SDXL_PRESETS``), 0 elsewhere."""
+    presets = presets_for(unet)
+    if preset not in presets:
+        raise ValueError(f"unknown InstantStyle preset {preset!r}; choose one of {sorted(presets)}")
+    return block_scales(unet, {block: scale for block in presets[preset]})
 
 
 @torch.no_grad()

@@ -150,7 +150,7 @@ def embedding_token(path: Path) -> str:
 
 
 def native_size(model: StableDiffusion) -> int:
-    """Default image side: 512 for SD 1.x/2.x and the model's training size for the toy model."""
+    """Default image side: 512 for SD 1.x/2.x, 1024 for SDXL, the training size for the toy model."""
     return native_side(model.config)
 
 

@@ -87,8 +87,8 @@ def check_new_token(model: StableDiffusion, token: str, vectors: int) -> None:
                              "'<my-thing>'")
 
 
-def _table(model: StableDiffusion) -> nn.Embedding:
-    return model.text_encoder.text_model.embeddings.token_embedding
+def _table(model: StableDiffusion, encoder: str = "text_encoder") -> nn.Embedding:
+    return getattr(model, encoder).text_model.embeddings.token_embedding
 
 
 def init_rows(model: StableDiffusion, init_word: str, vectors: int) -> torch.Tensor:
@@ -100,23 +100,26 @@ def init_rows(model: StableDiffusion, init_word: str, vectors: int) -> torch.Ten
     return _table(model).weight[ids[0]].detach().float().repeat(vectors, 1)  # [d] -> [k, d]
 
 
-def add_placeholder(model: StableDiffusion, token: str, rows: torch.Tensor) -> None:
-    """Append ``rows`` ([k, d] or [d]) to the token table under ``token`` (+ "_1" …); extends ``model``."""
+def add_placeholder(model: StableDiffusion, token: str, rows: torch.Tensor, encoder: str = "text_encoder") -> None:
+    """Append ``rows`` ([k, d] or [d]) to the token table under ``token`` (+ "_1" …); extends ``model``.
+    ``encoder``: "text_encoder" or SDXL's "text_encoder_2" (its tokenizer is "tokenizer_2")."""
+    tokenizer_name = "tokenizer" if encoder == "text_encoder" else "tokenizer_2"
     rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim == 1 else rows
-    table = _table(model)
+    table = _table(model, encoder)
     if rows.ndim != 2 or rows.shape[1] != table.embedding_dim:
         raise ValueError(f"embedding of shape {tuple(rows.shape)} does not fit this text encoder (width "
                          f"{table.embedding_dim}); SD 1 (768) and SD 2 (1024) embeddings are not interchangeable")
-    check_new_token(model, token, len(rows))
+    if encoder == "text_encoder":
+        check_new_token(model, token, len(rows))
     names = placeholder_names(token, len(rows))
     first = table.num_embeddings
     grown = nn.Embedding(first + len(rows), table.embedding_dim).to(table.weight.device, table.weight.dtype)
     with torch.no_grad():
         grown.weight.copy_(torch.cat([table.weight, rows.to(table.weight)]))  # [V, d] -> [V + k, d]
-    model.text_encoder.text_model.embeddings.token_embedding = grown
+    getattr(model, encoder).text_model.embeddings.token_embedding = grown
     ids = list(range(first, first + len(rows)))
     added = {token: ids, **{n: [i] for n, i in zip(names[1:], ids[1:])}}
-    model.tokenizer = PlaceholderTokenizer(model.tokenizer, added)
+    setattr(model, tokenizer_name, PlaceholderTokenizer(getattr(model, tokenizer_name), added))
 
 
 def encode_with_rows(model: StableDiffusion, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -234,9 +237,37 @@ def read_embedding_file(path: str | Path) -> tuple[str | None, torch.Tensor]:
     return name, content.float().reshape(-1, content.shape[-1])
 
 
+def read_sdxl_embedding_file(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """SDXL's format, one safetensors file with a row block per text encoder: {"clip_l": [k, 768],
+    "clip_g": [k, 1280]}; None for a file of another format."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors.torch import load_file
+
+    content = load_file(str(path))
+    if set(content) != {"clip_l", "clip_g"}:
+        return None
+    rows = {k: v.float().reshape(-1, v.shape[-1]) for k, v in content.items()}
+    if len(rows["clip_l"]) != len(rows["clip_g"]):
+        raise ValueError(f"{path}: clip_l has {len(rows['clip_l'])} vectors and clip_g {len(rows['clip_g'])}; "
+                         "an SDXL embedding has as many for each text encoder")
+    return rows
+
+
 def load_textual_inversion(model: StableDiffusion, path: str | Path, token: str | None = None) -> str:
     """Install the embedding of ``path`` in ``model`` under ``token`` (default: the name in the file).
-    Returns the token to write in prompts."""
+    Returns the token to write in prompts. SDXL models take SDXL embeddings ({"clip_l", "clip_g"}: the
+    rows of each text encoder, under the same token in both tokenizers); these files name no token."""
+    sdxl_rows = read_sdxl_embedding_file(path)
+    if (sdxl_rows is not None) != model.is_sdxl:
+        raise ValueError(f"{path}: an {'SDXL' if sdxl_rows is not None else 'SD 1.x/2.x'} embedding for an "
+                         f"{model.config.family} model; use an embedding trained for this model")
+    if sdxl_rows is not None:
+        if not token:
+            raise ValueError(f"{path}: SDXL embeddings name no token; pass one (e.g. token='<my-thing>')")
+        add_placeholder(model, token, sdxl_rows["clip_l"], "text_encoder")
+        add_placeholder(model, token, sdxl_rows["clip_g"], "text_encoder_2")
+        return token
     name, rows = read_embedding_file(path)
     token = token or name
     if not token:

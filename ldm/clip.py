@@ -9,6 +9,9 @@ Two variants (docs/checkpoints.md §7, §12):
 - SD 1.x, OpenAI CLIP ViT-L/14: 12 layers, width 768, quick_gelu (x·σ(1.702x)), last layer.
 - SD 2.x, OpenCLIP ViT-H/14: GELU, width 1024, the output of layer 23 of 24 ("penultimate") then LN_final.
   The config simply builds 23 layers, so ``out`` is that tensor (diffusers stores the same 23-layer tower).
+- SDXL runs CLIP-L and OpenCLIP ViT-bigG/14 (32 layers, width 1280, GELU) whole and reads each at its
+  penultimate layer *before* LN_final (``penultimate_and_pooled``); bigG also gives the pooled embedding
+  text_projection(LN_final(h_L)[end token]).
 Parameter names follow transformers' CLIPTextModel, so converted weights load strictly.
 """
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextEncoderConfig
+from .tokenizer import EOS
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +84,27 @@ class CLIPTextModel(nn.Module):
             h = layer(h)
         return self.text_model.final_layer_norm(h)
 
+    def penultimate_and_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's reading of a tower: the output of the last-but-one layer *without* LN_final ([B, N, width],
+        the cross-attention context), and the pooled embedding of the full tower (LN_final, end token,
+        projection: [B, projection_dim or width])."""
+        layers = self.text_model.encoder.layers
+        h = self.embed(ids)
+        for layer in layers[:-1]:
+            h = layer(h)
+        penultimate = h
+        final = self.text_model.final_layer_norm(layers[-1](h))
+        return penultimate, self.pooled(final, ids)
+
     def pooled(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """CLIP's text embedding: the hidden state at the end token (the highest id), projected if the
-        tower has a projection. [B, N, width] -> [B, projection_dim or width]."""
-        end = hidden[torch.arange(hidden.shape[0]), ids.argmax(dim=-1)]
+        """CLIP's text embedding: the hidden state at the (first) end token, projected if the tower has a
+        projection. [B, N, width] -> [B, projection_dim or width].
+
+        The end token is the highest id of CLIP's vocabulary, so open_clip and the original code take
+        ``argmax(ids)``; with textual-inversion tokens appended after it that would pick the new token, so the
+        end token is looked up by its id (transformers does the same when the config names eos_token_id
+        49407; SDXL's shipped configs say 2, which selects its legacy argmax)."""
+        is_end = ids == EOS
+        position = torch.where(is_end.any(dim=-1), is_end.int().argmax(dim=-1), ids.argmax(dim=-1))
+        end = hidden[torch.arange(hidden.shape[0]), position]
         return end if self.text_projection is None else self.text_projection(end)

@@ -27,10 +27,23 @@ class UNetConfig:
     upcast_attention: bool = False  # SD 2.1: attention scores and softmax in fp32 even in fp16
     norm_groups: int = 32
     time_embed_dim_mult: int = 4  # time embedding width = 4 * model_channels (1280)
+    # SDXL: transformer blocks per spatial transformer, one entry per level (the middle block uses the last
+    # level's); None means one block everywhere (SD 1.x/2.x)
+    transformer_depth: tuple[int, ...] | None = None
+    # SDXL "text_time" added conditioning: None (SD 1.x/2.x) or "text_time" (a pooled text embedding and the
+    # size/crop micro-conditioning numbers, each through a sinusoid of addition_time_embed_dim, then an MLP
+    # from addition_in_dim = pooled width + n_numbers · addition_time_embed_dim, added to the time embedding)
+    addition_embed: str | None = None
+    addition_time_embed_dim: int = 256
+    addition_in_dim: int = 0
 
     def __post_init__(self):
         assert (self.n_heads is None) != (self.head_dim is None), "give n_heads or head_dim, not both"
         assert len(self.attention_levels) == len(self.channel_mult), "one attention flag per level"
+        assert self.transformer_depth is None or len(self.transformer_depth) == len(self.channel_mult), \
+            "one transformer depth per level"
+        assert self.addition_embed in (None, "text_time"), f"unknown addition_embed {self.addition_embed!r}"
+        assert self.addition_embed is None or self.addition_in_dim > 0, "text_time needs addition_in_dim"
         assert len(self.channel_mult) >= 2, "at least two levels"
         assert self.channel_mult[0] == 1, "level 0 has multiplier 1 (conv_in's width), as in every SD model"
         for ch in self.level_channels:
@@ -40,6 +53,10 @@ class UNetConfig:
     @property
     def level_channels(self) -> tuple[int, ...]:
         return tuple(self.model_channels * m for m in self.channel_mult)
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks in each spatial transformer of ``level`` (-1: the middle block)."""
+        return 1 if self.transformer_depth is None else self.transformer_depth[level]
 
     def heads_at(self, channels: int) -> int:
         """Number of attention heads for a transformer of this width."""
@@ -57,7 +74,10 @@ class VAEConfig:
     block_channels: tuple[int, ...] = (128, 256, 512, 512)  # one per level; all but the last downsample
     layers_per_level: int = 2  # ResNets per encoder level (the decoder has one more)
     norm_groups: int = 32
-    scaling_factor: float = 0.18215  # z = 0.18215 * E(x) (LDM scale_factor)
+    scaling_factor: float = 0.18215  # z = 0.18215 * E(x) (LDM scale_factor); SDXL 0.13025
+    # decode in fp32 whatever the model dtype: SDXL's VAE overflows in fp16 (NaN / black images); only a VAE
+    # fine-tuned to stay in fp16 range (madebyollin/sdxl-vae-fp16-fix, force_upcast false) may run in fp16
+    force_upcast: bool = True
 
     @property
     def downsample_factor(self) -> int:
@@ -89,7 +109,8 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     prediction_type: str = "epsilon"  # "epsilon" or "v_prediction" (SD 2.x 768-v); never guessed from weights
-    family: str = "sd1"  # "sd1", "sd2", "ip2p" or "toy": used in messages and presets
+    family: str = "sd1"  # "sd1", "sd2", "ip2p", "sdxl" or "toy": used in messages and presets
+    text_2: TextEncoderConfig | None = None  # SDXL's second text encoder (OpenCLIP ViT-bigG with projection)
 
     def __post_init__(self):
         assert self.prediction_type in ("epsilon", "v_prediction"), self.prediction_type
@@ -105,6 +126,7 @@ class ModelConfig:
             unet=UNetConfig(**tupled(raw["unet"])),
             vae=VAEConfig(**tupled(raw["vae"])),
             text=TextEncoderConfig(**raw["text"]),
+            text_2=TextEncoderConfig(**raw["text_2"]) if raw.get("text_2") else None,
             prediction_type=raw["prediction_type"],
             family=raw["family"],
         )
@@ -167,6 +189,56 @@ def tiny_sd2() -> ModelConfig:
                        prediction_type="v_prediction", family="sd2")
 
 
+def sdxl_text_l() -> TextEncoderConfig:
+    """SDXL's first text encoder: OpenAI CLIP ViT-L/14 (as SD 1.x), all 12 layers (SDXL reads layer 11)."""
+    return TextEncoderConfig()
+
+
+def sdxl_text_g() -> TextEncoderConfig:
+    """SDXL's second text encoder: OpenCLIP ViT-bigG/14, all 32 layers, GELU, padded with 0, and the
+    1280-wide text_projection that gives the pooled embedding."""
+    return TextEncoderConfig(width=1280, n_layers=32, n_heads=20, mlp_dim=5120, activation="gelu", pad_token_id=0,
+                             projection_dim=1280)
+
+
+def sdxl_base() -> ModelConfig:
+    """SDXL 1.0 base (*SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis*, Podell
+    et al. 2023): 3 levels of 320/640/1280 channels, no attention at the first, 2 and 10 transformer blocks at
+    the others (10 in the middle), head size 64, linear projections, context = CLIP-L ++ bigG penultimate
+    states (768 + 1280 = 2048), "text_time" conditioning of 1280 + 6·256 = 2816 numbers, VAE scale 0.13025."""
+    unet = UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_levels=(False, True, True),
+                      n_heads=None, head_dim=64, context_dim=2048, linear_projection=True,
+                      transformer_depth=(1, 2, 10), addition_embed="text_time", addition_time_embed_dim=256,
+                      addition_in_dim=1280 + 6 * 256)
+    return ModelConfig(unet=unet, vae=VAEConfig(scaling_factor=0.13025), text=sdxl_text_l(), text_2=sdxl_text_g(),
+                       family="sdxl")
+
+
+def sdxl_refiner_unet() -> UNetConfig:
+    """The SDXL 1.0 refiner's UNet (its text encoder is bigG alone: context 1280; its micro-conditioning is
+    five numbers, the crop and sizes plus an aesthetic score: 1280 + 5·256 = 2560)."""
+    return UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_levels=(False, True, True, False),
+                      n_heads=None, head_dim=64, context_dim=1280, linear_projection=True,
+                      transformer_depth=(4, 4, 4, 4), addition_embed="text_time", addition_time_embed_dim=256,
+                      addition_in_dim=1280 + 5 * 256)
+
+
+def tiny_sdxl() -> ModelConfig:
+    """Tiny SDXL-shaped test config: 3 levels (no attention at the first, none of its downsamplers at the
+    last), transformer depths 2 and 3 (3 in the middle), head size 16, linear projections, two text encoders
+    (quick_gelu width 32 padded with the end token; gelu width 48 padded with 0, with a projection), context
+    32 + 48 = 80, text_time conditioning of 48 + 6·8 numbers, SDXL's VAE scale."""
+    text_l = TextEncoderConfig(width=32, n_layers=3, n_heads=4, mlp_dim=64)
+    text_g = TextEncoderConfig(width=48, n_layers=3, n_heads=4, mlp_dim=96, activation="gelu", pad_token_id=0,
+                               projection_dim=48)
+    unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(False, True, True),
+                      n_heads=None, head_dim=16, context_dim=text_l.width + text_g.width, linear_projection=True,
+                      transformer_depth=(1, 2, 3), addition_embed="text_time", addition_time_embed_dim=8,
+                      addition_in_dim=text_g.projection_dim + 6 * 8)
+    return ModelConfig(unet=unet, vae=VAEConfig(block_channels=(32, 64), scaling_factor=0.13025), text=text_l,
+                       text_2=text_g, family="sdxl")
+
+
 PRESETS = {
     "sd15": sd15,
     "sd21-base": sd21_base,
@@ -174,6 +246,9 @@ PRESETS = {
     "instruct-pix2pix": instruct_pix2pix,
     "tiny-sd1": tiny_sd1,
     "tiny-sd2": tiny_sd2,
+    "sdxl-base": sdxl_base,
+    "sdxl": sdxl_base,  # short name of the same preset
+    "tiny-sdxl": tiny_sdxl,
 }
 
 

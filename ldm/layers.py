@@ -37,7 +37,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class TimestepEmbedding(nn.Module):
-    """emb = Linear(SiLU(Linear(sinusoid(t))))."""
+    """emb = Linear(SiLU(Linear(sinusoid(t)))). ``mlp`` alone is SDXL's ``add_embedding`` (its input is the
+    pooled text embedding ++ the micro-conditioning sinusoids)."""
 
     def __init__(self, channels: int, embed_dim: int):
         super().__init__()
@@ -45,9 +46,12 @@ class TimestepEmbedding(nn.Module):
         self.linear_1 = nn.Linear(channels, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
 
+    def mlp(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(features)))
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        sinusoid = timestep_embedding(t, self.channels).to(self.linear_1.weight.dtype)
-        return self.linear_2(F.silu(self.linear_1(sinusoid)))
+        return self.mlp(timestep_embedding(t, self.channels))
 
 
 class ResBlock(nn.Module):
@@ -148,17 +152,21 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Feature map -> tokens -> transformer block -> feature map, with a residual around it all.
 
-    SD 1.x projects with 1×1 convs before flattening; SD 2.x with Linear layers after flattening.
+    SD 1.x projects with 1×1 convs before flattening; SD 2.x and SDXL with Linear layers after flattening.
+    SDXL runs ``depth`` transformer blocks in a row between the projections.
     """
 
     def __init__(self, channels: int, n_heads: int, context_dim: int, linear_projection: bool,
-                 upcast: bool, groups: int, name: str, level: int):
+                 upcast: bool, groups: int, name: str, level: int, depth: int = 1):
         super().__init__()
         self.linear_projection = linear_projection
         self.norm = GroupNorm32(groups, channels, eps=1e-6)
         make_proj = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = make_proj()
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, n_heads, context_dim, upcast, name, level)])
+        # SDXL stacks several blocks (up to 10); with more than one, block k's layers are "{name}.{k}.{kind}"
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, n_heads, context_dim, upcast,
+                                                                  name if depth == 1 else f"{name}.{k}", level)
+                                                 for k in range(depth)])
         self.proj_out = make_proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .clip import CLIPTextModel
 from .config import ModelConfig
-from .files import file_sha256, save_safetensors
+from .files import file_sha256
+from .safetensors_io import SafetensorsError, read_header, read_tensors, write_tensors
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -40,13 +40,24 @@ class StableDiffusion(nn.Module):
         self.vae = AutoencoderKL(config.vae)
         self.text_encoder = CLIPTextModel(config.text)
         self.tokenizer = Tokenizer(config.text.pad_token_id, config.text.max_length)
+        if config.text_2 is not None:  # SDXL: OpenCLIP ViT-bigG beside CLIP-L (ldm/sdxl.py reads both)
+            self.text_encoder_2 = CLIPTextModel(config.text_2)
+            self.tokenizer_2 = Tokenizer(config.text_2.pad_token_id, config.text_2.max_length)
 
     @property
     def device(self) -> torch.device:
         return self.unet.conv_in.weight.device
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.config.unet.addition_embed == "text_time"
+
     def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
-        """Text hidden states [B, 77, width] for the UNet's cross-attention."""
+        """Text hidden states [B, 77, width] for the UNet's cross-attention (SDXL: ldm.sdxl.encode_prompt)."""
+        if self.is_sdxl:
+            from .sdxl import encode_prompt  # the context alone; SDXL's UNet also needs the pooled embedding
+
+            return encode_prompt(self, prompts)[0]
         ids = self.tokenizer(prompts).to(self.device)
         return self.text_encoder(ids)
 
@@ -70,27 +81,37 @@ class StableDiffusion(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "StableDiffusion":
         """Load an editlab weights file (made by ``editlab convert``). ``dtype`` applies to the UNet and the
-        text encoder; the VAE stays in fp32 (its decoder overflows in fp16: black images)."""
-        config, tensors = read_editlab_file(path)
-        model = cls(config)
-        load_strict(model, tensors, path)
+        text encoders; the VAE stays in fp32 (SD's and SDXL's decoders overflow in fp16: black images) unless
+        its config says it was fine-tuned for fp16 (``force_upcast`` false).
+
+        Memory: the model is built on the meta device and takes the tensors as read (each read straight into
+        its own memory, cast on the way), so the weights are held once."""
+        def dtype_for(name: str) -> torch.dtype | None:
+            if name.startswith("vae.") and config.vae.force_upcast:
+                return torch.float32  # also when the file stores it in fp16
+            return dtype
+
+        config = ModelConfig.from_json(read_weights_metadata(path, FORMAT, "editlab model")["config"])
+        config, tensors = read_editlab_file(path, dtype_for)
+        with torch.device("meta"):
+            model = cls(config)
+        load_strict(model, tensors, path, assign=True)
+        del tensors  # the model holds the only references now: channels_last below converts one at a time
         model.to(device)
         model.unet.use_channels_last().fuse_projections()
-        if dtype is not None:
-            model.unet.to(dtype)
-            model.text_encoder.to(dtype)
         return model.eval()
 
 
-def read_editlab_file(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(config, tensors) of an editlab file; a UNet-only file gets its VAE and text encoder from its base."""
-    metadata, tensors = read_weights(path, FORMAT, "editlab model")
+def read_editlab_file(path: str | Path, dtype_for=None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of an editlab file; a UNet-only file gets its VAE and text encoder from its base.
+    ``dtype_for(name)``: the dtype to read a floating tensor into (None keeps the file's)."""
+    metadata, tensors = read_weights(path, FORMAT, "editlab model", dtype_for)
     if "vae_text_encoder_file" in metadata:
         base, sha256 = Path(path).parent / metadata["vae_text_encoder_file"], metadata["vae_text_encoder_sha256"]
         if not base.is_file() or file_sha256(base) != sha256:
             raise WeightsError(f"{path} holds only a UNet and needs its base file {base} exactly as it was "
                                f"saved (SHA-256 {sha256[:12]}…); put that file beside it")
-        _, base_tensors = read_editlab_file(base)
+        _, base_tensors = read_editlab_file(base, dtype_for)
         tensors = {**{k: v for k, v in base_tensors.items() if not k.startswith("unet.")}, **tensors}
     return ModelConfig.from_json(metadata["config"]), tensors
 
@@ -99,23 +120,36 @@ def save_weights(path: str | Path, module: nn.Module, format: str, config_json: 
                  extra_metadata: dict[str, str] | None = None, prefix: str = "") -> None:
     """An editlab weights file: the module's state dict (names prefixed by ``prefix``) as safetensors, with
     ``format`` and the config JSON in the metadata, written atomically."""
+    write_weights(path, ((prefix + k, v) for k, v in module.state_dict().items()), format, config_json, extra_metadata)
+
+
+def write_weights(path: str | Path, tensors, format: str, config_json: str,
+                  extra_metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """``save_weights`` for (name, tensor) pairs, written one at a time (floating ones cast to ``dtype``)."""
     metadata = {**(extra_metadata or {}), "format": format, "config": config_json}
-    tensors = {prefix + k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_safetensors(path, tensors, metadata)
+    write_tensors(path, tensors, metadata, dtype)
 
 
-def read_weights(path: str | Path, format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def read_weights_metadata(path: str | Path, format: str, what: str) -> dict[str, str]:
+    """The metadata of an editlab weights file of the given ``format`` (checked as ``read_weights`` does)."""
+    return read_weights(path, format, what, header_only=True)[0]
+
+
+def read_weights(path: str | Path, format: str, what: str, dtype_for=None,
+                 header_only: bool = False) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of an editlab weights file of the given ``format``; a one-line WeightsError for a
-    missing, unreadable or foreign file."""
+    missing, unreadable or foreign file. ``dtype_for(name)`` casts floating tensors as they are read."""
     path = Path(path)
     fix = "convert it first with 'editlab convert SRC DST'"
     if not path.is_file():
         raise WeightsError(f"{path}: no such file; pass the .safetensors {what} file written by 'editlab convert'")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for every kind of bad file
+        metadata = read_header(path)[0]
+        if metadata.get("format") == format and not header_only:
+            metadata, tensors = read_tensors(path, dtype_for)
+        else:
+            tensors = {}
+    except (SafetensorsError, OSError) as err:
         raise WeightsError(f"{path}: not a readable safetensors file ({err}); {fix}") from None
     if metadata.get("format") != format or "config" not in metadata:
         raise WeightsError(f"{path}: a safetensors file but not an {what} file (format "
@@ -123,8 +157,9 @@ def read_weights(path: str | Path, format: str, what: str) -> tuple[dict[str, st
     return metadata, tensors
 
 
-def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source) -> None:
-    """Copy every tensor into ``module``; any missing, unexpected or wrongly shaped key is an error."""
+def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source, assign: bool = False) -> None:
+    """Copy every tensor into ``module`` (``assign``: make the tensors the module's parameters, for a module
+    built on the meta device); any missing, unexpected or wrongly shaped key is an error."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -134,9 +169,8 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], source) -> 
             return f"{len(keys)} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
         raise WeightsError(f"{source}: weights do not fit the model: missing {show(missing)}, unexpected "
                            f"{show(unexpected)}, wrong shape {show(misshapen)}; was it converted for this model type?")
-    module.load_state_dict(tensors, strict=True)
+    module.load_state_dict(tensors, strict=True, assign=assign)
 
 
 def metadata_of(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_header(path)[0]

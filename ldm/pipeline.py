@@ -6,12 +6,15 @@ Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans):
                                    (ldm.hooks.guidance_rows names this layout for every hook)
 
 SDEdit (*SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations*, Meng et al.):
-encode the image, z0 = 0.18215·E(x).sample(); noise it to the first kept step,
+encode the image, z0 = s·E(x).sample() (s = 0.18215, SDXL 0.13025); noise it to the first kept step,
 x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε; then sample as usual from there (docs/methods.md §5).
 
 Random draws follow diffusers exactly, on one CPU ``torch.Generator``: the initial latents
 ``randn((B, 4, H/8, W/8))`` (SDEdit: the posterior sample, then the noise), then each step's noise in the
 sampler. So the same seed, scheduler and weights give the same image in both.
+
+SDXL takes the same path: ``prompt_conditioning`` adds its pooled text embedding and size/crop numbers
+(ldm/sdxl.py), which travel beside the context to every UNet call.
 
 Every editing method reuses ``denoise``: it takes a ``predict(x, i, t)`` function (here CFG over the
 UNet; InstructPix2Pix and ControlNet bring their own) and optional step hooks (``ldm.hooks.StepHook``:
@@ -30,6 +33,9 @@ from tqdm.auto import tqdm
 from .hooks import StepHook, guidance_batch, join_guidance, split_guidance
 from .model import StableDiffusion
 from .schedulers import NoiseSchedule, gaussian_noise, make_sampler
+from .sdxl import MicroConditioning
+from .sdxl import conditioning as sdxl_conditioning
+from .unet import TextTime
 
 Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
@@ -71,21 +77,37 @@ def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str |
     return join_guidance(model.encode_prompt(negative), cond)
 
 
-def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], sampler=None) -> Predictor:
+def prompt_conditioning(model: StableDiffusion, prompts: Sequence[str], negative: str | Sequence[str] | None,
+                        guidance: float | Sequence[float], height: int, width: int,
+                        micro: MicroConditioning | None = None) -> tuple[torch.Tensor, TextTime | None]:
+    """(context, added conditioning) for the UNet batch: ``text_context`` for SD 1.x/2.x (no added
+    conditioning), ldm/sdxl.py's two encoders, pooled embedding and micro-conditioning for SDXL."""
+    if model.is_sdxl:
+        return sdxl_conditioning(model, prompts, negative, guided(guidance), height, width, micro)
+    if micro is not None:
+        raise ValueError("size/crop micro-conditioning (--original-size, --crop-top-left, --target-size) is an "
+                         "SDXL input; this is an SD 1.x/2.x model")
+    return text_context(model, prompts, negative, guidance), None
+
+
+def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], sampler=None,
+                added: TextTime | None = None) -> Predictor:
     """predict(x, i, t) = ε_u + w_b(ε_c − ε_u) per row b, from one UNet call on [uncond; cond] (or the plain
     conditional output when every w ≤ 1). ``guidance`` is one scale or one per row (Prompt-to-Prompt batches
     run the source at w_src and the edit at w_tar). ``sampler`` scales the input (Euler's c_in); None for
-    samplers whose input needs no scaling (DDIM, DDPM)."""
+    samplers whose input needs no scaling (DDIM, DDPM). ``added``: SDXL's pooled embedding and
+    micro-conditioning, rows matching ``context``."""
     scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+    extra = {} if added is None else {"added": added}  # SD 1.x/2.x UNets (and wrappers of them) take three inputs
 
     def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
         x_in = x if sampler is None else sampler.scale_model_input(x, i)
         if not guided(guidance):
-            return unet(x_in, t, context)
+            return unet(x_in, t, context, **extra)
         if len(scales) not in (1, x.shape[0]):
             raise ValueError(f"{len(scales)} guidance scales for a batch of {x.shape[0]}; give one or one per row")
         w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
-        uncond, cond = split_guidance(unet(guidance_batch(x_in), t, context))  # [uncond × B; cond × B]
+        uncond, cond = split_guidance(unet(guidance_batch(x_in), t, context, **extra))  # [uncond × B; cond × B]
         return uncond + w * (cond - uncond)
 
     return predict
@@ -143,23 +165,26 @@ def sampler_for(model: StableDiffusion, cfg: SamplingConfig):
 
 @torch.no_grad()
 def text_to_image(model: StableDiffusion, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig(),
-                  negative: str | Sequence[str] | None = None, hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
-    """Returns the final latents [B, 4, H/8, W/8]; ``decode_latents`` turns them into images."""
+                  negative: str | Sequence[str] | None = None, hooks: Sequence = (), progress: bool = True,
+                  micro: MicroConditioning | None = None) -> torch.Tensor:
+    """Returns the final latents [B, 4, H/8, W/8]; ``decode_latents`` turns them into images. ``micro``:
+    SDXL's size/crop conditioning (default: the output size, crop (0, 0))."""
     check_image_size(cfg.height, cfg.width, model.config.vae.downsample_factor)
     sampler = sampler_for(model, cfg)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    context = text_context(model, prompts, negative, cfg.guidance)
+    context, added = prompt_conditioning(model, prompts, negative, cfg.guidance, cfg.height, cfg.width, micro)
     latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma
-    predict = guided_unet(model.unet, context, cfg.guidance, sampler)
+    predict = guided_unet(model.unet, context, cfg.guidance, sampler, added)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
 
 
 @torch.no_grad()
 def sdedit(model: StableDiffusion, images: torch.Tensor, prompts: Sequence[str], strength: float = 0.8,
            cfg: SamplingConfig = SamplingConfig(), negative: str | Sequence[str] | None = None,
-           hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
-    """SDEdit from ``images`` [B, 3, H, W] in [0, 1]; returns the final latents."""
+           hooks: Sequence = (), progress: bool = True, micro: MicroConditioning | None = None) -> torch.Tensor:
+    """SDEdit from ``images`` [B, 3, H, W] in [0, 1]; returns the final latents. ``micro``: SDXL's size/crop
+    conditioning (default: the image size, crop (0, 0))."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength {strength} is outside (0, 1]; 0.3 keeps most of the image, 1.0 almost none")
     check_image_size(images.shape[-2], images.shape[-1], model.config.vae.downsample_factor)
@@ -167,12 +192,13 @@ def sdedit(model: StableDiffusion, images: torch.Tensor, prompts: Sequence[str],
         raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts; give one prompt per image")
     sampler = sampler_for(model, cfg)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    context = text_context(model, prompts, negative, cfg.guidance)
+    context, added = prompt_conditioning(model, prompts, negative, cfg.guidance, images.shape[-2], images.shape[-1],
+                                         micro)
     start = sampler.start_index(strength)
     if start >= len(sampler.timesteps):
         raise ValueError(f"strength {strength} with {cfg.steps} steps leaves no step to run; raise either")
     z0 = encode_images(model, images, generator).to(context.dtype)
     noise = gaussian_noise(z0.shape, generator, z0.device, z0.dtype)
     latents = sampler.add_noise(z0, noise, start)  # x_t0 = √ᾱ_t0 z0 + √(1−ᾱ_t0) ε
-    predict = guided_unet(model.unet, context, cfg.guidance, sampler)
+    predict = guided_unet(model.unet, context, cfg.guidance, sampler, added)
     return denoise(sampler, predict, latents, generator, start=start, hooks=hooks, progress=progress)

@@ -16,9 +16,19 @@ Topology for SD 1.5 (levels i = 0..3, C_i = 320, 640, 1280, 1280, L = 2 ResBlock
 
 Each up ResBlock takes the previous output concatenated with the last unused skip. ControlNet's 13 residuals
 are added to the skips (12) and to the middle block output (1) before the decoder runs.
+
+SDXL (Podell et al. 2023, §2.1) uses the same classes with three levels of 320/640/1280 channels: no attention
+at level 0, spatial transformers of 2 blocks at level 1 and 10 at level 2 and in the middle (``transformer_depth``),
+no downsampler after level 2, head size 64 and linear projections. Its time embedding gets a second term,
+
+    emb = MLP_t(sinusoid_320(t)) + MLP_add([pooled text (1280); sinusoid_256(n_1); …; sinusoid_256(n_6)])
+
+from the pooled text embedding and the six size/crop numbers (``TextTime``; diffusers' "text_time").
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +36,8 @@ from torch import nn
 
 from .attention import Attention
 from .config import UNetConfig
-from .layers import Downsample, GroupNorm32, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample
+from .layers import (Downsample, GroupNorm32, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample,
+                     timestep_embedding)
 
 
 class DownLevel(nn.Module):
@@ -90,7 +101,7 @@ class UpLevel(nn.Module):
 
 def _transformer(cfg: UNetConfig, channels: int, name: str, level: int) -> SpatialTransformer:
     return SpatialTransformer(channels, cfg.heads_at(channels), cfg.context_dim, cfg.linear_projection,
-                              cfg.upcast_attention, cfg.norm_groups, name, level)
+                              cfg.upcast_attention, cfg.norm_groups, name, level, cfg.depth_at(level))
 
 
 def skip_channels(cfg: UNetConfig) -> list[int]:
@@ -103,6 +114,27 @@ def skip_channels(cfg: UNetConfig) -> list[int]:
     return chs
 
 
+@dataclass
+class TextTime:
+    """SDXL's added conditioning ("text_time"): the pooled text embedding [B, P] and the micro-conditioning
+    numbers [B, n] = (original H, W, crop top, left, target H, W) (the refiner: an aesthetic score instead
+    of the target size). Rows follow the UNet batch: [negative; positive] under guidance."""
+
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+
+    @staticmethod
+    def cat(parts: "list[TextTime]") -> "TextTime":
+        return TextTime(torch.cat([p.text_embeds for p in parts]), torch.cat([p.time_ids for p in parts]))
+
+    def repeat(self, n: int) -> "TextTime":
+        """Each row n times in a row (as repeat_interleave): for a batch of n samples per prompt."""
+        return TextTime(self.text_embeds.repeat_interleave(n, 0), self.time_ids.repeat_interleave(n, 0))
+
+    def rows(self, index) -> "TextTime":
+        return TextTime(self.text_embeds[index], self.time_ids[index])
+
+
 class UNetEncoder(nn.Module):
     """conv_in, the time embedding, the down levels and the middle block: the half of the UNet that
     ControlNet copies."""
@@ -113,13 +145,29 @@ class UNetEncoder(nn.Module):
         embed_dim = cfg.model_channels * cfg.time_embed_dim_mult
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1)
         self.time_embedding = TimestepEmbedding(cfg.model_channels, embed_dim)
+        if cfg.addition_embed == "text_time":  # SDXL; its sinusoid (diffusers' add_time_proj) has no weights
+            self.add_embedding = TimestepEmbedding(cfg.addition_in_dim, embed_dim)
         ins = [cfg.model_channels] + list(cfg.level_channels[:-1])
         self.down_blocks = nn.ModuleList([DownLevel(cfg, i, ins[i], embed_dim) for i in range(len(cfg.channel_mult))])
         self.mid_block = MidBlock(cfg, embed_dim)
 
-    def embed_time(self, timestep: torch.Tensor | float, batch: int, device) -> torch.Tensor:
+    def embed_time(self, timestep: torch.Tensor | float, batch: int, device, added: TextTime | None = None) -> torch.Tensor:
+        """emb = MLP(sinusoid(t)), plus for SDXL MLP_add([pooled text; sinusoid_256(n_1); …; sinusoid_256(n_6)])."""
         t = torch.as_tensor(timestep, device=device)
-        return self.time_embedding(t.reshape(-1).expand(batch) if t.numel() == 1 else t)
+        emb = self.time_embedding(t.reshape(-1).expand(batch) if t.numel() == 1 else t)
+        if self.config.addition_embed is None:
+            if added is not None:
+                raise ValueError("this UNet takes no added (SDXL text_time) conditioning; pass none")
+            return emb
+        if added is None:
+            raise ValueError("an SDXL UNet needs its added conditioning (pooled text embedding and size/crop "
+                             "numbers, ldm.sdxl.conditioning); none was given")
+        ids = added.time_ids.to(device)
+        if ids.shape[0] != batch or added.text_embeds.shape[0] != batch:
+            raise ValueError(f"added conditioning for {ids.shape[0]} rows, UNet batch of {batch}")
+        numbers = timestep_embedding(ids.flatten(), self.config.addition_time_embed_dim)  # [B·n] -> [B·n, 256]
+        features = torch.cat([added.text_embeds.to(device).float(), numbers.reshape(batch, -1)], dim=-1)
+        return emb + self.add_embedding.mlp(features)  # [B, P + n·256] -> [B, embed_dim]
 
     def encode(self, x, emb, context, hint: torch.Tensor | None = None):
         """Down levels; returns (h, skips). ``hint`` (ControlNet) is added right after conv_in."""
@@ -140,6 +188,7 @@ class UNet(UNetEncoder):
     :param context: text hidden states [B, 77, context_dim]
     :param down_residuals: optional residuals added to the skips, one per skip (12 for SD; ControlNet)
     :param mid_residual: optional residual added to the middle block output (ControlNet)
+    :param added: SDXL's pooled text embedding and micro-conditioning (``TextTime``); None for SD 1.x/2.x
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -171,8 +220,9 @@ class UNet(UNetEncoder):
         return self
 
     def forward(self, x: torch.Tensor, timestep, context: torch.Tensor,
-                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None):
-        emb = self.embed_time(timestep, x.shape[0], x.device)
+                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
+                added: TextTime | None = None):
+        emb = self.embed_time(timestep, x.shape[0], x.device, added)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         h, skips = self.encode(x, emb, context)

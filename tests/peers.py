@@ -173,18 +173,20 @@ def _ldm_resblock(p: str, cin: int, cout: int, emb: int) -> dict:
     return shapes
 
 
-def _ldm_spatial_transformer(p: str, c: int, ctx: int, linear: bool) -> dict:
+def _ldm_spatial_transformer(p: str, c: int, ctx: int, linear: bool, depth: int = 1) -> dict:
     proj = (c, c) if linear else (c, c, 1, 1)
-    b = f"{p}transformer_blocks.0."
     shapes = {f"{p}norm.weight": (c,), f"{p}norm.bias": (c,), f"{p}proj_in.weight": proj, f"{p}proj_in.bias": (c,),
-              f"{p}proj_out.weight": proj, f"{p}proj_out.bias": (c,),
-              f"{b}ff.net.0.proj.weight": (8 * c, c), f"{b}ff.net.0.proj.bias": (8 * c,),
-              f"{b}ff.net.2.weight": (c, 4 * c), f"{b}ff.net.2.bias": (c,)}
-    for attn, kv in (("attn1", c), ("attn2", ctx)):
-        shapes.update({f"{b}{attn}.to_q.weight": (c, c), f"{b}{attn}.to_k.weight": (c, kv), f"{b}{attn}.to_v.weight": (c, kv),
-                       f"{b}{attn}.to_out.0.weight": (c, c), f"{b}{attn}.to_out.0.bias": (c,)})
-    for norm in ("norm1", "norm2", "norm3"):
-        shapes.update({f"{b}{norm}.weight": (c,), f"{b}{norm}.bias": (c,)})
+              f"{p}proj_out.weight": proj, f"{p}proj_out.bias": (c,)}
+    for k in range(depth):  # SDXL (sgm) stacks `depth` BasicTransformerBlocks
+        b = f"{p}transformer_blocks.{k}."
+        shapes.update({f"{b}ff.net.0.proj.weight": (8 * c, c), f"{b}ff.net.0.proj.bias": (8 * c,),
+                       f"{b}ff.net.2.weight": (c, 4 * c), f"{b}ff.net.2.bias": (c,)})
+        for attn, kv in (("attn1", c), ("attn2", ctx)):
+            shapes.update({f"{b}{attn}.to_q.weight": (c, c), f"{b}{attn}.to_k.weight": (c, kv),
+                           f"{b}{attn}.to_v.weight": (c, kv), f"{b}{attn}.to_out.0.weight": (c, c),
+                           f"{b}{attn}.to_out.0.bias": (c,)})
+        for norm in ("norm1", "norm2", "norm3"):
+            shapes.update({f"{b}{norm}.weight": (c,), f"{b}{norm}.bias": (c,)})
     return shapes
 
 
@@ -192,17 +194,20 @@ def ldm_unet_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of LDM's UNetModel for ``cfg`` (keys without ``model.diffusion_model.``)."""
     mc, L, last = cfg.model_channels, cfg.layers_per_level, len(cfg.channel_mult) - 1
     emb = mc * cfg.time_embed_dim_mult
-    st = lambda p, c: _ldm_spatial_transformer(p, c, cfg.context_dim, cfg.linear_projection)
+    st = lambda p, c, level: _ldm_spatial_transformer(p, c, cfg.context_dim, cfg.linear_projection, cfg.depth_at(level))
     shapes = {"time_embed.0.weight": (emb, mc), "time_embed.0.bias": (emb,), "time_embed.2.weight": (emb, emb),
               "time_embed.2.bias": (emb,), "input_blocks.0.0.weight": (mc, cfg.in_channels, 3, 3),
               "input_blocks.0.0.bias": (mc,)}
+    if cfg.addition_embed == "text_time":  # sgm: label_emb = Sequential(Sequential(Linear, SiLU, Linear))
+        shapes.update({"label_emb.0.0.weight": (emb, cfg.addition_in_dim), "label_emb.0.0.bias": (emb,),
+                       "label_emb.0.2.weight": (emb, emb), "label_emb.0.2.bias": (emb,)})
     n, ch, skips = 1, mc, [mc]
     for level, mult in enumerate(cfg.channel_mult):
         for _ in range(L):
             shapes.update(_ldm_resblock(f"input_blocks.{n}.0.", ch, mult * mc, emb))
             ch = mult * mc
             if cfg.attention_levels[level]:
-                shapes.update(st(f"input_blocks.{n}.1.", ch))
+                shapes.update(st(f"input_blocks.{n}.1.", ch, level))
             skips.append(ch)
             n += 1
         if level != last:
@@ -210,7 +215,7 @@ def ldm_unet_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
             skips.append(ch)
             n += 1
     shapes.update(_ldm_resblock("middle_block.0.", ch, ch, emb))
-    shapes.update(st("middle_block.1.", ch))
+    shapes.update(st("middle_block.1.", ch, -1))
     shapes.update(_ldm_resblock("middle_block.2.", ch, ch, emb))
     n = 0
     for level in reversed(range(len(cfg.channel_mult))):
@@ -219,7 +224,7 @@ def ldm_unet_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
             shapes.update(_ldm_resblock(f"output_blocks.{n}.0.", ch + skips.pop(), cfg.channel_mult[level] * mc, emb))
             ch = cfg.channel_mult[level] * mc
             if attention:
-                shapes.update(st(f"output_blocks.{n}.1.", ch))
+                shapes.update(st(f"output_blocks.{n}.1.", ch, level))
             if level and i == L:
                 up = f"output_blocks.{n}.{2 if attention else 1}.conv."
                 shapes.update({up + "weight": (ch, ch, 3, 3), up + "bias": (ch,)})

@@ -106,7 +106,7 @@ def test_unknown_architectures_are_named(tmp_path, capsys):
     save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
     save_file({"encoder.layer.0.weight": torch.zeros(2), "head.bias": torch.zeros(2)}, str(tmp_path / "bert.safetensors"))
     code, err = run_cli(capsys, tmp_path / "sdxl.safetensors", tmp_path / "out.safetensors")
-    assert code == 2 and "an SDXL / SD 3 checkpoint" in err and len(err.splitlines()) == 1
+    assert code == 2 and "conditioner-based checkpoint" in err and len(err.splitlines()) == 1
     code, err = run_cli(capsys, tmp_path / "bert.safetensors", tmp_path / "out.safetensors")
     assert code == 2 and "not a Stable Diffusion checkpoint" in err and "encoder.layer.0.weight" in err
 

@@ -4,7 +4,8 @@ architecture from shapes and the completeness of a whole conversion (every key u
 import pytest
 import torch
 
-from ldm.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, sd15, sd21_base, tiny_sd1, tiny_sd2
+from ldm.config import (ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig, sd15, sd21_base, sdxl_base, tiny_sd1, tiny_sd2,
+                        tiny_sdxl)
 from ldm.model import StableDiffusion, WeightsError
 from tests import peers
 from weights_convert import architecture, assemble
@@ -39,6 +40,7 @@ UNET_RULES = [  # SD 1.x/2.x layout, L = 2 (docs/checkpoints.md §5 tables)
     ("output_blocks.8.1.proj_out.weight", "up_blocks.2.attentions.2.proj_out.weight"),
     ("output_blocks.11.0.out_layers.3.bias", "up_blocks.3.resnets.2.conv2.bias"),
     ("output_blocks.11.1.transformer_blocks.0.norm3.weight", "up_blocks.3.attentions.2.transformer_blocks.0.norm3.weight"),
+    ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),  # SDXL's text_time MLP
 ]
 
 
@@ -47,7 +49,7 @@ def test_unet_rule(ldm, ours):
     assert unet_key(ldm, 2) == ours
 
 
-@pytest.mark.parametrize("ldm", ["input_blocks.1.0.in_layers.1.weight", "output_blocks.2.3.conv.weight", "label_emb.0.0.weight"])
+@pytest.mark.parametrize("ldm", ["input_blocks.1.0.in_layers.1.weight", "output_blocks.2.3.conv.weight", "label_emb.0.1.weight"])
 def test_unet_keys_without_rule(ldm):
     assert unet_key(ldm, 2) is None
 
@@ -136,9 +138,11 @@ def test_diffusers_head_counts():
         heads_from_diffusers([32, 64, 64], [1, 2, 3])
     assert unet_config_from_diffusers(peers.diffusers_unet_config(tiny_sd2().unet)) == tiny_sd2().unet
     assert unet_config_from_diffusers(peers.diffusers_unet_config(sd21_base().unet)) == sd21_base().unet
+    for sdxl in (tiny_sdxl(), sdxl_base()):  # per-level depth and text_time conditioning round-trip
+        assert unet_config_from_diffusers(peers.diffusers_unet_config(sdxl.unet)) == sdxl.unet
 
 
-@pytest.mark.parametrize("field, value", [("class_embed_type", "timestep"), ("transformer_layers_per_block", 2),
+@pytest.mark.parametrize("field, value", [("class_embed_type", "timestep"), ("addition_embed_type", "image"),
                                           ("brand_new_option", True)])
 def test_diffusers_config_refuses_other_architectures(field, value):
     cfg = {**peers.diffusers_unet_config(tiny_sd1().unet), field: value}

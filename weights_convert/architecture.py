@@ -8,7 +8,7 @@ exactly the path a full one does.
 
 Head counts are not in the weights (q, k, v are C×C whatever the split). They follow from the family
 (docs/checkpoints.md §3, §7): SD 1 UNets have 8 heads, SD 2 UNets heads of size 64; CLIP-L has 12 heads and
-OpenCLIP-H 16. A preset (``like``) can stand in for the family rules: its head counts, GroupNorm groups, text
+OpenCLIP-H 16; SDXL's UNet has heads of 64, its bigG 20 heads, and its VAE scale is 0.13025. A preset (``like``) can stand in for the family rules: its head counts, GroupNorm groups, text
 activation and padding are used, and everything else still comes from the shapes, so a preset follows what the
 file shows (an 8-channel file gets an 8-channel UNet whatever the preset says). Any other model needs its
 config passed explicitly (a config file: weights_convert/config_files.py).
@@ -16,6 +16,7 @@ config passed explicitly (a config file: weights_convert/config_files.py).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -27,6 +28,9 @@ FAMILY_RULES = {  # family -> what the weights cannot say
     "sd1": dict(unet_heads=dict(n_heads=8, head_dim=None), text_heads=12, activation="quick_gelu", pad=49407),
     "ip2p": dict(unet_heads=dict(n_heads=8, head_dim=None), text_heads=12, activation="quick_gelu", pad=49407),
     "sd2": dict(unet_heads=dict(n_heads=None, head_dim=64), text_heads=16, activation="gelu", pad=0),
+    # SDXL: CLIP-L as SD 1 (text_encoder), OpenCLIP-bigG (text_encoder_2: 20 heads, gelu, padded with 0)
+    "sdxl": dict(unet_heads=dict(n_heads=None, head_dim=64), text_heads=12, activation="quick_gelu", pad=49407,
+                 text_2=dict(text_heads=20, activation="gelu", pad=0), vae_scaling=0.13025),
 }
 
 
@@ -44,9 +48,11 @@ CONFIG_HINT = ("pass the model's config: --config FILE (its diffusers folder or 
                "JSON, or the original LDM .yaml) or --config PRESET")
 
 
-def unet_config(t: dict[str, torch.Tensor], family: str, like: UNetConfig | None = None) -> UNetConfig:
+def unet_config(t: dict[str, torch.Tensor], family: str, like: UNetConfig | None = None,
+                pooled_dim: int = 0) -> UNetConfig:
     """UNetConfig from editlab-named UNet tensors (no ``unet.`` prefix); ``like`` supplies what shapes cannot
-    tell (heads, GroupNorm groups, fp32 attention) instead of the family rules."""
+    tell (heads, GroupNorm groups, fp32 attention) instead of the family rules. ``pooled_dim``: the width of
+    SDXL's pooled text embedding, the rest of add_embedding's input being six sinusoids."""
     conv_in = _need(t, "conv_in.weight", "UNet")
     model_channels = conv_in.shape[0]
     levels = _count(t, r"down_blocks\.(\d+)\.")
@@ -54,6 +60,8 @@ def unet_config(t: dict[str, torch.Tensor], family: str, like: UNetConfig | None
     if any(ch % model_channels for ch in level_channels):
         raise WeightsError(f"UNet level channels {level_channels} are not multiples of {model_channels}")
     attn_key = next((k for k in t if k.endswith("attn2.to_k.weight")), None)
+    depths = [_count(t, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.") for i in range(levels)]
+    add = t.get("add_embedding.linear_1.weight")
     proj_key = next((k for k in t if k.endswith("proj_in.weight")), None)
     if attn_key is None or proj_key is None:
         raise WeightsError("the UNet has no cross-attention layers: not a Stable Diffusion UNet")
@@ -71,6 +79,11 @@ def unet_config(t: dict[str, torch.Tensor], family: str, like: UNetConfig | None
             # editlab: SD 2.x attention scores and softmax always in fp32
             upcast_attention=like.upcast_attention if like else family == "sd2",
             time_embed_dim_mult=_need(t, "time_embedding.linear_1.weight", "UNet").shape[0] // model_channels,
+            # SDXL: blocks per transformer (a level without attention takes 1, as in SDXL's own config)
+            transformer_depth=None if max(depths) <= 1 else tuple(max(d, 1) for d in depths),
+            addition_embed=None if add is None else "text_time",
+            addition_time_embed_dim=256 if add is None else (add.shape[1] - pooled_dim) // 6,
+            addition_in_dim=0 if add is None else add.shape[1],
             **(dict(n_heads=like.n_heads, head_dim=like.head_dim, norm_groups=like.norm_groups) if like
                else rules["unet_heads"]),
         )
@@ -99,11 +112,14 @@ def vae_config(t: dict[str, torch.Tensor], like: VAEConfig | None = None) -> VAE
     return config
 
 
-def text_config(t: dict[str, torch.Tensor], family: str, like: TextEncoderConfig | None = None) -> TextEncoderConfig:
+def text_config(t: dict[str, torch.Tensor], family: str, like: TextEncoderConfig | None = None,
+                second: bool = False) -> TextEncoderConfig:
     """TextEncoderConfig from editlab-named text tensors (no ``text_encoder.`` prefix); heads, activation and
-    padding from ``like`` when given, else from the family rules."""
+    padding from ``like`` when given, else from the family rules (``second``: SDXL's second encoder)."""
     token = _need(t, "text_model.embeddings.token_embedding.weight", "text encoder")
     rules = dict(FAMILY_RULES[family])
+    if second:  # SDXL's text_encoder_2 (OpenCLIP-bigG)
+        rules.update(FAMILY_RULES[family]["text_2"])
     if like is not None:
         rules.update(text_heads=like.n_heads, activation=like.activation, pad=like.pad_token_id)
     width, heads = token.shape[1], rules["text_heads"]
@@ -128,7 +144,8 @@ def part_config(tensors: dict[str, torch.Tensor], part: str, family: str, like: 
     prefix = {"unet": "unet.", "vae": "vae.", "text": "text_encoder."}[part]
     t = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if part == "unet":
-        return unet_config(t, family, like and like.unet)
+        projection = tensors.get("text_encoder_2.text_projection.weight")  # SDXL's pooled embedding
+        return unet_config(t, family, like and like.unet, 0 if projection is None else projection.shape[0])
     return vae_config(t, like and like.vae) if part == "vae" else text_config(t, family, like and like.text)
 
 
@@ -144,4 +161,9 @@ def model_config(tensors: dict[str, torch.Tensor], family: str, prediction_type:
             if like is None:
                 raise
             parts[part] = getattr(like, part)  # unreadable (keys of another family): the strict check will list them
+    rules = FAMILY_RULES[family]
+    if "text_2" in rules:  # SDXL: the second text encoder, and the VAE scale the weights do not hold
+        second = {k[len("text_encoder_2."):]: v for k, v in tensors.items() if k.startswith("text_encoder_2.")}
+        parts["text_2"] = text_config(second, family, like and like.text_2, second=True)
+        parts["vae"] = dataclasses.replace(parts["vae"], scaling_factor=rules["vae_scaling"])
     return ModelConfig(**parts, prediction_type=prediction_type, family=family)

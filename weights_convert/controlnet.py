@@ -139,6 +139,14 @@ def config_from_diffusers(raw: dict, src: Path) -> ControlNetConfig:
         layers_per_level=raw.get("layers_per_block", 2), context_dim=raw["cross_attention_dim"],
         linear_projection=raw.get("use_linear_projection", False), upcast_attention=raw.get("upcast_attention", False),
         norm_groups=raw.get("norm_num_groups", 32), **per_head)
+    depth = raw.get("transformer_layers_per_block", 1)  # SDXL ControlNets: per-level depth, text_time
+    depth = [depth] * len(channels) if isinstance(depth, int) else list(depth)
+    if raw.get("addition_embed_type") not in (None, "text_time"):
+        raise WeightsError(f"{src}: addition_embed_type {raw.get('addition_embed_type')!r} is not supported")
+    unet = dataclasses.replace(
+        unet, transformer_depth=None if set(depth) == {1} else tuple(depth), addition_embed=raw.get("addition_embed_type"),
+        addition_time_embed_dim=raw.get("addition_time_embed_dim") or 256,
+        addition_in_dim=(raw.get("projection_class_embeddings_input_dim") or 0) if raw.get("addition_embed_type") else 0)
     hint = raw.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
     return ControlNetConfig(unet=unet, hint_channels=tuple(hint),
                             conditioning_channels=raw.get("conditioning_channels", 3))
@@ -154,7 +162,11 @@ def to_diffusers_config(cfg: ControlNetConfig) -> dict:
                 layers_per_block=unet.layers_per_level, cross_attention_dim=unet.context_dim,
                 attention_head_dim=heads[0] if len(set(heads)) == 1 else heads,
                 use_linear_projection=unet.linear_projection, upcast_attention=unet.upcast_attention,
-                norm_num_groups=unet.norm_groups, conditioning_embedding_out_channels=cfg.hint_channels)
+                norm_num_groups=unet.norm_groups, conditioning_embedding_out_channels=cfg.hint_channels,
+                **({} if unet.transformer_depth is None else {"transformer_layers_per_block": list(unet.transformer_depth)}),
+                **({} if unet.addition_embed is None else {
+                    "addition_embed_type": unet.addition_embed, "addition_time_embed_dim": unet.addition_time_embed_dim,
+                    "projection_class_embeddings_input_dim": unet.addition_in_dim}))
 
 
 def convert_controlnet(src: str | Path, dst: str | Path, unet: UNetConfig | None = None,

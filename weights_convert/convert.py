@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ldm.config import ModelConfig
-from ldm.model import StableDiffusion, WeightsError
+from ldm.model import FORMAT, FORMAT_VERSION, StableDiffusion, WeightsError, write_weights
 from ldm.vae import AutoencoderKL
 
 from . import architecture
@@ -57,7 +57,7 @@ def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, mode
     """Convert ``src`` (LDM single file, diffusers folder or editlab file) into editlab's format at ``dst``.
 
     :param layout: force "ldm", "diffusers" or "editlab" instead of detecting it
-    :param model: force the family "sd1", "sd2" or "ip2p"
+    :param model: force the family "sd1", "sd2", "ip2p" or "sdxl"
     :param prediction: "epsilon" or "v_prediction"; required for SD 2.x single files
     :param ema: use the UNet's EMA copy (True), the raw weights (False), or the default (None: EMA for IP2P)
     :param vae: a standalone VAE file or diffusers vae/ folder to use instead of the model's own VAE
@@ -90,7 +90,7 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
     if layout is not None and layout not in LAYOUTS:
         raise WeightsError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if model is not None and model not in architecture.FAMILY_RULES:
-        raise WeightsError(f"unknown model type {model!r}; choose sd1, sd2 or ip2p")
+        raise WeightsError(f"unknown model type {model!r}; choose sd1, sd2, ip2p or sdxl")
     if prediction is not None and prediction not in PREDICTIONS:
         raise WeightsError(f"unknown prediction type {prediction!r}; choose epsilon or v_prediction")
     if not src.exists():
@@ -167,7 +167,7 @@ def _from_diffusers(src: Path, model: str | None, prediction: str | None, config
     if given is not None:
         config = given.complete(lambda part: getattr(source, part))
     elif config is None:
-        config = ModelConfig(unet=source.unet, vae=source.vae, text=source.text)
+        config = ModelConfig(unet=source.unet, vae=source.vae, text=source.text, text_2=source.text_2)
     return source.mapping, config.replace(prediction_type=prediction, family=source.family), source.files
 
 
@@ -232,9 +232,7 @@ def to_model(converted: Converted) -> StableDiffusion:
 
 
 def save(converted: Converted, dst: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write ``converted`` atomically in editlab's format (StableDiffusion.save)."""
-    tensors = converted.tensors
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    model = to_model(Converted(converted.config, tensors, converted.report))
-    model.save(dst, extra_metadata={**converted.metadata, "converter": "editlab weights_convert"})
+    """Write ``converted`` atomically in editlab's format (what StableDiffusion.save writes), one tensor at a
+    time: a memory-mapped source is read as it is written, and a cast copies one tensor at a time."""
+    metadata = {"format_version": FORMAT_VERSION, **converted.metadata, "converter": "editlab weights_convert"}
+    write_weights(dst, converted.tensors, FORMAT, converted.config.to_json(), metadata, dtype)

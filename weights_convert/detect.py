@@ -2,8 +2,9 @@
 
 Layouts: ``ldm`` (one file, every component under its prefix), ``diffusers`` (a folder with
 model_index.json), ``vae`` (a standalone VAE file or diffusers vae/ folder) and ``editlab`` (a file written by
-``editlab convert``). Families: ``sd1``, ``sd2`` and ``ip2p``, read from sentinel keys and shapes:
-the text encoder's layout (CLIP-L vs OpenCLIP-H) and conv_in's input channels (8 = InstructPix2Pix).
+``editlab convert``). Families: ``sd1``, ``sd2``, ``ip2p`` and ``sdxl``, read from sentinel keys and shapes:
+the text encoder's layout (CLIP-L vs OpenCLIP-H; SDXL's ``conditioner.embedders.{0,1}`` pair of CLIP-L and
+OpenCLIP-bigG) and conv_in's input channels (8 = InstructPix2Pix).
 Files of other kinds (SDXL, ControlNet, LoRA, ...) are named in the error so the user knows what they have.
 """
 
@@ -15,15 +16,16 @@ import torch
 
 from ldm.model import FORMAT, WeightsError
 
-from .ldm_text import CLIP_PREFIX, OPEN_CLIP_PREFIX
+from .ldm_text import CLIP_PREFIX, OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX
 from .ldm_unet import PREFIX as UNET_PREFIX
 from .ldm_vae import PREFIXES as VAE_PREFIXES
 
 LAYOUTS = ("ldm", "diffusers", "vae", "editlab")
-FAMILIES = ("sd1", "sd2", "ip2p")
+FAMILIES = ("sd1", "sd2", "ip2p", "sdxl")
 
 OTHER_MODELS = [  # (sentinel key prefix, what the file is): checked first, such files may also hold an SD UNet
-    ("conditioner.embedders.", "an SDXL / SD 3 checkpoint (conditioner.embedders.* keys), which editlab does not support"),
+    ("conditioner.embedders.0.model.", "an SDXL refiner checkpoint (OpenCLIP-bigG alone), which editlab does not "
+                                       "support yet; convert the SDXL base model"),
     ("control_model.", "a ControlNet checkpoint; load it with the ControlNet loader, not 'convert'"),
 ]
 OTHER_PARTS = [  # (sentinel key prefix, what the file is): checked when no layout matched
@@ -60,6 +62,10 @@ def detect_file_layout(path: Path, keys: list[str], metadata: dict[str, str]) ->
     for sentinel, what in OTHER_MODELS:
         if any(k.startswith(sentinel) for k in keys):
             raise WeightsError(f"{path}: this is {what}")
+    if any(k.startswith("conditioner.embedders.") for k in keys) and not any(
+            k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in keys):
+        raise WeightsError(f"{path}: this is an SD 3 or other conditioner-based checkpoint (conditioner.embedders.* "
+                           "without SDXL's OpenCLIP-bigG), which editlab does not support")
     if any(k.startswith(UNET_PREFIX) for k in keys):
         return "ldm"
     if vae_prefix(keys) is not None:
@@ -73,7 +79,14 @@ def detect_file_layout(path: Path, keys: list[str], metadata: dict[str, str]) ->
 
 
 def detect_ldm_family(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """sd1 / sd2 / ip2p of an LDM single file, from the text encoder's layout and conv_in's channels."""
+    """sd1 / sd2 / ip2p / sdxl of an LDM single file, from the text encoders' layout and conv_in's channels."""
+    if any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in tensors):
+        if not any(k.startswith(SDXL_CLIP_PREFIX) for k in tensors):
+            raise WeightsError(f"{path}: an SDXL file without its CLIP-L text encoder ({SDXL_CLIP_PREFIX}*)")
+        conv_in = tensors.get(UNET_PREFIX + "input_blocks.0.0.weight")
+        if conv_in is not None and conv_in.shape[1] not in (4, 8):  # 8: the InstructPix2Pix SDXL UNet
+            raise WeightsError(f"{path}: an SDXL UNet with {conv_in.shape[1]} input channels is not supported")
+        return "sdxl"
     if any(k.startswith(CLIP_PREFIX) for k in tensors):
         text = "sd1"
     elif any(k.startswith(OPEN_CLIP_PREFIX) for k in tensors):
@@ -86,7 +99,12 @@ def detect_ldm_family(path: Path, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def detect_diffusers_family(path: Path, unet: dict, text: dict) -> str:
-    """sd1 / sd2 / ip2p of a diffusers folder, from its configs (CLIP-L uses quick_gelu, OpenCLIP-H gelu)."""
+    """sd1 / sd2 / ip2p / sdxl of a diffusers folder, from its configs (CLIP-L uses quick_gelu, OpenCLIP-H
+    gelu; SDXL's UNet has the "text_time" added conditioning)."""
+    if unet.get("addition_embed_type") == "text_time":
+        if unet.get("in_channels", 4) not in (4, 8):  # 8: the InstructPix2Pix SDXL UNet
+            raise WeightsError(f"{path}: an SDXL UNet with {unet.get('in_channels')} input channels is not supported")
+        return "sdxl"
     return _family(path, "sd2" if text.get("hidden_act") == "gelu" else "sd1", unet.get("in_channels", 4))
 
 

@@ -28,25 +28,28 @@ from .report import Mapping
 UNET_FIXED = {  # fields that must keep Stable Diffusion's value (the diffusers default)
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
     "only_cross_attention": False, "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
-    "norm_eps": 1e-5, "transformer_layers_per_block": 1, "reverse_transformer_layers_per_block": None,
+    "norm_eps": 1e-5, "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False, "class_embed_type": None,
-    "addition_embed_type": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
+    "num_class_embeds": None, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3,
     "attention_type": "default", "class_embeddings_concat": False, "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
 }
 UNET_READ = {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
              "up_block_types", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
-             "use_linear_projection", "upcast_attention", "norm_num_groups"}
-UNET_INFO = {"sample_size", "dropout", "addition_time_embed_dim", "addition_embed_type_num_heads"}
+             "use_linear_projection", "upcast_attention", "norm_num_groups",
+             # SDXL
+             "transformer_layers_per_block", "addition_embed_type", "addition_time_embed_dim",
+             "projection_class_embeddings_input_dim"}
+UNET_INFO = {"sample_size", "dropout", "addition_embed_type_num_heads"}
 
 VAE_FIXED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None, "use_quant_conv": True,
              "use_post_quant_conv": True, "mid_block_add_attention": True}
 VAE_READ = {"in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
-            "norm_num_groups", "scaling_factor", "down_block_types", "up_block_types"}
-VAE_INFO = {"sample_size", "force_upcast"}
+            "norm_num_groups", "scaling_factor", "down_block_types", "up_block_types", "force_upcast"}
+VAE_INFO = {"sample_size"}
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
                 "pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
@@ -90,6 +93,13 @@ def unet_config_from_diffusers(cfg: dict, upcast: bool = False) -> UNetConfig:
     if any(ch % channels[0] for ch in channels):
         raise WeightsError(f"unet/config.json: block_out_channels {channels} are not multiples of {channels[0]}")
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    depth = cfg.get("transformer_layers_per_block", 1)
+    depth = [depth] * len(channels) if isinstance(depth, int) else list(depth)
+    if len(depth) != len(channels) or any(not isinstance(d, int) for d in depth):
+        raise WeightsError(f"unet/config.json: transformer_layers_per_block {depth} is not one number per level")
+    addition = cfg.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        raise WeightsError(f"unet/config.json: addition_embed_type {addition!r} is not supported (None or text_time)")
     try:
         return UNetConfig(
             in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
@@ -97,7 +107,10 @@ def unet_config_from_diffusers(cfg: dict, upcast: bool = False) -> UNetConfig:
             attention_levels=attention, layers_per_level=cfg.get("layers_per_block", 2),
             context_dim=cfg.get("cross_attention_dim", 1280), linear_projection=cfg.get("use_linear_projection", False),
             upcast_attention=bool(cfg.get("upcast_attention", False)) or upcast,
-            norm_groups=cfg.get("norm_num_groups", 32), **heads_from_diffusers(channels, heads))
+            norm_groups=cfg.get("norm_num_groups", 32), **heads_from_diffusers(channels, heads),
+            transformer_depth=None if set(depth) == {1} else tuple(depth), addition_embed=addition,
+            addition_time_embed_dim=cfg.get("addition_time_embed_dim") or 256,
+            addition_in_dim=(cfg.get("projection_class_embeddings_input_dim") or 0) if addition else 0)
     except AssertionError as err:
         raise WeightsError(f"unet/config.json: inconsistent UNet config ({err})") from None
 
@@ -113,7 +126,8 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
         raise WeightsError("vae/config.json: block types or channels are not a Stable Diffusion KL autoencoder")
     return VAEConfig(in_channels=cfg.get("in_channels", 3), latent_channels=cfg.get("latent_channels", 4),
                      block_channels=tuple(cfg["block_out_channels"]), layers_per_level=cfg.get("layers_per_block", 2),
-                     norm_groups=cfg.get("norm_num_groups", 32), scaling_factor=cfg.get("scaling_factor", 0.18215))
+                     norm_groups=cfg.get("norm_num_groups", 32), scaling_factor=cfg.get("scaling_factor", 0.18215),
+                     force_upcast=cfg.get("force_upcast", True))
 
 
 def text_config_from_transformers(cfg: dict, pad_token_id: int, projection: bool = False) -> TextEncoderConfig:
@@ -129,9 +143,9 @@ def text_config_from_transformers(cfg: dict, pad_token_id: int, projection: bool
         projection_dim=cfg.get("projection_dim") if projection else None)
 
 
-def pad_token_id(folder: Path) -> int | None:
+def pad_token_id(folder: Path, name: str = "tokenizer") -> int | None:
     """The tokenizer's padding id from tokenizer/{special_tokens_map,tokenizer_config}.json and vocab.json."""
-    tok = folder / "tokenizer"
+    tok = folder / name
     pad = None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if pad is None and (tok / name).is_file():
@@ -188,6 +202,7 @@ class DiffusersSource:
     unet: UNetConfig
     vae: VAEConfig
     text: TextEncoderConfig
+    text_2: TextEncoderConfig | None  # SDXL's text_encoder_2
     family: str
     prediction_type: str | None  # from scheduler/scheduler_config.json, None without one
     mapping: Mapping
@@ -198,11 +213,18 @@ def read_diffusers_folder(folder: Path, family: str | None = None) -> DiffusersS
     """Configs and weights of a diffusers SD pipeline folder. ``family`` (detected from the configs when
     None) decides the pad id when the folder has no tokenizer and turns fp32 attention on for SD 2."""
     index = read_json(folder / "model_index.json")
-    for part in ("unet", "vae", "text_encoder"):
+    if index.get("text_encoder", [None])[0] is None and "text_encoder_2" in index:
+        raise WeightsError(f"{folder}: an SDXL refiner (text_encoder_2 alone), which editlab does not support yet; "
+                           "convert the SDXL base model")
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if "text_encoder_2" in index else [])
+    for part in parts:
         if part not in index or not (folder / part).is_dir():
             raise WeightsError(f"{folder}: no {part}/ component (model_index.json lists {sorted(index)})")
-    configs = {part: read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
+    configs = {part: read_json(folder / part / "config.json") for part in parts}
     family = family or detect_diffusers_family(folder, configs["unet"], configs["text_encoder"])
+    if (family == "sdxl") != ("text_encoder_2" in configs):
+        raise WeightsError(f"{folder}: an SDXL folder needs text_encoder_2/ beside the SDXL UNet, and only SDXL "
+                           "has one; check model_index.json and unet/config.json")
     projection = "WithProjection" in str(index["text_encoder"])
     pad = pad_token_id(folder)
     pad = {"sd2": 0}.get(family, 49407) if pad is None else pad
@@ -212,10 +234,15 @@ def read_diffusers_folder(folder: Path, family: str | None = None) -> DiffusersS
     mapping.merge(convert_unet(read_component(folder / "unet"), "unet/"), "unet.")
     mapping.merge(convert_vae(read_component(folder / "vae"), "vae/"), "vae.")
     mapping.merge(convert_text(read_component(folder / "text_encoder"), "text_encoder/"), "text_encoder.")
+    text_2 = None
+    if family == "sdxl":  # CLIPTextModelWithProjection: text_model.* and text_projection.weight
+        mapping.merge(convert_text(read_component(folder / "text_encoder_2"), "text_encoder_2/"), "text_encoder_2.")
+        pad_2 = pad_token_id(folder, "tokenizer_2")
+        text_2 = text_config_from_transformers(configs["text_encoder_2"], 0 if pad_2 is None else pad_2, True)
     files = [folder / "model_index.json"] + [folder / p / "config.json" for p in configs]
     files += [f for p in configs for f in weight_files(folder / p)] + ([scheduler] if scheduler.is_file() else [])
     return DiffusersSource(
         unet=unet_config_from_diffusers(configs["unet"], upcast=family == "sd2"),
         vae=vae_config_from_diffusers(configs["vae"]),
-        text=text_config_from_transformers(configs["text_encoder"], pad, projection),
+        text=text_config_from_transformers(configs["text_encoder"], pad, projection), text_2=text_2,
         family=family, prediction_type=prediction, mapping=mapping, files=files)

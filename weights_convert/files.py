@@ -1,7 +1,7 @@
 """Reading weight files safely, and telling formats apart by their bytes (docs/checkpoints.md §2).
 
-- safetensors: an 8-byte little-endian header length, then a JSON header starting with ``{"``. Read with
-  ``safe_open``: no code runs. Tested first, as the length's first byte can be 0x80.
+- safetensors: an 8-byte little-endian header length, then a JSON header starting with ``{"``. Memory-mapped
+  (ldm/safetensors_io.py): no code runs, nothing is copied. Tested first, as the length's first byte can be 0x80.
 - torch zip (``.ckpt``, ``.pth``, ``.bin`` since torch 1.6): starts with ``PK``; legacy torch pickles start with
   byte 0x80. Both go through ``torch.load(path, map_location="cpu", weights_only=True)`` and nothing else: a
   file that the restricted unpickler refuses is refused here too, never retried with ``weights_only=False``.
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ldm.model import WeightsError
+from ldm.safetensors_io import SafetensorsError, map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _read_safetensors(path: Path) -> Checkpoint:
+    """Memory-mapped: a tensor is read from disk when the conversion writes it out, so a converted model is
+    never held twice (renamed tensors stay views of the file's pages)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors has its own error types for every kind of damage
+        metadata, tensors = map_tensors(path)
+    except (SafetensorsError, OSError) as err:
         raise WeightsError(f"{path}: damaged or truncated safetensors file ({_first_line(err)}); download it again") from None
     return Checkpoint(path, "safetensors", tensors, metadata)
 

@@ -1,4 +1,4 @@
-"""IP-Adapter SD 1.5 weights (tencent-ailab/IP-Adapter) -> editlab's ``IPAdapter`` (docs/checkpoints.md §9.1).
+"""IP-Adapter SD 1.5 and SDXL weights (tencent-ailab/IP-Adapter) -> editlab's ``IPAdapter`` (docs/checkpoints.md §9.1).
 
 - ``.bin``: a pickle ``{"image_proj": {...}, "ip_adapter": {...}}``, read with ``weights_only=True`` only;
 - ``.safetensors``: the same tensors flat, prefixed ``image_proj.`` / ``ip_adapter.``.
@@ -38,6 +38,17 @@ SD15_PROCESSOR_TABLE = {
 }
 
 
+# SDXL base: (first k, last k, diffusers attention block); 10 transformer blocks at level 2, 2 at level 1,
+# so each attention spans several k (step 2)
+SDXL_PROCESSOR_RANGES = [
+    (1, 3, "down_blocks.1.attentions.0"), (5, 7, "down_blocks.1.attentions.1"),
+    (9, 27, "down_blocks.2.attentions.0"), (29, 47, "down_blocks.2.attentions.1"),
+    (49, 67, "up_blocks.0.attentions.0"), (69, 87, "up_blocks.0.attentions.1"), (89, 107, "up_blocks.0.attentions.2"),
+    (109, 111, "up_blocks.1.attentions.0"), (113, 115, "up_blocks.1.attentions.1"), (117, 119, "up_blocks.1.attentions.2"),
+    (121, 139, "mid_block.attentions.0"),
+]
+
+
 def block_table(unet: nn.Module) -> dict[int, str]:
     """k -> diffusers attention block name, from editlab's modules."""
     return {k: diffusers_block(layer.name) for k, layer in processor_table(unet).items()}
@@ -49,6 +60,14 @@ def check_sd15_table(unet: nn.Module) -> None:
     published = {k: name for k, (name, _) in SD15_PROCESSOR_TABLE.items()}
     if sorted(ours.values()) == sorted(published.values()) and ours != published:
         raise AssertionError(f"processor index table differs from docs/checkpoints.md §9.1: {ours}")
+
+
+def check_sdxl_table(unet: nn.Module) -> None:
+    """For a UNet with SDXL base's 70 cross-attentions, the k -> block table must be the published one."""
+    ours = block_table(unet)
+    published = {k: name for first, last, name in SDXL_PROCESSOR_RANGES for k in range(first, last + 1, 2)}
+    if len(ours) == len(published) == 70 and ours != published:
+        raise AssertionError(f"processor index table differs from SDXL's published numbering: {ours}")
 
 
 def read_ip_adapter(path: str | Path) -> dict[str, torch.Tensor]:
@@ -87,6 +106,7 @@ def load_ip_adapter(path: str | Path, unet: nn.Module) -> tuple[IPAdapter, Conve
                            "Plus/FaceID adapters (patch tokens) are not supported")
     token_dim = norm.shape[0]
     check_sd15_table(unet)
+    check_sdxl_table(unet)
     with torch.device("meta"):
         target = IPAdapter(unet, embed_dim=proj.shape[1], token_dim=token_dim, n_tokens=proj.shape[0] // token_dim)
     state, report = assemble(convert_ip_adapter(tensors), target, source=str(path), info={"layout": "ip-adapter"})

@@ -18,6 +18,10 @@ SD 2.x, ``cond_stage_model.model.``: open_clip's text tower::
 
 SD 2 runs the tower up to its penultimate block; the last block, ``text_projection``, ``logit_scale`` and a
 stored ``attn_mask`` are ignored unless the target model asks for them.
+
+SDXL, ``conditioner.embedders.0.transformer.`` (CLIP-L, as SD 1.x) and ``conditioner.embedders.1.model.``
+(OpenCLIP-bigG, the SD 2 rules above with every block and text_projection kept: the pooled embedding needs
+the whole tower).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from .report import Mapping
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP-L, transformers layout
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP-bigG, open_clip layout, all kept
 
 BLOCK_LEAVES = {  # open_clip ResidualAttentionBlock -> transformers CLIPEncoderLayer
     "attn.out_proj": "self_attn.out_proj",

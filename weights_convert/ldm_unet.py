@@ -35,6 +35,8 @@ FIXED = {  # LDM module -> editlab module
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
+    "label_emb.0.0": "add_embedding.linear_1",  # SDXL: the MLP over [pooled text; size/crop sinusoids]
+    "label_emb.0.2": "add_embedding.linear_2",
 }
 
 RESBLOCK_LEAVES = {  # LDM ResBlock layer -> diffusers ResnetBlock2D layer

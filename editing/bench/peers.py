@@ -34,7 +34,19 @@ def diffusers_unet_config(cfg: UNetConfig, sample_size: int = 64) -> dict:
         layers_per_block=cfg.layers_per_level, cross_attention_dim=cfg.context_dim,
         attention_head_dim=heads[0] if len(set(heads)) == 1 else heads,
         use_linear_projection=cfg.linear_projection, upcast_attention=cfg.upcast_attention,
-        norm_num_groups=cfg.norm_groups, flip_sin_to_cos=True, freq_shift=0, sample_size=sample_size)
+        norm_num_groups=cfg.norm_groups, flip_sin_to_cos=True, freq_shift=0, sample_size=sample_size,
+        **_sdxl_unet_fields(cfg))
+
+
+def _sdxl_unet_fields(cfg: UNetConfig) -> dict:
+    """SDXL's per-level transformer depth and "text_time" conditioning in diffusers' names."""
+    fields = {}
+    if cfg.transformer_depth is not None:
+        fields["transformer_layers_per_block"] = list(cfg.transformer_depth)
+    if cfg.addition_embed is not None:
+        fields.update(addition_embed_type=cfg.addition_embed, addition_time_embed_dim=cfg.addition_time_embed_dim,
+                      projection_class_embeddings_input_dim=cfg.addition_in_dim)
+    return fields
 
 
 def diffusers_vae_config(cfg: VAEConfig) -> dict:
@@ -50,7 +62,8 @@ def transformers_text_config(cfg: TextEncoderConfig) -> dict:
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 max_position_embeddings=cfg.max_length, hidden_act=cfg.activation, layer_norm_eps=1e-5,
-                bos_token_id=49406, eos_token_id=49407, pad_token_id=cfg.pad_token_id)
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=cfg.pad_token_id,
+                **({"projection_dim": cfg.projection_dim} if cfg.projection_dim else {}))
 
 
 def scheduler_config(prediction_type: str = "epsilon") -> dict:

@@ -15,8 +15,9 @@ HELP = ("benchmark editlab against diffusers side by side (unet: one UNet forwar
         "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images; gpu: the "
         "whole GPU table (UNet, generation, P2P, ControlNet, DDPM inversion) as Markdown; stream: peak memory of "
         "streaming 100 vs 2000 packed 512 px pairs; checkpointing: UNet training memory with and without "
-        "gradient checkpointing")
-TARGETS = ("unet", "sample", "p2p", "gpu", "stream", "checkpointing")
+        "gradient checkpointing; weights: peak memory of convert and load of a full-size random checkpoint "
+        "(SDXL presets)")
+TARGETS = ("unet", "sample", "p2p", "gpu", "stream", "checkpointing", "weights")
 
 
 def add_arguments(parser):
@@ -35,6 +36,7 @@ def add_arguments(parser):
                         help="p2p on CPU: also measure each run's peak resident memory in a fresh process")
     parser.add_argument("--nchw", action="store_true", help="unet: run editlab in plain NCHW layout instead of "
                                                             "its default channels_last")
+    parser.add_argument("--work", default=None, help="weights: folder for the temporary checkpoint files")
     parser.add_argument("--dry-run", action="store_true",
                         help="gpu: every row at a tiny config, 2 steps, once (checks the script; numbers mean nothing)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="gpu: leave out the CUDA-graph row")
@@ -51,7 +53,9 @@ def run(args):
               scale.run_checkpointing(args.preset or "toy", args.size or 64, args.batch if args.batch != 2 else 8))
         return
     bench = importlib.import_module(f"editing.bench.{args.target}")
-    if args.target == "gpu":
+    if args.target == "weights":
+        text = bench.run(args.preset or "sdxl-base", DTYPES[args.dtype or "fp16"], args.work)
+    elif args.target == "gpu":
         if not gpu and not args.dry_run:
             raise ValueError(f"bench gpu measures a CUDA device (got {device}); add --dry-run to check it on the CPU")
         if args.dry_run:

@@ -1,6 +1,6 @@
 """``editlab convert SRC DST``: any Stable Diffusion checkpoint into editlab's weights format.
 
-SRC is an LDM single file (.ckpt / .safetensors of SD 1.x, SD 2.x or InstructPix2Pix), a diffusers pipeline
+SRC is an LDM single file (.ckpt / .safetensors of SD 1.x, SD 2.x, InstructPix2Pix or SDXL base), a diffusers pipeline
 folder, or an editlab file (to swap its VAE with --vae). The layout and model type are detected; the
 prediction type must be given for SD 2.x single files (it is not stored in the weights).
 """
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--layout", choices=["ldm", "diffusers", "editlab", "vae"],
                         help="source layout (default: detected from the content)")
-    parser.add_argument("--model", choices=["sd1", "sd2", "ip2p"], help="model type (default: detected)")
+    parser.add_argument("--model", choices=["sd1", "sd2", "ip2p", "sdxl"], help="model type (default: detected)")
     parser.add_argument("--prediction", choices=["epsilon", "v_prediction"],
                         help="what the UNet predicts; required for SD 2.x single files (768-v: v_prediction)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,

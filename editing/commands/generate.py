@@ -10,6 +10,7 @@ from ldm.speed import CudaGraphUNet
 
 from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
                        run_parameters, sampling_config)
+from ..sdxl_options import add_micro_conditioning_arguments, micro_conditioning, sdxl_parameters
 
 NAME = "generate"
 HELP = "generate images from a prompt (text to image, classifier-free guidance)"
@@ -21,9 +22,11 @@ def add_arguments(parser):
     prompt.add_argument("--prompt", help="the prompt")
     prompt.add_argument("--prompts", type=Path, metavar="FILE",
                         help="a text file with one prompt a line: FILE-LINE.png for each (# starts a comment)")
-    parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+    parser.add_argument("--negative", default=None,
+                        help="negative prompt (default: empty; SDXL: zero conditioning, as diffusers)")
     parser.add_argument("--batch", type=int, default=1, help="images to generate from one seed, per prompt")
     add_sampling_arguments(parser)
+    add_micro_conditioning_arguments(parser)
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay the UNet call from a CUDA graph recorded at the first step (GPU only)")
     add_output_arguments(parser)
@@ -45,7 +48,9 @@ def run(args):
     if args.cuda_graph:
         model.unet = CudaGraphUNet(model.unet)
     cfg = sampling_config(args, model)
-    params = run_parameters(args, cfg, command=NAME, negative=args.negative or "")
+    micro = micro_conditioning(args, model)
+    params = run_parameters(args, cfg, command=NAME, negative=args.negative or "",
+                            **sdxl_parameters(micro, cfg.height, cfg.width, args.negative))
     if args.prompts is not None:
         params["prompts_file"] = args.prompts.name
     plan = [[(path, {**params, "prompt": prompt, "batch_index": k}) for k, path in enumerate(paths)]
@@ -54,7 +59,7 @@ def run(args):
         for path, image_params in outputs:
             check_output(path, image_params, args.force)
     for prompt, outputs in zip(prompts, plan):
-        images = decode_latents(model, text_to_image(model, [prompt] * args.batch, cfg, negative=args.negative))
-        for (path, image_params), image in zip(outputs, images):
+        latents = text_to_image(model, [prompt] * args.batch, cfg, negative=args.negative, micro=micro)
+        for (path, image_params), image in zip(outputs, decode_latents(model, latents)):
             save_png(path, image, image_params, force=args.force)
             print(path)

@@ -38,7 +38,8 @@ from typing import Sequence
 
 import torch
 
-from controls.image_condition import check_ip2p_model, image_condition, instruction_context, three_way_guidance
+from controls.image_condition import (check_ip2p_model, image_condition, instruction_context,
+                                     sdxl_instruction_conditioning, three_way_guidance)
 from inversion.visii import hybrid_instruction
 from ldm.model import StableDiffusion
 from ldm.pipeline import denoise, initial_noise
@@ -79,11 +80,18 @@ def edit_by_instruction(model: StableDiffusion, images: torch.Tensor, instructio
     batch = images.shape[0]
     sampler = edit_sampler(cfg, model.config.prediction_type)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    context = instruction_context(model, instructions, batch, instruction_embedding)
+    added = None
+    if model.is_sdxl:
+        if instruction_embedding is not None:
+            raise ValueError("a learned instruction embedding is not supported on SDXL yet; give an instruction")
+        context, added = sdxl_instruction_conditioning(model, instructions, batch, height, width)
+    else:
+        context = instruction_context(model, instructions, batch, instruction_embedding)
     image_latents = image_condition(model, images).to(context.dtype)
     latents = initial_noise(model, batch, height, width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma  # z = σ_0·N(0, I) for Euler, N(0, I) for DDIM/DDPM
-    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, sampler)
+    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, sampler,
+                                 added)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
 
 

@@ -21,8 +21,8 @@ from inversion.ddim_inversion import ddim_invert, inversion_sampler
 from inversion.null_text import NullTextConfig, null_text_inversion, null_text_predictor
 from ldm.attention import attached, attention_layers
 from ldm.model import StableDiffusion
-from ldm.pipeline import (SamplingConfig, check_image_size, denoise, encode_images, guided_unet, sampler_for,
-                          text_context)
+from ldm.pipeline import (SamplingConfig, check_image_size, denoise, encode_images, guided_unet, prompt_conditioning,
+                          sampler_for)
 from ldm.schedulers import gaussian_noise
 
 from .alignment import equalizer, refinement_mapper, replacement_mapper, word_positions_in
@@ -128,10 +128,12 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
     prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
     sampler = sampler_for(model, sampling)
     generators = [torch.Generator("cpu").manual_seed(sampling.seed) for _ in prompts]  # same noise in every row
-    if null_embeddings is None:
-        context = text_context(model, prompts, None, sampling.guidance)  # [∅ × B; P_0 … P_{B−1}]
-        predict = guided_unet(model.unet, context, sampling.guidance, sampler)
+    if null_embeddings is None:  # SDXL: both encoders share the 77 token positions, so one alignment serves
+        context, added = prompt_conditioning(model, prompts, None, sampling.guidance, sampling.height, sampling.width)
+        predict = guided_unet(model.unet, context, sampling.guidance, sampler, added)  # [∅ × B; P_0 … P_{B−1}]
     else:
+        if model.is_sdxl:
+            raise ValueError("null-text inversion is not available for SDXL models yet; edit a generated image")
         if len(null_embeddings) != sampling.steps:
             raise ValueError(f"{len(null_embeddings)} null embeddings for {sampling.steps} steps; invert with the same "
                              "number of steps")

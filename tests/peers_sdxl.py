@@ -1,0 +1,75 @@
+"""SDXL peers for parity tests: a diffusers ``StableDiffusionXLPipeline`` folder with random weights, and an
+original (Stability-AI generative-models, "sgm") single file: UNet under ``model.diffusion_model.`` with
+``label_emb``, VAE under ``first_stage_model.``, CLIP-L in transformers' layout under
+``conditioner.embedders.0.transformer.``, and OpenCLIP-bigG in open_clip's layout (fused ``in_proj``,
+``text_projection`` as a bare [width, proj] matrix, ``logit_scale``) under ``conditioner.embedders.1.model.``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from editing.bench.peers import make_hf_tokenizer, scheduler_config, transformers_text_config
+from ldm.config import ModelConfig, TextEncoderConfig
+from tests.peers import (ldm_unet_shapes, ldm_vae_shapes, make_clip_text_model, make_diffusers_unet,
+                         make_diffusers_vae, make_open_clip_text, random_tensors, randomize_)
+
+
+def make_clip_text_with_projection(cfg: TextEncoderConfig, seed: int = 0):
+    """transformers CLIPTextModelWithProjection (SDXL's text_encoder_2) with random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return randomize_(CLIPTextModelWithProjection(CLIPTextConfig(**transformers_text_config(cfg))), seed).eval()
+
+
+def make_sdxl_pipeline(cfg: ModelConfig, bpe_folder: str | Path, seed: int = 0, scheduler=None):
+    """StableDiffusionXLPipeline with random components for ``cfg`` (DDIM with SD's schedule unless given)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=make_diffusers_vae(cfg.vae, seed + 1), text_encoder=make_clip_text_model(cfg.text, seed + 2),
+        text_encoder_2=make_clip_text_with_projection(cfg.text_2, seed + 3),
+        tokenizer=make_hf_tokenizer(Path(bpe_folder) / "l", cfg.text.pad_token_id),
+        tokenizer_2=make_hf_tokenizer(Path(bpe_folder) / "g", cfg.text_2.pad_token_id),
+        unet=make_diffusers_unet(cfg.unet, seed), add_watermarker=False, force_zeros_for_empty_prompt=True,
+        scheduler=scheduler or DDIMScheduler.from_config(scheduler_config("epsilon")))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_sdxl_folder(cfg: ModelConfig, path: str | Path, seed: int = 0):
+    """A complete diffusers SDXL folder (save_pretrained) for ``cfg``; returns the pipeline."""
+    pipe = make_sdxl_pipeline(cfg, Path(path) / "_bpe", seed)
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def sgm_checkpoint(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An SDXL base state dict in the original single-file layout, distinct random values per key."""
+    state = random_tensors(ldm_unet_shapes(cfg.unet), seed, "model.diffusion_model.")
+    state.update(random_tensors(ldm_vae_shapes(cfg.vae), seed + 1, "first_stage_model."))
+    clip_l = make_clip_text_model(cfg.text, seed + 2)
+    prefix = "conditioner.embedders.0.transformer.text_model."
+    state.update({prefix + k.removeprefix("text_model."): v for k, v in clip_l.state_dict().items()})
+    state[prefix + "embeddings.position_ids"] = torch.arange(cfg.text.max_length)[None]
+    # make_open_clip_text builds one block more than asked (SD 2's unused last block): ask one fewer
+    tower = make_open_clip_text(dataclasses.replace(cfg.text_2, n_layers=cfg.text_2.n_layers - 1), seed + 3,
+                                projection_dim=cfg.text_2.projection_dim)
+    state.update({"conditioner.embedders.1.model." + k: v for k, v in tower.state_dict().items()})
+    state["conditioner.embedders.1.model.logit_scale"] = torch.tensor(math.log(1 / 0.07))
+    return state
+
+
+def open_clip_penultimate_and_pooled(tower, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sgm FrozenOpenCLIPEmbedder2 (layer="penultimate", legacy=False) with open_clip's own modules: the
+    input of the last block (no ln_final), and ln_final(last block)[end token] @ text_projection."""
+    x = tower.token_embedding(ids) + tower.positional_embedding
+    for block in tower.transformer.resblocks[:-1]:
+        x = block(x, attn_mask=tower.attn_mask)
+    final = tower.ln_final(tower.transformer.resblocks[-1](x, attn_mask=tower.attn_mask))
+    pooled = final[torch.arange(ids.shape[0]), ids.argmax(dim=-1)] @ tower.text_projection
+    return x, pooled
