@@ -12,7 +12,7 @@ Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Ra
 - Several ControlNets: their residuals add up, r_k = Σ_n s_{n,k}·r_{n,k} (diffusers MultiControlNetModel).
 - A ControlNet acts only on the steps i with start ≤ i/N and (i+1)/N ≤ end (diffusers control_guidance_start
   / _end): keep_i = 1 − [i/N < start or (i+1)/N > end].
-- CFG as usual: ε̂ = ε_u + w·(ε_c − ε_u), ε = UNet(x, t, c, skips + r, mid + r_mid).
+- CFG as usual (ldm.pipeline.classifier_free_guidance), ε = UNet(x, t, c, skips + r, mid + r_mid).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 
 from ldm.model import StableDiffusion
-from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, denoise, initial_noise, sampler_for,
-                          text_context)
+from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, classifier_free_guidance, denoise, guided,
+                          initial_noise, sampler_for, text_context)
 
 from .controlnet import ControlNet
 
@@ -85,25 +85,30 @@ def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: 
     return down_sum, mid_sum
 
 
-def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, guidance: float, sampler,
-                    guess_mode: bool = False, guess_rule: str = "diffusers",
-                    control_uncond: bool | None = None) -> Predictor:
-    """predict(x, i, t) for ``ldm.pipeline.denoise``: CFG over the UNet with ControlNet residuals.
+def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, guidance: float | Sequence[float],
+                    sampler, guess_mode: bool = False, guess_rule: str = "diffusers",
+                    control_uncond: bool | None = None, rescale: float = 0.0) -> Predictor:
+    """predict(x_in, t) for ``ldm.pipeline.denoise``: CFG over the UNet with ControlNet residuals; the
+    ControlNet sees the same scaled input as the UNet (diffusers PR #3571). ``guidance`` is one scale or one
+    per row; ``sampler`` gives the step index of t (a ControlNet acts on a window of steps).
 
     :param context: [uncond; cond] text states under guidance (``text_context``), else cond only
     :param control_uncond: whether the unconditional half gets control; default: yes, except in guess mode
     """
     control_uncond = (not guess_mode) if control_uncond is None else control_uncond
     n_steps = len(sampler.timesteps)
+    step_of = {}
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        step_of.setdefault(t, i)
     if guess_rule not in GUESS_RULES:
         raise ValueError(f"unknown guess-mode rule {guess_rule!r}; choose one of {', '.join(GUESS_RULES)}")
 
     def residuals(x_in, t, ctx, i):
         return control_residuals(controls, x_in, t, ctx, i, n_steps, guess_mode, guess_rule)
 
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        x_in = sampler.scale_model_input(x, i)  # the ControlNet sees the same scaled input (diffusers PR #3571)
-        if guidance <= 1.0:
+    def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        i = step_of[t.item()]
+        if not guided(guidance):
             down, mid = residuals(x_in, t, context, i)
             return unet(x_in, t, context, down, mid)
         x_both = torch.cat([x_in, x_in])  # [B, ...] -> [2B, ...]: [uncond; cond]
@@ -114,7 +119,7 @@ def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, gu
             down, mid = [torch.cat([torch.zeros_like(r), r]) for r in down], torch.cat([torch.zeros_like(mid), mid])
         # y = F(x) + Z(F'(x + Z(c))): the locked UNet adds the residuals to its skips and middle block
         uncond, cond = unet(x_both, t, context, down, mid).chunk(2)  # [2B, ...] -> 2 × [B, ...]
-        return uncond + guidance * (cond - uncond)  # ε̂ = ε_u + w(ε_c − ε_u)
+        return classifier_free_guidance(uncond, cond, guidance, rescale)
 
     return predict
 
@@ -149,5 +154,5 @@ def controlnet_to_image(model: StableDiffusion, controls: Sequence[Control], pro
     latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma
     predict = controlled_unet(model.unet, controls, context, cfg.guidance, sampler, guess_mode, guess_rule,
-                              control_uncond)
+                              control_uncond, cfg.guidance_rescale)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)

@@ -43,7 +43,7 @@ from torch import nn
 
 from ldm.images import load_image
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, velocity
+from ldm.schedulers import NoiseSchedule, q_sample, training_target
 from ldm.training import LossFn, TrainConfig, Trainer, batch_share, data_parallel
 from ldm.unet import UNet
 
@@ -185,7 +185,6 @@ def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, data: EncodedTri
                     cfg: ControlTrainConfig) -> LossFn:
     """The per-step loss (module docstring). Every draw is of the global batch, then sliced by rank."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
-    v_model = model.config.prediction_type == "v_prediction"
     n, mine = batch_share(cfg.batch)  # global batch, this process's rows of it
     device = model.device
 
@@ -198,10 +197,10 @@ def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, data: EncodedTri
         pick, noise_z, noise, t, drop = (v[mine].to(device) for v in (pick, noise_z, noise, t, drop))
         z0 = model.vae.scale_latents(data.latent_means[pick] + data.latent_stds[pick] * noise_z)  # s·z
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
-        x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
+        x_t = q_sample(z0, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
         context = torch.where(drop.view(-1, 1, 1), data.null_context, data.contexts[pick])
         output = wrapper(x_t, t, context, data.hints[pick])
-        target = velocity(noise, z0, alpha_bar) if v_model else noise
+        target = training_target(z0, noise, alpha_bar, model.config.prediction_type)  # ε or v
         return F.mse_loss(output.float(), target.float())  # ‖ε − ε_θ(x_t, t, c_t, c_f)‖²
 
     return loss_fn

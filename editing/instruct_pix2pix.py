@@ -39,8 +39,8 @@ from typing import Sequence
 import torch
 
 from ldm.model import StableDiffusion
-from ldm.pipeline import Predictor, denoise, initial_noise
-from ldm.schedulers import NoiseSchedule, make_sampler
+from ldm.pipeline import Predictor, denoise, initial_noise, scheduler_config_of
+from ldm.schedulers import resolve_sampler, sampler_from_config, standard_scheduler_config
 
 from .ip2p_sizing import check_edit_size
 
@@ -50,8 +50,9 @@ class EditConfig:
     text_guidance: float = 7.5  # s_T, towards the instruction (paper and edit_cli.py default)
     image_guidance: float = 1.5  # s_I, towards the input image (edit_cli.py default; the paper sweeps 1.0-2.2)
     steps: int = 100  # edit_cli.py default
-    scheduler: str = "euler-a"  # "euler-a" (reference), "ddim" or "ddpm"
-    spacing: str | None = None  # timestep grid; None: "log-linear" for euler-a (k-diffusion), else the sampler's
+    scheduler: str = "euler-a"  # "euler-a" (reference) or any other sampler of ldm.schedulers
+    spacing: str | None = None  # timestep grid; None: "log-linear" for euler-a (k-diffusion), else the model's
+    karras: bool | None = None  # Karras σ (σ samplers and solvers); None: the model's config
     eta: float = 0.0  # DDIM stochasticity (ddim only)
     seed: int = 0
 
@@ -65,11 +66,12 @@ def check_ip2p_model(model: StableDiffusion) -> None:
                          "(e.g. instruct-pix2pix-00-22000.ckpt) with 'editlab convert' and pass it with --weights")
 
 
-def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon"):
-    """The sampler of ``cfg``; Euler ancestral defaults to the log-linear grid of edit_cli.py."""
-    spacing = cfg.spacing or ("log-linear" if cfg.scheduler == "euler-a" else None)
-    return make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
-                        prediction_type=prediction_type, spacing=spacing)
+def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon", scheduler_config: dict | None = None):
+    """The sampler of ``cfg`` on the model's schedule (``scheduler_config``, SD's standard one by default);
+    Euler ancestral defaults to the log-linear grid of edit_cli.py."""
+    spacing = cfg.spacing or ("log-linear" if resolve_sampler(cfg.scheduler)[0] == "euler-a" else None)
+    return sampler_from_config(cfg.scheduler, scheduler_config or standard_scheduler_config(), cfg.steps,
+                               eta=cfg.eta, prediction_type=prediction_type, spacing=spacing, karras=cfg.karras)
 
 
 @torch.no_grad()
@@ -82,8 +84,9 @@ def image_condition(model: StableDiffusion, images: torch.Tensor) -> torch.Tenso
 
 
 def instruction_context(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
-                        instruction_embedding: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-attention context of the three rows, [c_T; ∅_T; ∅_T] ([3B, 77, C]).
+                        instruction_embedding: torch.Tensor | None = None, negative: str | None = None) -> torch.Tensor:
+    """Cross-attention context of the three rows, [c_T; ∅_T; ∅_T] ([3B, 77, C]); ∅_T is the empty prompt, or
+    the ``negative`` prompt (as diffusers' InstructPix2Pix pipeline).
 
     c_T is CLIP(instruction), or ``instruction_embedding`` ([77, C] or [B, 77, C]) used as it is: the hook for
     a learned instruction (Visii, METHODS §10) that replaces the encoded text; gradients flow back to it.
@@ -93,7 +96,7 @@ def instruction_context(model: StableDiffusion, instructions: Sequence[str] | No
     if instructions is not None and len(instructions) != batch:
         raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
     with torch.no_grad():
-        null = model.encode_prompt([""] * batch)  # ∅_T
+        null = model.encode_prompt([negative or ""] * batch)  # ∅_T
         cond = model.encode_prompt(list(instructions)) if instructions is not None else None
     if cond is None:
         cond = _embedding_batch(instruction_embedding, batch, tuple(null.shape[1:])).to(null.device, null.dtype)
@@ -110,14 +113,14 @@ def _embedding_batch(embedding: torch.Tensor, batch: int, shape: tuple[int, int]
 
 
 def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor, text_scale: float,
-                       image_scale: float, sampler) -> Predictor:
-    """predict(x, i, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
+                       image_scale: float) -> Predictor:
+    """predict(x_in, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
     [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w])."""
     image_rows = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [c_I; c_I; ∅_I]
 
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        x_in = sampler.scale_model_input(torch.cat([x, x, x]), i)  # [B, 4, h, w] -> [3B, 4, h, w]
-        unet_in = torch.cat([x_in, image_rows.to(x_in.dtype)], dim=1)  # -> [3B, 8, h, w]
+    def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rows = torch.cat([x_in, x_in, x_in])  # [B, 4, h, w] -> [3B, 4, h, w]
+        unet_in = torch.cat([rows, image_rows.to(rows.dtype)], dim=1)  # -> [3B, 8, h, w]
         full, image_only, unconditional = unet(unet_in, t, context).chunk(3)  # -> 3 × [B, 4, h, w]
         return (unconditional
                 + text_scale * (full - image_only)  # s_T (ε(c_T, c_I) − ε(∅_T, c_I))
@@ -129,7 +132,7 @@ def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor,
 @torch.no_grad()
 def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
          cfg: EditConfig = EditConfig(), instruction_embedding: torch.Tensor | None = None,
-         hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
+         hooks: Sequence = (), negative: str | None = None, progress: bool = True) -> torch.Tensor:
     """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see ip2p_sizing) by one instruction each.
     Returns the final latents [B, 4, H/f, W/f]; ``ldm.pipeline.decode_latents`` turns them into images."""
     check_ip2p_model(model)
@@ -138,13 +141,13 @@ def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[st
     height, width = images.shape[-2:]
     check_edit_size(width, height, model.config)
     batch = images.shape[0]
-    sampler = edit_sampler(cfg, model.config.prediction_type)
+    sampler = edit_sampler(cfg, model.config.prediction_type, scheduler_config_of(model))
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    context = instruction_context(model, instructions, batch, instruction_embedding)
+    context = instruction_context(model, instructions, batch, instruction_embedding, negative)
     image_latents = image_condition(model, images).to(context.dtype)
     latents = initial_noise(model, batch, height, width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma  # z = σ_0·N(0, I) for Euler, N(0, I) for DDIM/DDPM
-    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, sampler)
+    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
 
 

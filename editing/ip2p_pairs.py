@@ -182,7 +182,7 @@ def render_pairs(model: StableDiffusion, items: list[PairItem], recipe: PairReci
     prompts = [caption for item in items for caption in (item.before, item.after)]
     guidance = [item.draw.guidance for item in items for _ in range(2)]  # w_j on both rows of item j
     context = text_context(model, prompts, None, guidance)  # [∅ × 2B; c_0, c'_0, c_1, c'_1, …]
-    predict = guided_unet(model.unet, context, guidance, sampler)
+    predict = guided_unet(model.unet, context, guidance)
     f, channels = model.config.vae.downsample_factor, model.config.vae.latent_channels
     shape = (2 * len(items), channels, cfg.height // f, cfg.width // f)
     latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, velocity
+from ldm.schedulers import NoiseSchedule, q_sample, training_target
 from ldm.training import LossFn, TrainConfig, Trainer, batch_share, data_parallel
 
 from .instruct_pix2pix import check_ip2p_model
@@ -112,7 +112,6 @@ def ip2p_loss(model: StableDiffusion, pairs: EncodedPairs, cfg: IP2PTrainConfig,
     """The per-step loss (module docstring); every random draw comes from the step's generator, at the
     global batch size, then this process keeps its rows. ``unet``: what to call (DDP); None: ``model.unet``."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
-    v_model = model.config.prediction_type == "v_prediction"
     device = model.device
     n, mine = batch_share(cfg.batch)  # global batch, this process's rows of it
     latent_shape = pairs.target_means.shape[1:]
@@ -127,12 +126,12 @@ def ip2p_loss(model: StableDiffusion, pairs: EncodedPairs, cfg: IP2PTrainConfig,
             v[mine].to(device) for v in (pick, noise_z, noise, t, drop_text, drop_image))
         z0 = model.vae.scale_latents(pairs.target_means[pick] + pairs.target_stds[pick] * noise_z)  # s·z
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
-        x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
+        x_t = q_sample(z0, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
         context = torch.where(drop_text.view(-1, 1, 1), pairs.null_context, pairs.contexts[pairs.instruction_index[pick]])
         image = pairs.image_latents[pick] * (~drop_image).view(-1, 1, 1, 1)  # c_I, or ∅_I = 0
         forward = unet if unet is not None else model.unet
         output = forward(torch.cat([x_t, image], dim=1), t, context)  # [B, 8, h, w] in
-        target = velocity(noise, z0, alpha_bar) if v_model else noise
+        target = training_target(z0, noise, alpha_bar, model.config.prediction_type)  # ε or v
         return F.mse_loss(output.float(), target.float())
 
     return loss_fn

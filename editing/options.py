@@ -10,8 +10,8 @@ import torch
 import ldm
 from ldm.files import file_sha256
 from ldm.model import StableDiffusion
-from ldm.pipeline import SamplingConfig
-from ldm.schedulers import SAMPLERS
+from ldm.pipeline import SamplingConfig, sampler_for
+from ldm.schedulers import A1111_NAMES, SAMPLERS, SPACINGS, resolve_sampler
 
 TOY_WEIGHTS = Path(ldm.__file__).parent / "toy" / "weights" / "toy-sd.safetensors"
 TOY_IP2P_WEIGHTS = TOY_WEIGHTS.with_name("toy-ip2p.safetensors")  # its UNet only; VAE and text from TOY_WEIGHTS
@@ -33,11 +33,40 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str = "a Stable D
                         help="UNet and text encoder precision (the VAE always runs in fp32)")
 
 
+def _sampler_name(name: str) -> str:
+    try:
+        resolve_sampler(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, scheduler: str = "ddim",
+                          extra_spacings: tuple[str, ...] = ()) -> None:
+    """The sampling options every sampling command shares, in one group: sampler, grid, Karras σ, zero-SNR
+    betas, guidance rescale and the negative prompt."""
+    group = parser.add_argument_group("sampling options")
+    group.add_argument("--scheduler", type=_sampler_name, default=scheduler, metavar="NAME",
+                       help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111 names work too "
+                            f"(e.g. {', '.join(repr(n) for n in list(A1111_NAMES)[6:10])}) (default: {scheduler})")
+    group.add_argument("--spacing", choices=SPACINGS + extra_spacings, default=None,
+                       help="timestep grid (default: the model's scheduler config, else the sampler's own: leading "
+                            "for ddim/ddpm/pndm, linspace for the others)")
+    group.add_argument("--karras", action="store_true", default=None,
+                       help="Karras σ spacing, ρ = 7 (euler, heun, lms, dpm++2m, dpm++2m-sde, unipc)")
+    group.add_argument("--rescale-zero-snr", action="store_true", default=None,
+                       help="rescale the betas to zero terminal SNR (Lin et al.; v-prediction models, with "
+                            "--spacing trailing and --guidance-rescale 0.7)")
+    group.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                       help="rescale the guided output towards the conditional one's std (Lin et al.: 0.7); 0: off")
+    group.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, steps: int = 50, guidance: float = 7.5,
                            scheduler: str = "ddim", size: int | None = None) -> None:
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale w")
-    parser.add_argument("--scheduler", choices=SAMPLERS, default=scheduler)
+    add_sampler_arguments(parser, scheduler)
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 stochastic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=size, help="default: the model's native size")
@@ -69,16 +98,37 @@ def native_size(model: StableDiffusion) -> int:
     return {"toy": 64}.get(model.config.family, 512)
 
 
+def sampler_options(args) -> dict:
+    """The shared sampling options as SamplingConfig fields (an AUTOMATIC1111 name resolved to sampler + Karras)."""
+    name, karras = resolve_sampler(args.scheduler)
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise UserError(f"--guidance-rescale {args.guidance_rescale}: give a value in [0, 1] (Lin et al.: 0.7)")
+    return dict(scheduler=name, spacing=args.spacing, karras=True if (karras or args.karras) else None,
+                rescale_zero_snr=args.rescale_zero_snr, guidance_rescale=args.guidance_rescale)
+
+
+def check_sampler(model: StableDiffusion, cfg: SamplingConfig) -> None:
+    """Build the sampler once, so an unsupported combination is a one-line error before any work."""
+    try:
+        sampler_for(model, cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def sampling_config(args, model: StableDiffusion) -> SamplingConfig:
     side = native_size(model)
-    return SamplingConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, eta=args.eta,
-                          seed=args.seed, height=args.height or side, width=args.width or side)
+    cfg = SamplingConfig(steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
+                         height=args.height or side, width=args.width or side, **sampler_options(args))
+    check_sampler(model, cfg)
+    return cfg
 
 
 def run_parameters(args, cfg: SamplingConfig, **extra) -> dict:
     """What a PNG records about the run that made it."""
     path = weights_path(args)
     return {"weights": path.name, "weights_sha256": file_sha256(path), "scheduler": cfg.scheduler,
+            "spacing": cfg.spacing, "karras": cfg.karras, "rescale_zero_snr": cfg.rescale_zero_snr,
+            "guidance_rescale": cfg.guidance_rescale,
             "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
             "height": cfg.height, "width": cfg.width, "dtype": args.dtype, **extra}
 

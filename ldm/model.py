@@ -11,6 +11,7 @@ text encoder from there.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from .clip import CLIPTextModel
 from .config import ModelConfig
+from .schedulers.from_config import scheduler_config_json, standard_scheduler_config
 from .files import atomic_path, file_sha256
 from .tokenizer import Tokenizer
 from .unet import UNet
@@ -41,6 +43,9 @@ class StableDiffusion(nn.Module):
         self.vae = AutoencoderKL(config.vae)
         self.text_encoder = CLIPTextModel(config.text)
         self.tokenizer = Tokenizer(config.text.pad_token_id, config.text.max_length)
+        # the noise schedule the weights were trained with (metadata "scheduler_config", see
+        # ldm.schedulers.from_config); SD's standard one unless the file carries its folder's config
+        self.scheduler_config = standard_scheduler_config(config.prediction_type)
 
     @property
     def device(self) -> torch.device:
@@ -55,7 +60,8 @@ class StableDiffusion(nn.Module):
              base: str | Path | None = None) -> None:
         """Write the editlab file; with ``base`` (an editlab file in the same folder whose VAE and text
         encoder this model shares), write only the UNet and a reference to ``base``."""
-        metadata = {"format_version": FORMAT_VERSION, **(extra_metadata or {})}
+        metadata = {"format_version": FORMAT_VERSION, "scheduler_config": scheduler_config_json(self.scheduler_config),
+                    **(extra_metadata or {})}
         if base is None:
             return save_weights(path, self, FORMAT, self.config.to_json(), metadata)
         base = Path(base)
@@ -75,6 +81,8 @@ class StableDiffusion(nn.Module):
         config, tensors = read_editlab_file(path)
         model = cls(config)
         load_strict(model, tensors, path)
+        if "scheduler_config" in (metadata := metadata_of(path)):
+            model.scheduler_config = json.loads(metadata["scheduler_config"])
         model.to(device)
         model.unet.use_channels_last()
         if dtype is not None:

@@ -1,20 +1,26 @@
 """Sampling: text to image with classifier-free guidance, and SDEdit (image to image).
 
-Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans):
+Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans), with optional guidance rescale
+(*Common Diffusion Noise Schedules and Sample Steps are Flawed*, Lin et al., §3.4):
 
-    ε̂ = ε_u + w·(ε_c − ε_u)        batch order [unconditional; conditional], as diffusers
+    ε̂ = ε_u + w_b·(ε_c − ε_u)        per row b, batch order [unconditional; conditional], as diffusers
+    ε̂ ← φ·ε̂·std(ε_c)/std(ε̂) + (1 − φ)·ε̂      (guidance rescale φ; std per sample)
+
+Guidance runs when any row's scale w_b is above 1; otherwise the conditional rows run alone.
 
 SDEdit (*SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations*, Meng et al.):
-encode the image, z0 = 0.18215·E(x).sample(); noise it to the first kept step,
-x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε; then sample as usual from there (METHODS.md §5).
+encode the image, z0 = 0.18215·E(x).sample(); noise it to the first kept step (``Sampler.add_noise``, e.g.
+x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε), then sample as usual from there, with any sampler, as diffusers' img2img.
 
 Random draws follow diffusers exactly, on one CPU ``torch.Generator``: the initial latents
 ``randn((B, 4, H/8, W/8))`` (SDEdit: the posterior sample, then the noise), then each step's noise in the
 sampler. So the same seed, scheduler and weights give the same image in both.
 
-Every editing method reuses ``denoise``: it takes a ``predict(x, i, t)`` function (here CFG over the
-UNet; InstructPix2Pix and ControlNet bring their own) and optional step hooks with ``begin_step(i, t)``
-and ``end_step(i, t, latents) -> latents`` (Prompt-to-Prompt counts steps and blends latents there).
+Every method samples with ``denoise``, the one sampling loop: it scales the input for the sampler once
+(``scale_model_input``) and calls a predictor ``predict(x_in, t)``, a function of the model input and timestep
+only (here CFG over the UNet; InstructPix2Pix and ControlNet bring their own), then ``sampler.step``. Optional
+step hooks have ``begin_step(i, t)`` and ``end_step(i, t, latents) -> latents`` (Prompt-to-Prompt counts steps
+and blends latents there).
 """
 
 from __future__ import annotations
@@ -26,20 +32,24 @@ import torch
 from tqdm.auto import tqdm
 
 from .model import StableDiffusion
-from .schedulers import NoiseSchedule, gaussian_noise, make_sampler
+from .schedulers import gaussian_noise, sampler_from_config, standard_scheduler_config
 
-Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # predict(x_in, t) -> model output
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     steps: int = 50
     guidance: float = 7.5  # w; CFG runs only when w > 1 (as diffusers)
-    scheduler: str = "ddim"  # "ddim", "ddpm" or "euler-a"
+    scheduler: str = "ddim"  # any name of ldm.schedulers.SAMPLERS, or an AUTOMATIC1111 name
     eta: float = 0.0  # DDIM stochasticity (0: deterministic DDIM, 1: DDPM-like)
     seed: int = 0
     height: int = 512
     width: int = 512
+    spacing: str | None = None  # "leading", "linspace", "trailing"; None: the model's config, else the sampler's
+    karras: bool | None = None  # Karras σ; None: the model's config
+    rescale_zero_snr: bool | None = None  # zero-terminal-SNR betas; None: the model's config
+    guidance_rescale: float = 0.0  # φ of Lin et al. (0.7 recommended with zero-SNR v models); 0: off
 
 
 def check_image_size(height: int, width: int, factor: int) -> None:
@@ -49,10 +59,26 @@ def check_image_size(height: int, width: int, factor: int) -> None:
                          f"{max(factor, height // factor * factor)}")
 
 
-def guided(guidance: float | Sequence[float]) -> bool:
+def guided(guidance: float | Sequence[float] | torch.Tensor) -> bool:
     """Classifier-free guidance runs when any scale is above 1 (as diffusers); w ≤ 1 everywhere runs the
     conditional rows alone."""
     return max(torch.as_tensor(guidance, dtype=torch.float32).flatten().tolist()) > 1.0
+
+
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance: float | Sequence[float] | torch.Tensor,
+                             rescale: float = 0.0) -> torch.Tensor:
+    """ε̂ = ε_u + w_b(ε_c − ε_u) with one scale or one per row b, then guidance rescale φ (Lin et al. §3.4):
+    ε̂ ← φ·ε̂·std(ε_c)/std(ε̂) + (1 − φ)·ε̂. Works on ε or v outputs alike."""
+    scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+    if len(scales) not in (1, cond.shape[0]):
+        raise ValueError(f"{len(scales)} guidance scales for a batch of {cond.shape[0]}; give one or one per row")
+    w = scales.to(cond.device, cond.dtype).view(-1, *[1] * (cond.ndim - 1)) if len(scales) > 1 else float(scales)
+    out = uncond + w * (cond - uncond)
+    if rescale > 0:
+        dims = list(range(1, cond.ndim))
+        rescaled = out * (cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+        out = rescale * rescaled + (1 - rescale) * out
+    return out
 
 
 def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str | Sequence[str] | None,
@@ -68,36 +94,31 @@ def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str |
     return torch.cat([model.encode_prompt(negative), cond])
 
 
-def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], sampler=None) -> Predictor:
-    """predict(x, i, t) = ε_u + w_b(ε_c − ε_u) per row b, from one UNet call on [uncond; cond] (or the plain
+def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], rescale: float = 0.0) -> Predictor:
+    """predict(x_in, t): classifier-free guidance over one UNet call on [uncond; cond] (or the plain
     conditional output when every w ≤ 1). ``guidance`` is one scale or one per row (Prompt-to-Prompt batches
-    run the source at w_src and the edit at w_tar). ``sampler`` scales the input (Euler's c_in); None for
-    samplers whose input needs no scaling (DDIM, DDPM)."""
-    scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+    run the source at w_src and the edit at w_tar)."""
 
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        x_in = x if sampler is None else sampler.scale_model_input(x, i)
+    def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not guided(guidance):
             return unet(x_in, t, context)
-        if len(scales) not in (1, x.shape[0]):
-            raise ValueError(f"{len(scales)} guidance scales for a batch of {x.shape[0]}; give one or one per row")
-        w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
         uncond, cond = unet(torch.cat([x_in, x_in]), t, context).chunk(2)  # [2B, ...] -> 2 × [B, ...]
-        return uncond + w * (cond - uncond)
+        return classifier_free_guidance(uncond, cond, guidance, rescale)
 
     return predict
 
 
 def denoise(sampler, predict: Predictor, latents: torch.Tensor, generator: torch.Generator | None,
             start: int = 0, hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
-    """Run the sampler from step ``start`` to the end; returns the final latents."""
+    """The sampling loop: from step ``start`` to the end; returns the final latents."""
     steps = range(start, len(sampler.timesteps))
     for i in tqdm(steps, disable=not progress, leave=False, desc="sampling"):
         t = sampler.timesteps[i]
         for hook in hooks:
             if hasattr(hook, "begin_step"):
                 hook.begin_step(i, t)
-        latents = sampler.step(predict(latents, i, t), i, latents, generator)
+        x_in = sampler.scale_model_input(latents, i)  # the model's input scaling, once, here
+        latents = sampler.step(predict(x_in, t), i, latents, generator)
         for hook in hooks:
             if hasattr(hook, "end_step"):
                 latents = hook.end_step(i, t, latents)
@@ -131,10 +152,18 @@ def encode_images(model: StableDiffusion, images: torch.Tensor, generator: torch
     return vae.scale_latents(z)
 
 
-def sampler_for(model: StableDiffusion, cfg: SamplingConfig):
-    """The sampler ``cfg`` names, on SD's noise schedule, reading the model's prediction type."""
-    return make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
-                        prediction_type=model.config.prediction_type)
+def scheduler_config_of(model: StableDiffusion) -> dict:
+    """The schedule the model's weights carry (see ldm.schedulers.from_config); SD's standard one if none."""
+    return getattr(model, "scheduler_config", None) or standard_scheduler_config(model.config.prediction_type)
+
+
+def sampler_for(model: StableDiffusion, cfg: SamplingConfig, scheduler: str | None = None, spacing: str | None = None):
+    """The sampler ``cfg`` names, on the model's own schedule (its weights' scheduler config) and prediction
+    type; ``cfg``'s spacing, Karras and zero-SNR choices override the model's. ``scheduler``/``spacing``
+    replace cfg's (methods with their own defaults, e.g. InstructPix2Pix's log-linear Euler grid)."""
+    return sampler_from_config(scheduler or cfg.scheduler, scheduler_config_of(model), cfg.steps, eta=cfg.eta,
+                               prediction_type=model.config.prediction_type, spacing=spacing or cfg.spacing,
+                               karras=cfg.karras, zero_terminal_snr=cfg.rescale_zero_snr)
 
 
 @torch.no_grad()
@@ -147,7 +176,7 @@ def text_to_image(model: StableDiffusion, prompts: Sequence[str], cfg: SamplingC
     context = text_context(model, prompts, negative, cfg.guidance)
     latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma
-    predict = guided_unet(model.unet, context, cfg.guidance, sampler)
+    predict = guided_unet(model.unet, context, cfg.guidance, cfg.guidance_rescale)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
 
 
@@ -169,6 +198,6 @@ def sdedit(model: StableDiffusion, images: torch.Tensor, prompts: Sequence[str],
         raise ValueError(f"strength {strength} with {cfg.steps} steps leaves no step to run; raise either")
     z0 = encode_images(model, images, generator).to(context.dtype)
     noise = gaussian_noise(z0.shape, generator, z0.device, z0.dtype)
-    latents = sampler.add_noise(z0, noise, start)  # x_t0 = √ᾱ_t0 z0 + √(1−ᾱ_t0) ε
-    predict = guided_unet(model.unet, context, cfg.guidance, sampler)
+    latents = sampler.add_noise(z0, noise, start)  # x_t0 = √ᾱ_t0 z0 + √(1−ᾱ_t0) ε (σ samplers: z0 + σ ε)
+    predict = guided_unet(model.unet, context, cfg.guidance, cfg.guidance_rescale)
     return denoise(sampler, predict, latents, generator, start=start, hooks=hooks, progress=progress)

@@ -6,6 +6,8 @@ import importlib
 
 import torch
 
+from ldm.schedulers import SAMPLERS
+
 from ..options import DTYPES
 
 NAME = "bench"
@@ -23,6 +25,9 @@ def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=2, help="unet: batch (2 = one guided step)")
     parser.add_argument("--size", type=int, default=None, help="unet: latent side (64); sample: image side")
     parser.add_argument("--steps", type=int, default=None, help="sample, p2p: steps (20 on CPU, 50 on GPU)")
+    parser.add_argument("--scheduler", default="ddim", metavar="NAME",
+                        help=f"sample: any editlab sampler ({', '.join(SAMPLERS)}) or AUTOMATIC1111 name, run "
+                             "beside the diffusers scheduler of the same name (default: ddim)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cpu-memory", action="store_true",
@@ -43,6 +48,6 @@ def run(args):
         preset = args.preset or ("sd15" if gpu else "toy")
         size = args.size or (512 if preset.startswith("sd") else 64)
         steps = args.steps or (50 if gpu else 20)
-        extra = {"cpu_memory": args.cpu_memory} if args.target == "p2p" else {}
+        extra = {"cpu_memory": args.cpu_memory} if args.target == "p2p" else {"scheduler": args.scheduler}
         text = bench.run(preset, size, steps, dtype, device, args.repeats, args.warmup, **extra)
     print(text)

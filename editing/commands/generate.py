@@ -15,7 +15,6 @@ HELP = "generate images from a prompt (text to image, classifier-free guidance)"
 def add_arguments(parser):
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     parser.add_argument("--batch", type=int, default=1, help="images to generate from one seed")
     add_sampling_arguments(parser)
     add_output_arguments(parser)

@@ -30,7 +30,6 @@ def add_arguments(parser):
                         help="its CLIP image encoder (transformers folder/file or open_clip weights)")
     parser.add_argument("--style-image", type=Path, required=True)
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     parser.add_argument("--scale", type=float, default=1.0, help="image-branch scale λ (all layers or the preset's)")
     blocks = parser.add_mutually_exclusive_group()
     blocks.add_argument("--preset", choices=sorted(PRESETS),

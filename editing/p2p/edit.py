@@ -105,20 +105,24 @@ def build_controller(model: StableDiffusion, prompts: Sequence[str], steps: int,
 def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[str],
                      cfg: SamplingConfig = SamplingConfig(), config: P2PConfig = P2PConfig(), *,
                      noise: torch.Tensor | None = None, null_embeddings: Sequence[torch.Tensor] | None = None,
-                     attention_hooks: Sequence = (), progress: bool = False) -> P2PResult:
+                     attention_hooks: Sequence = (), negative: str | None = None, progress: bool = False) -> P2PResult:
     """Sample the source prompt and its edits together under a Prompt-to-Prompt controller.
 
     :param noise: x_T [1, C, h, w] shared by all rows (an inversion's last pivot); default: drawn from the seed
     :param null_embeddings: per-step unconditional embeddings [1, L, C] (null-text inversion)
     :param attention_hooks: extra attention hooks attached after the controller (they see the edited maps)
+    :param negative: negative prompt of every row (not with null-text embeddings, which replace it)
     """
     prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
     sampler = sampler_for(model, cfg)
     generators = [torch.Generator("cpu").manual_seed(cfg.seed) for _ in prompts]  # same noise in every row
     if null_embeddings is None:
-        context = text_context(model, prompts, None, cfg.guidance)  # [∅ × B; P_0 … P_{B−1}]
-        predict = guided_unet(model.unet, context, cfg.guidance, sampler)
+        context = text_context(model, prompts, negative, cfg.guidance)  # [∅ × B; P_0 … P_{B−1}]
+        predict = guided_unet(model.unet, context, cfg.guidance, cfg.guidance_rescale)
     else:
+        if negative:
+            raise ValueError("null-text inversion learns the unconditional embedding that a negative prompt "
+                             "would set; drop --negative or invert with --inversion ddim")
         if len(null_embeddings) != cfg.steps:
             raise ValueError(f"{len(null_embeddings)} null embeddings for {cfg.steps} steps; invert with the same "
                              "number of steps")
@@ -158,6 +162,9 @@ def invert_image(model: StableDiffusion, image: torch.Tensor, prompt: str, cfg: 
     if cfg.scheduler != "ddim" or cfg.eta != 0:
         raise ValueError(f"real-image editing inverts with deterministic DDIM; use scheduler 'ddim' with eta 0 "
                          f"(got {cfg.scheduler!r}, eta {cfg.eta})")
+    if cfg.spacing not in (None, "leading") or cfg.karras or cfg.rescale_zero_snr:
+        raise ValueError("real-image editing inverts on SD's DDIM grid (leading spacing, standard betas); drop "
+                         "--spacing, --karras and --rescale-zero-snr")
     check_image_size(image.shape[-2], image.shape[-1], model.config.vae.downsample_factor)
     latents = encode_images(model, image)
     sampler = inversion_sampler(model, cfg.steps)
@@ -173,13 +180,17 @@ def invert_image(model: StableDiffusion, image: torch.Tensor, prompt: str, cfg: 
 
 def edit_real_image(model: StableDiffusion, image: torch.Tensor, source: str, edits: str | Sequence[str],
                     cfg: SamplingConfig, config: P2PConfig = P2PConfig(), method: str = "null-text",
-                    inversion_guidance: float = 1.0, progress: bool = False) -> tuple[P2PResult, Inversion]:
+                    inversion_guidance: float = 1.0, negative: str | None = None,
+                    progress: bool = False) -> tuple[P2PResult, Inversion]:
     """Invert ``image`` under the source prompt, then edit it; row 0 of the result is the reconstruction."""
     prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
     f = model.config.vae.downsample_factor
     latent_hw = (image.shape[-2] // f, image.shape[-1] // f)
     build_controller(model, prompts, cfg.steps, latent_hw, config)  # check words and prompts before inverting
+    if negative and method == "null-text":
+        raise ValueError("null-text inversion learns the unconditional embedding that a negative prompt would "
+                         "set; drop --negative or invert with --inversion ddim")
     inverted = invert_image(model, image, source, cfg, method, inversion_guidance, len(prompts), progress=progress)
     result = prompt_to_prompt(model, source, edits, cfg, config, noise=inverted.noise,
-                              null_embeddings=inverted.null_embeddings, progress=progress)
+                              null_embeddings=inverted.null_embeddings, negative=negative, progress=progress)
     return result, inverted

@@ -15,6 +15,8 @@ from .base import Sampler, SigmaSampler, SolverSampler
 from .ddim import DDIMSampler, ddim_sigma
 from .ddpm import DDPMSampler, ddpm_posterior
 from .dpm_solver import DPMSolverSampler
+from .from_config import (sampler_from_config, scheduler_config_json, source_scheduler_config,
+                          standard_scheduler_config)
 from .euler import EULER_SPACINGS, EulerAncestralSampler, EulerSampler
 from .grids import (SPACINGS, karras_sigmas, leading_timesteps, linspace_timesteps, log_linear_sigma_grid,
                     log_linear_timesteps, sigma_grid)
@@ -113,5 +115,6 @@ __all__ = [
     "PNDMSampler", "PLMSSampler", "make_sampler", "resolve_sampler", "check_prediction_type", "predict_eps_x0",
     "velocity", "q_sample", "training_target", "ddim_sigma", "ddpm_posterior", "gaussian_noise",
     "karras_sigmas", "leading_timesteps", "linspace_timesteps", "log_linear_timesteps", "log_linear_sigma_grid",
-    "sigma_grid",
+    "sigma_grid", "sampler_from_config", "standard_scheduler_config", "source_scheduler_config",
+    "scheduler_config_json",
 ]
