@@ -48,7 +48,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, scheduler: str = "ddi
     group = parser.add_argument_group("sampling options")
     group.add_argument("--scheduler", type=_sampler_name, default=scheduler, metavar="NAME",
                        help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111 names work too "
-                            f"(e.g. {', '.join(repr(n) for n in list(A1111_NAMES)[6:10])}) (default: {scheduler})")
+                            f"(e.g. 'DPM++ 2M Karras', 'Euler a') (default: {scheduler})")
     group.add_argument("--spacing", choices=SPACINGS + extra_spacings, default=None,
                        help="timestep grid (default: the model's scheduler config, else the sampler's own: leading "
                             "for ddim/ddpm/pndm, linspace for the others)")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ldm.model import StableDiffusion
 from ldm.pipeline import denoise, guided_unet, text_context
-from ldm.schedulers import DDIMSampler, NoiseSchedule, predict_eps_x0
+from ldm.schedulers import DDIMSampler, NoiseSchedule, ddim_update, predict_eps_x0
 
 
 def inversion_sampler(model: StableDiffusion, steps: int) -> DDIMSampler:
@@ -37,9 +37,10 @@ def check_deterministic(sampler) -> None:
 
 
 def ddim_inversion_step(eps: torch.Tensor, z: torch.Tensor, alpha_bar_current, alpha_bar_next) -> torch.Tensor:
-    """z_n = √ᾱ_n·x̂0 + √(1−ᾱ_n)·ε with x̂0 = (z_c − √(1−ᾱ_c)·ε)/√ᾱ_c."""
-    x0 = (z - (1 - alpha_bar_current) ** 0.5 * eps) / alpha_bar_current**0.5
-    return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps
+    """z_n = √ᾱ_n·x̂0 + √(1−ᾱ_n)·ε with x̂0 = (z_c − √(1−ᾱ_c)·ε)/√ᾱ_c: the DDIM η = 0 step run towards
+    the larger t (with ε taken at t_n, the inversion's approximation)."""
+    _, x0 = predict_eps_x0(eps, z, alpha_bar_current, "epsilon")
+    return ddim_update(x0, eps, alpha_bar_next)
 
 
 @torch.no_grad()

@@ -91,7 +91,7 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
                         batch: int = 1, progress: bool = False) -> NullTextInversion:
     """Null-text inversion of one latent [1, C, h, w] under ``prompt`` (see the module docstring)."""
     check_deterministic(sampler)
-    if config.guidance <= 1.0:
+    if not guided(config.guidance):
         raise ValueError(f"null-text inversion fits the unconditional branch of guidance, which guidance "
                          f"{config.guidance} does not use; plain DDIM inversion reconstructs at w <= 1")
     if len(sampler.timesteps) > 100:

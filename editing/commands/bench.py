@@ -12,8 +12,9 @@ from ..options import DTYPES
 
 NAME = "bench"
 HELP = ("benchmark editlab against diffusers side by side (unet: one UNet forward; sample: text to image); "
-        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images")
-TARGETS = ("unet", "sample", "p2p")
+        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images; "
+        "quality: the toy model's caption accuracy per sampler")
+TARGETS = ("unet", "sample", "p2p", "quality")
 
 
 def add_arguments(parser):
@@ -41,6 +42,11 @@ def run(args):
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if gpu else "fp32")]
     bench = importlib.import_module(f"editing.bench.{args.target}")
+    if args.target == "quality":
+        from ..options import TOY_WEIGHTS
+
+        print(bench.run(TOY_WEIGHTS))
+        return
     if args.target == "unet":
         text = bench.run(args.preset or "sd15", args.batch, args.size or 64, dtype, device, args.repeats,
                          args.warmup, not args.nchw)

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from ldm.files import atomic_path
 from ldm.images import file_sha256, save_png
-from ldm.schedulers import SAMPLERS
 
 from ..clip_models import load_clip
-from ..options import add_model_arguments, load_model, native_size, weights_path
+from ..options import (add_model_arguments, add_sampler_arguments, check_sampler, load_model, native_size,
+                       sampler_options, weights_path)
 
 NAME = "make-pairs"
 HELP = "InstructPix2Pix training data: render caption pairs with Prompt-to-Prompt and keep CLIP-filtered ones"
@@ -53,7 +53,7 @@ def add_arguments(parser):
     parser.add_argument("--samples", type=int, default=100, help="samples rendered per caption pair (paper: 100)")
     parser.add_argument("--keep", type=int, default=4, help="at most this many kept per caption pair (paper: 4)")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--scheduler", choices=SAMPLERS, default="euler-a")
+    add_sampler_arguments(parser, "euler-a")
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw (p, guidance, noise)")
     parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
     parser.add_argument("--width", type=int, default=None, help="default: the model's native size")
@@ -140,8 +140,8 @@ def run(args):
         if path.exists() and not args.force:
             raise FileExistsError(f"{path} exists; choose another --out or pass --force")
     recipe = PairRecipe(samples=args.samples, keep=args.keep, p_range=tuple(args.p_range),
-                        guidance_range=tuple(args.guidance_range), steps=args.steps, scheduler=args.scheduler,
-                        seed=args.seed, min_image_text=args.min_image_text, min_image_image=args.min_image_image,
+                        guidance_range=tuple(args.guidance_range), steps=args.steps, negative=args.negative,
+                        **sampler_options(args), seed=args.seed, min_image_text=args.min_image_text, min_image_image=args.min_image_image,
                         min_direction=args.min_direction)
     model = load_model(args)
     if model.config.unet.in_channels != model.config.vae.latent_channels:
@@ -149,9 +149,12 @@ def run(args):
                          "with a text-to-image model (SD 1.x/2.x or the bundled toy model), not an InstructPix2Pix one")
     side = native_size(model)
     recipe = dataclasses.replace(recipe, height=args.height or side, width=args.width or side)
+    check_sampler(model, recipe.sampling(recipe.seed, recipe.guidance_range[0]))
     chosen, filter_info = sample_filter(args, recipe, model.device)
     run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
-                **filter_info, "scheduler": recipe.scheduler, "steps": recipe.steps, "height": recipe.height,
+                **filter_info, "scheduler": recipe.scheduler, "spacing": recipe.spacing, "karras": recipe.karras,
+                "rescale_zero_snr": recipe.rescale_zero_snr, "guidance_rescale": recipe.guidance_rescale,
+                "negative": recipe.negative or "", "steps": recipe.steps, "height": recipe.height,
                 "width": recipe.width, "recipe_seed": recipe.seed, "dtype": args.dtype}
     pairs, samples = [], []
     pair_list = [(c["input"], c["output"]) for c in captions]

@@ -135,7 +135,7 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
         latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma
     else:
         latents = noise.to(model.device, context.dtype).expand(len(prompts), -1, -1, -1)
-    controller = build_controller(model, prompts, cfg.steps, tuple(latents.shape[-2:]), config).to(model.device)
+    controller = build_controller(model, prompts, len(sampler), tuple(latents.shape[-2:]), config).to(model.device)
     with contextlib.ExitStack() as stack:
         controller.expected_calls = len(stack.enter_context(attached(model.unet, controller)))
         for hook in attention_hooks:

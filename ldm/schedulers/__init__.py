@@ -12,7 +12,7 @@ says diffusers is wrong.
 from __future__ import annotations
 
 from .base import Sampler, SigmaSampler, SolverSampler
-from .ddim import DDIMSampler, ddim_sigma
+from .ddim import DDIMSampler, ddim_sigma, ddim_update
 from .ddpm import DDPMSampler, ddpm_posterior
 from .dpm_solver import DPMSolverSampler
 from .from_config import (sampler_from_config, scheduler_config_json, source_scheduler_config,
@@ -113,7 +113,7 @@ __all__ = [
     "EULER_SPACINGS", "NoiseSchedule", "Sampler", "SigmaSampler", "SolverSampler", "DDIMSampler", "DDPMSampler",
     "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverSampler", "UniPCSampler",
     "PNDMSampler", "PLMSSampler", "make_sampler", "resolve_sampler", "check_prediction_type", "predict_eps_x0",
-    "velocity", "q_sample", "training_target", "ddim_sigma", "ddpm_posterior", "gaussian_noise",
+    "velocity", "q_sample", "training_target", "ddim_sigma", "ddim_update", "ddpm_posterior", "gaussian_noise",
     "karras_sigmas", "leading_timesteps", "linspace_timesteps", "log_linear_timesteps", "log_linear_sigma_grid",
     "sigma_grid", "sampler_from_config", "standard_scheduler_config", "source_scheduler_config",
     "scheduler_config_json",

@@ -38,6 +38,14 @@ def ddim_sigma(
     return eta * variance**0.5
 
 
+def ddim_update(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_prev: float | torch.Tensor,
+                sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """μ = √ᾱ_prev x̂0 + √(1−ᾱ_prev−σ²) ε̂: the deterministic part of DDIM eq. 12 (the whole step at η = 0;
+    DDIM inversion runs it towards a larger t)."""
+    direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps  # "direction pointing to x_t"
+    return alpha_bar_prev**0.5 * x0 + direction
+
+
 class DDIMSampler(Sampler):
     name = "ddim"
     zero_snr = True
@@ -80,8 +88,7 @@ class DDIMSampler(Sampler):
         alpha_bar_prev = self.alpha_bar_prev(i)
         eps, x0 = predict_eps_x0(model_output, x, alpha_bar_t, self.prediction_type)
         sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, self.eta)
-        direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps  # "direction pointing to x_t"
-        return alpha_bar_prev**0.5 * x0 + direction, sigma
+        return ddim_update(x0, eps, alpha_bar_prev, sigma), sigma
 
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None,
