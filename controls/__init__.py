@@ -1,5 +1,10 @@
-"""ControlNet (*Adding Conditional Control to Text-to-Image Diffusion Models*, Zhang, Rao, Agrawala):
-the model (controlnet), sampling with it (guidance), hints (canny, hints) and training (train)."""
+"""Conditioning added to a Stable Diffusion UNet.
+
+- ControlNet (*Adding Conditional Control to Text-to-Image Diffusion Models*, Zhang, Rao, Agrawala): the model
+  (controlnet), sampling with it (guidance), hints (canny, hints) and training (train).
+- IP-Adapter, the image prompt (ip_adapter).
+- InstructPix2Pix's image conditioning and three-way guidance (image_condition).
+"""
 
 from .canny import CannyConfig, canny
 from .controlnet import ControlNet, ControlNetConfig, HintEncoder, zero_conv

@@ -1,5 +1,5 @@
 """InstantStyle (*InstantStyle: Free Lunch towards Style-Preserving in Text-to-Image Generation*, Wang et al.
-2024; METHODS.md §9) on IP-Adapter (editing/ip_adapter.py). Two training-free changes:
+2024; METHODS.md §9) on IP-Adapter (controls/ip_adapter.py). Two training-free changes:
 
 1. Content subtraction in CLIP space, before the adapter's projection (no normalisation of either vector):
 
@@ -25,10 +25,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from controls.ip_adapter import IPAdapter, diffusers_block, generate_with_image_prompt
 from ldm.attention import attention_layers
 from ldm.pipeline import SamplingConfig
-
-from .ip_adapter import IPAdapter, diffusers_block, generate_with_image_prompt
 
 PRESETS = {  # SD 1.5 (METHODS.md §9.1); unnamed blocks get scale 0
     "style": ("up_blocks.1",),

@@ -26,7 +26,8 @@ term's gradient once cos > 0.5. The CLIP image tower and text projection come fr
 (the projection must take the IP2P text width, 768). AdamW lr 1e-3, fp32, unscaled backward; gradient value
 clipping to the initial states' maximum (the reference's) is an option, off by default.
 
-Applying: the learned [77, C] states replace CLIP(instruction) in ``editing.instruct_pix2pix.edit``. Hybrid
+Applying: the learned [77, C] states replace CLIP(instruction) in the InstructPix2Pix editor
+(``editing.instruct_pix2pix.editor.apply_instruction``). Hybrid
 instruction (test.py ``test_concatenate``): the hidden states of an extra text at positions 0 … eos_extra−1
 (BOS and words, encoded on their own) are pasted from position eos + 2 on, over padding states.
 """
@@ -39,8 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from editing.clip_models import clip_image_features
-from editing.instruct_pix2pix import EditConfig, check_ip2p_model, edit, image_condition, three_way_guidance
+from controls.image_condition import check_ip2p_model, image_condition, three_way_guidance
+from ldm.clip_models import clip_image_features
 from ldm.files import atomic_path
 from ldm.model import StableDiffusion
 from ldm.pipeline import encode_images
@@ -191,21 +192,9 @@ def hybrid_instruction(model: StableDiffusion, instruction: torch.Tensor, eos: i
     return out
 
 
-def apply_instruction(model: StableDiffusion, images: torch.Tensor, instruction: torch.Tensor,
-                      cfg: EditConfig = EditConfig(steps=20, text_guidance=8.0), extra_text: str | None = None,
-                      eos: int | None = None, progress: bool = True) -> torch.Tensor:
-    """Edit ``images`` [B, 3, H, W] with the learned instruction (optionally plus ``extra_text``); returns
-    latents. Defaults: the reference's test.py (Euler ancestral, 20 steps, s_T 8, s_I 1.5)."""
-    if extra_text:
-        if eos is None:
-            raise ValueError("a hybrid instruction needs the learned instruction's end position (eos)")
-        instruction = hybrid_instruction(model, instruction, eos, extra_text)
-    return edit(model, images, None, cfg, instruction_embedding=instruction, progress=progress)
-
-
 def save_instruction(path: str | Path, instruction: torch.Tensor, eos: int, metadata: dict[str, str] | None = None) -> None:
     """{"instruction_embedding": [77, C]} with the end position in the metadata; read back by
-    ``editing.instruct_pix2pix.load_instruction_embedding`` and ``instruction_eos``."""
+    ``editing.instruct_pix2pix.editor.load_instruction_embedding`` and ``instruction_eos``."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:

@@ -77,7 +77,7 @@ class TrainConfig:
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, step, stream): numpy's SeedSequence mixes the three."""
     state = np.random.SeedSequence([seed, step, stream]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> 1))
+    return torch.Generator().manual_seed(int(state) >> 1)  # in Python ints: numpy < 2 refuses uint64 >> int64
 
 
 def world() -> tuple[int, int]:

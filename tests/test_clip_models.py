@@ -1,4 +1,4 @@
-"""editing/clip_models.py: loading an open_clip CLIP from a local file refuses files that lack a part the
+"""ldm/clip_models.py: loading an open_clip CLIP from a local file refuses files that lack a part the
 caller will use (no silently random text tower)."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from editing.clip_models import load_clip
+from ldm.clip_models import load_clip
 
 TINY = {"embed_dim": 16, "quick_gelu": True,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},

@@ -1,5 +1,5 @@
-"""Editing from edit-friendly DDPM noise maps (editing/ddpm_edit.py), the noise-space manipulations
-(editing/noise_space.py), the combination with attention controllers (P2P), and the two commands."""
+"""Editing from edit-friendly DDPM noise maps (editing/ddpm_edit/editor.py), the noise-space manipulations
+(editing/ddpm_edit/noise_space.py), the combination with attention controllers (P2P), and the two commands."""
 
 import dataclasses
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from editing.cli import main
+from editing.ddpm_edit.editor import (DDPMEditConfig, DDPMP2PConfig, edit, edit_with_controller, edit_with_p2p,
+                                      invert_and_edit, invert_image, reconstruct)
+from editing.ddpm_edit.noise_space import colour_noise_maps, latent_colour, shift_maps, shift_noise_maps
 from editing.options import TOY_WEIGHTS
-from editing.ddpm_edit import (DDPMEditConfig, DDPMP2PConfig, edit, edit_with_controller, edit_with_p2p,
-                               invert_and_edit, invert_image, reconstruct)
-from editing.noise_space import colour_noise_maps, latent_colour, shift_maps, shift_noise_maps
 from inversion.ddpm_noise import DDPMInversionConfig
 from ldm.attention import attention_layers
 from ldm.config import tiny_sd1

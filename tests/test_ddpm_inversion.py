@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from editing.noise_space import noise_statistics
+from editing.ddpm_edit.noise_space import noise_statistics
 from inversion.ddpm_noise import (DDPMInversion, DDPMInversionConfig, auxiliary_path, edit_friendly_sampler, extract_noise_maps,
                                   invert, regenerate, sample_native)
 from ldm.config import ModelConfig, sd15, tiny_sd1, tiny_sd2

@@ -4,9 +4,9 @@ content subtraction (its formula, its place before the projection, the CLIP text
 import pytest
 import torch
 
+from controls.ip_adapter import IPAdapter, generate_with_image_prompt
 from editing.instant_style import (block_layers, content_embedding, instant_style, layer_scales, preset_scales,
                                    subtract_content)
-from editing.ip_adapter import IPAdapter, generate_with_image_prompt
 from ldm.clip import CLIPTextModel
 from ldm.config import TextEncoderConfig, sd15, tiny_text
 from ldm.model import StableDiffusion

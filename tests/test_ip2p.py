@@ -1,4 +1,4 @@
-"""InstructPix2Pix editing (editing/instruct_pix2pix.py) against diffusers' StableDiffusionInstructPix2PixPipeline
+"""InstructPix2Pix editing (editing/instruct_pix2pix/editor.py) against diffusers' StableDiffusionInstructPix2PixPipeline
 on a tiny random 8-channel model, plus the guidance formula, the conditioning latent and the s_I < 1 departure.
 
 Both sides get the same pre-sized image (METHODS §6.3.5), seed, steps and scales; diffusers draws the initial
@@ -9,9 +9,9 @@ the posterior mode (argmax) without scaling. Measured max|a − b| / max|a|: 0 (
 import pytest
 import torch
 
+from controls.image_condition import image_condition, instruction_context, three_way_guidance
 from editing.bench.peers import diffusers_components, diffusers_scheduler
-from editing.instruct_pix2pix import (EditConfig, edit, edit_sampler, image_condition, instruction_context,
-                                      three_way_guidance)
+from editing.instruct_pix2pix.editor import EditConfig, edit, edit_sampler
 from ldm.config import tiny_sd1
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, log_linear_sigma_grid

@@ -1,4 +1,4 @@
-"""InstructPix2Pix input sizing (edit_cli.py's rule, editing/ip2p_sizing.py) and the ``editlab ip2p`` command:
+"""InstructPix2Pix input sizing (edit_cli.py's rule, editing/instruct_pix2pix/sizing.py) and the ``editlab ip2p`` command:
 single edits, the guidance-scale grid and the instruction-embedding option, with parameters in every PNG."""
 
 import numpy as np
@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from editing.cli import main
-from editing.ip2p_sizing import edit_size, fit, kept_size, prepare_image, size_multiple
+from editing.instruct_pix2pix.sizing import edit_size, fit, kept_size, prepare_image, size_multiple
 from ldm.config import instruct_pix2pix, sd15, tiny_sd1, toy
 from ldm.images import read_parameters
 from ldm.model import StableDiffusion

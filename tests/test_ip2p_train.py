@@ -1,5 +1,5 @@
-"""InstructPix2Pix training (editing/ip2p_train.py), its toy pair recipe (editing/ip2p_data.py) and the
-``editlab train-ip2p`` command, on tiny models: a run killed with SIGKILL resumes to the same bits, and a
+"""InstructPix2Pix training (editing/instruct_pix2pix/train.py), its toy pair recipe (editing/instruct_pix2pix/data.py)
+and the ``editlab train-ip2p`` command, on tiny models: a run killed with SIGKILL resumes to the same bits, and a
 2-process torchrun (DDP, gloo) equals one process with the doubled batch."""
 
 import os
@@ -14,15 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from editing.cli import main
-from editing.ip2p_data import PairFolder, ToyEditPairs
-from editing.ip2p_train import (EncodedPairs, IP2PTrainConfig, conditioning_dropout, encode_pairs, ip2p_loss,
-                                train_ip2p, widen_conv_in)
+from editing.instruct_pix2pix.data import PairFolder, ToyEditPairs
+from editing.instruct_pix2pix.train import (EncodedPairs, IP2PTrainConfig, conditioning_dropout, encode_pairs,
+                                            ip2p_loss, train_ip2p, widen_conv_in)
 from ldm.config import tiny_sd1
 from ldm.model import StableDiffusion, metadata_of
 from ldm.toy.readers import read_attributes
 from ldm.training import TrainConfig, load_checkpoint, step_generator
 from tests.peers import randomize_
-
 # Runs ``editlab train-ip2p ARGS`` but, on reaching step HOLD_AT (the steps before it done, the last
 # checkpoint older), writes MARKER and sleeps until the test kills it.
 HOLDING_SCRIPT = """
@@ -59,7 +58,9 @@ def test_widened_model_starts_as_the_text_to_image_model(base):
     g = torch.Generator().manual_seed(0)
     x, image = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     context = torch.randn(2, 77, 32, generator=g)
-    assert torch.equal(wide.unet(torch.cat([x, image], 1), 500, context), base.unet(x, 500, context))
+    widened, plain = wide.unet(torch.cat([x, image], 1), 500, context), base.unet(x, 500, context)
+    # the zero weights add exact zeros, but a convolution over 8 input channels may sum in another order than over 4
+    assert (widened - plain).abs().max() <= 1e-5 * plain.abs().max()
     with pytest.raises(ValueError, match="already takes 8 input channels"):
         widen_conv_in(wide)
 

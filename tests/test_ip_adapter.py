@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from controls.ip_adapter import IPAdapter, generate_with_image_prompt, image_prompt_hook
 from editing.bench.peers import diffusers_pipeline
 from editing.instant_style import preset_scales
-from editing.ip_adapter import IPAdapter, generate_with_image_prompt, image_prompt_hook
 from ldm.config import ModelConfig, UNetConfig, VAEConfig, sd15, tiny_text
 from ldm.model import StableDiffusion, WeightsError
 from ldm.pipeline import SamplingConfig, text_to_image

@@ -1,4 +1,4 @@
-"""editing.ip2p_pairs, editing.toy_pairs and `editlab make-pairs`: the CLIP filters against hand computations,
+"""editing/instruct_pix2pix (pairs, toy_pairs) and `editlab make-pairs`: the CLIP filters against hand computations,
 the draws, the injected-step rule, the per-item injection hook, the self-attention injection on the toy model
 (before row = plain generation; p = 0 gives the plain after-caption image, p = 1 pulls the after image towards
 the before image), a batch equal to its items rendered one at a time, the toy filter on rendered ground-truth
@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from editing.cli import main
-from editing.ip2p_data import PairFolder
-from editing.ip2p_pairs import (SCORES, PairInjection, PairItem, PairRecipe, SampleDraw, clip_scores, draw_samples,
-                                injected_steps, passes_filters, render_pair, render_pairs, select_samples)
+from editing.instruct_pix2pix.data import PairFolder
+from editing.instruct_pix2pix.pairs import (SCORES, PairInjection, PairItem, PairRecipe, SampleDraw, clip_scores,
+                                            draw_samples, injected_steps, passes_filters, render_pair, render_pairs,
+                                            select_samples)
+from editing.instruct_pix2pix.toy_pairs import ToyFilter, toy_caption_pairs
 from editing.options import TOY_WEIGHTS
-from editing.toy_pairs import ToyFilter, toy_caption_pairs
-from ldm.toy.shapes import parse_caption, render, spec_from_caption
 from ldm.images import read_parameters
 from ldm.model import StableDiffusion
-from ldm.pipeline import text_to_image
+from ldm.pipeline import decode_latents, text_to_image
+from ldm.toy.shapes import parse_caption, render, spec_from_caption
 
 TINY_CLIP = {"embed_dim": 16, "quick_gelu": True,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
@@ -147,8 +148,20 @@ def test_a_batch_equals_its_items_rendered_one_at_a_time(toy):
     batch = render_pairs(toy, items, recipe)
     alone = torch.cat([render_pair(toy, item.before, item.after, item.draw, recipe) for item in items])
     assert batch.shape == (6, 4, 16, 16)
-    assert (batch - alone).abs().max() <= 1e-6  # bit for bit on the CPU
+    # Not bit for bit: a 6-row batch may run other kernel blockings than a 2-row one (oneDNN/MKL choose by shape,
+    # and torch releases change the choice); ~1e-7 relative per operation, grown by 3 guided steps (2e-4 seen).
+    assert (batch - alone).abs().max() <= 2e-4 * alone.abs().max()
     assert (batch[0] - batch[4]).abs().max() > 0.1  # same caption, other seed: other noise
+    # What make-pairs promises whatever --batch: the same verdicts, and saved 8-bit images within one level
+    # (rounding to 8 bits can put two nearly equal values on either side of a level).
+    images = [decode_latents(toy, latents) for latents in (batch, alone)]
+    levels = [(image * 255).round() for image in images]
+    assert (levels[0] - levels[1]).abs().max() <= 1
+    verdicts = [[ToyFilter(min_iou=0.3).scores(item.before, item.after, image[2 * k:2 * k + 2])
+                 for k, item in enumerate(items)] for image in images]
+    for mine, theirs in zip(*verdicts):
+        assert mine["passes"] == theirs["passes"] and abs(mine["iou"] - theirs["iou"]) <= 0.02
+        assert {k: v for k, v in mine.items() if k != "iou"} == {k: v for k, v in theirs.items() if k != "iou"}
 
 
 # ------------------------------------------------------------------------------------------- toy filter

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from editing.instruct_pix2pix import EditConfig, edit
+from editing.instruct_pix2pix.editor import EditConfig, apply_instruction, edit
 from editing.options import TOY_IP2P_WEIGHTS
-from inversion.visii import VisiiConfig, apply_instruction, train_visii, visii_training
+from inversion.visii import VisiiConfig, train_visii, visii_training
 from ldm.model import StableDiffusion
 from ldm.pipeline import decode_latents
 from ldm.toy import ShapeSpec, object_mask, read_colour, read_shape, render

@@ -12,14 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from editing.cli import main
-from editing.instruct_pix2pix import EditConfig, load_instruction_embedding
+from editing.instruct_pix2pix.editor import EditConfig, apply_instruction, load_instruction_embedding
 from inversion.embedding_optimiser import EmbeddingConfig
-from inversion.visii import (VisiiConfig, apply_instruction, end_position, hybrid_instruction, instruction_eos,
-                             text_direction, train_visii, visii_loss, visii_training)
+from inversion.visii import (VisiiConfig, end_position, hybrid_instruction, instruction_eos, text_direction,
+                             train_visii, visii_loss, visii_training)
 from ldm.config import tiny_sd1
 from ldm.images import save_png
 from ldm.model import StableDiffusion
-
 TINY_CLIP = {"embed_dim": 16, "quick_gelu": True,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

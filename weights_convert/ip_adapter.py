@@ -6,7 +6,7 @@
 editlab's parameter names are the official ones, so the conversion is the identity; what it checks is that
 the keys ``ip_adapter.{k}`` land on the right layers. k counts every attention processor of the UNet in
 diffusers' module registration order (down, up, mid), odd k being the cross-attentions; editlab builds that
-table from its own modules (``editing.ip_adapter.processor_table``) and, for the SD 1.5 layout, checks it
+table from its own modules (``controls.ip_adapter.processor_table``) and, for the SD 1.5 layout, checks it
 against the published one below. Loading is strict, with a report.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from editing.ip_adapter import IPAdapter, diffusers_block, processor_table
+from controls.ip_adapter import IPAdapter, diffusers_block, processor_table
 from ldm.model import WeightsError
 
 from .files import read_checkpoint

@@ -11,7 +11,7 @@ from inversion.ddpm_noise import DDPMInversionConfig
 from ldm.images import file_sha256, load_image, save_png
 from ldm.pipeline import decode_latents
 
-from ..ddpm_edit import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image, p2p_controller
+from ..ddpm_edit.editor import DDPMEditConfig, DDPMP2PConfig, edit, edit_with_p2p, invert_image, p2p_controller
 from ..options import UserError, add_model_arguments, load_model, weights_path
 
 NAME = "ddpm-edit"

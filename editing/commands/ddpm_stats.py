@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from editing.noise_space import noise_statistics
+from editing.ddpm_edit.noise_space import noise_statistics
 from inversion.ddpm_noise import DDPMInversionConfig, invert, sample_native
 from ldm.images import load_image
 from ldm.pipeline import check_image_size, encode_images

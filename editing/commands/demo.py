@@ -19,7 +19,7 @@ from ldm.images import check_output, save_png
 from ldm.pipeline import SamplingConfig, decode_latents, text_to_image
 from ldm.toy.shapes import render, spec_from_caption
 
-from ..ddpm_edit import DDPMEditConfig, invert_and_edit
+from ..ddpm_edit.editor import DDPMEditConfig, invert_and_edit
 from ..options import (add_model_arguments, add_sampler_arguments, check_sampler, load_model, run_parameters,
                        sampler_options)
 from ..p2p import P2PConfig, attention_grid, prompt_to_prompt

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from controls.image_condition import check_ip2p_model
 from ldm.images import file_sha256, save_png, to_pil
 from ldm.pipeline import decode_latents
 from ldm.schedulers import resolve_sampler
 
-from ..instruct_pix2pix import EditConfig, check_ip2p_model, edit, load_instruction_embedding
-from ..ip2p_grid import format_scale, labelled_grid, parse_scales
-from ..ip2p_sizing import open_rgb, prepare_image, to_tensor
+from ..instruct_pix2pix.editor import EditConfig, edit, load_instruction_embedding
+from ..instruct_pix2pix.grid import format_scale, labelled_grid, parse_scales
+from ..instruct_pix2pix.sizing import open_rgb, prepare_image, to_tensor
 from ..options import (TOY_IP2P_WEIGHTS, UserError, add_model_arguments, add_output_arguments, add_sampler_arguments,
                        load_model, native_size, weights_path)
 

@@ -6,10 +6,10 @@
 --captions: one JSON object a line, {"input": caption, "edit": instruction, "output": edited caption} (the
 paper's format). For each line, --samples before/after pairs are rendered (one shared noise, self-attention
 injected for a random p ~ U(--p-range) of the steps, guidance ~ U(--guidance-range)), scored with CLIP and
-at most --keep are kept (editing/ip2p_pairs.py). --clip is a local open_clip state dict (ViT-L/14 with
+at most --keep are kept (editing/instruct_pix2pix/pairs.py). --clip is a local open_clip state dict (ViT-L/14 with
 QuickGELU unless --clip-config gives another JSON open_clip config).
 
---toy-captions N instead draws N toy-world caption pairs (editing/toy_pairs.py), and --filter toy replaces
+--toy-captions N instead draws N toy-world caption pairs (editing/instruct_pix2pix/toy_pairs.py), and --filter toy replaces
 CLIP by the toy world's attribute readers, e.g. the training data of the bundled toy InstructPix2Pix model:
 
     editlab make-pairs --toy-captions 1500 --filter toy --samples 2 --keep 1 --steps 20 --scheduler ddim --out DIR
@@ -26,10 +26,10 @@ import json
 import sys
 from pathlib import Path
 
+from ldm.clip_models import load_clip
 from ldm.files import atomic_path
 from ldm.images import file_sha256, save_png
 
-from ..clip_models import load_clip
 from ..options import (add_model_arguments, add_sampler_arguments, check_sampler, load_model, native_size,
                        sampler_options, weights_path)
 
@@ -103,7 +103,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def caption_pairs(args) -> list[dict[str, str]]:
-    from ..toy_pairs import check_toy_caption, toy_caption_pairs
+    from ..instruct_pix2pix.toy_pairs import check_toy_caption, toy_caption_pairs
 
     if args.toy_captions is not None and args.toy_captions < 1:
         raise ValueError(f"--toy-captions {args.toy_captions}: ask for at least 1 caption pair")
@@ -116,8 +116,8 @@ def caption_pairs(args) -> list[dict[str, str]]:
 
 def sample_filter(args, recipe, device):
     """(filter, run-info entries) for --filter."""
-    from ..ip2p_pairs import ClipFilter
-    from ..toy_pairs import ToyFilter
+    from ..instruct_pix2pix.pairs import ClipFilter
+    from ..instruct_pix2pix.toy_pairs import ToyFilter
 
     if args.filter == "toy":
         return ToyFilter(min_iou=args.min_iou, keep=args.keep), {"filter": "toy", "min_iou": args.min_iou}
@@ -126,7 +126,7 @@ def sample_filter(args, recipe, device):
 
 
 def run(args):
-    from ..ip2p_pairs import PairRecipe, make_caption_pairs  # imported here: the CLI lists every command
+    from ..instruct_pix2pix.pairs import PairRecipe, make_caption_pairs  # imported here: the CLI lists every command
 
     if args.filter == "clip" and args.clip is None:
         raise ValueError("--filter clip needs --clip CLIP_WEIGHTS (a local open_clip state dict), or use --filter toy")

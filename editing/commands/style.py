@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from controls.ip_adapter import generate_with_image_prompt
 from ldm.clip_vision import preprocess
 from ldm.images import check_output, file_sha256, save_png
 from ldm.pipeline import decode_latents
 from ldm.tokenizer import Tokenizer
 
 from ..instant_style import CONTENT_SCALE, PRESETS, content_embedding, layer_scales, preset_scales, subtract_content
-from ..ip_adapter import generate_with_image_prompt
 from ..options import (UserError, add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
                        run_parameters, sampling_config)
 

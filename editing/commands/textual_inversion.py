@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from ..ip2p_sizing import open_rgb, to_tensor
+from ..instruct_pix2pix.sizing import open_rgb, to_tensor
 from ..options import add_model_arguments, load_model, native_size
 
 NAME = "textual-inversion"

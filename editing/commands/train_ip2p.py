@@ -20,8 +20,8 @@ from pathlib import Path
 from ldm.files import file_sha256
 from ldm.training import TrainConfig, end_processes, start_processes
 
-from ..ip2p_data import PairFolder, ToyEditPairs
-from ..ip2p_train import IP2PTrainConfig, train_ip2p, widen_conv_in
+from ..instruct_pix2pix.data import PairFolder, ToyEditPairs
+from ..instruct_pix2pix.train import IP2PTrainConfig, train_ip2p, widen_conv_in
 from ..options import add_model_arguments, check_training_output, load_model, native_size, weights_path
 
 NAME = "train-ip2p"

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from controls.image_condition import check_ip2p_model
+from ldm.clip_models import load_clip
 from ldm.files import file_sha256
 
-from ..clip_models import load_clip
-from ..instruct_pix2pix import check_ip2p_model
-from ..ip2p_sizing import open_rgb, to_tensor
+from ..instruct_pix2pix.sizing import open_rgb, to_tensor
 from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size, weights_path
 
 NAME = "visii"

@@ -3,7 +3,7 @@
 The paper (*InstructPix2Pix*, Brooks et al., CVPR 2023, §3.1; METHODS.md §6.2) writes caption pairs with a
 language model and filters the rendered pairs with CLIP. The toy world needs neither:
 
-- caption pairs: a random toy spec and one random edit of it (ip2p_data.sample_edit: object colour, shape
+- caption pairs: a random toy spec and one random edit of it (data.sample_edit: object colour, shape
   or background), written with shapes.caption, e.g. ("a red circle on a blue background",
   "make the circle green", "a green circle on a blue background");
 - filter (``ToyFilter``), with the readers of ldm/toy/readers.py in place of CLIP:
@@ -25,7 +25,7 @@ import torch
 from ldm.toy.readers import mask_iou, object_mask, read_background, read_colour, read_shape
 from ldm.toy.shapes import caption, parse_caption
 
-from .ip2p_data import ToyEditPairs
+from .data import ToyEditPairs
 
 ATTRIBUTES = ("colour", "shape", "background")
 
@@ -66,7 +66,7 @@ def reads_as(reads: dict, words: dict) -> bool:
 
 @dataclass(frozen=True)
 class ToyFilter:
-    """The toy analogue of the CLIP filters (module doc). Same interface as ip2p_pairs.ClipFilter."""
+    """The toy analogue of the CLIP filters (module doc). Same interface as pairs.ClipFilter."""
 
     min_iou: float = 0.7  # IoU(M_0, M_1) for colour and background edits
     keep: int = 4  # at most K kept per caption pair

@@ -38,11 +38,13 @@ from typing import Sequence
 
 import torch
 
+from controls.image_condition import check_ip2p_model, image_condition, instruction_context, three_way_guidance
+from inversion.visii import hybrid_instruction
 from ldm.model import StableDiffusion
-from ldm.pipeline import Predictor, denoise, initial_noise, scheduler_config_of
+from ldm.pipeline import denoise, initial_noise, scheduler_config_of
 from ldm.schedulers import resolve_sampler, sampler_from_config, standard_scheduler_config
 
-from .ip2p_sizing import check_edit_size
+from .sizing import check_edit_size
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,6 @@ class EditConfig:
     seed: int = 0
 
 
-def check_ip2p_model(model: StableDiffusion) -> None:
-    """The UNet must take [noisy latent ‖ image latent]: twice the VAE's latent channels."""
-    expected = 2 * model.config.vae.latent_channels
-    if model.config.unet.in_channels != expected:
-        raise ValueError(f"this model's UNet takes {model.config.unet.in_channels} input channels, InstructPix2Pix "
-                         f"needs {expected} (noisy latent + image latent); convert an InstructPix2Pix checkpoint "
-                         "(e.g. instruct-pix2pix-00-22000.ckpt) with 'editlab convert' and pass it with --weights")
-
-
 def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon", scheduler_config: dict | None = None):
     """The sampler of ``cfg`` on the model's schedule (``scheduler_config``, SD's standard one by default);
     Euler ancestral defaults to the log-linear grid of edit_cli.py."""
@@ -75,65 +68,10 @@ def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon", scheduler_co
 
 
 @torch.no_grad()
-def image_condition(model: StableDiffusion, images: torch.Tensor) -> torch.Tensor:
-    """c_I = E(2x − 1).mode(): images [B, 3, H, W] in [0, 1] -> latents [B, 4, H/f, W/f], NOT multiplied by
-    the 0.18215 scaling factor (the training convention; scaling it silently degrades edits)."""
-    vae = model.vae
-    posterior = vae.encode((images * 2 - 1).to(model.device, vae.dtype))
-    return posterior.mode()
-
-
-def instruction_context(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
-                        instruction_embedding: torch.Tensor | None = None, negative: str | None = None) -> torch.Tensor:
-    """Cross-attention context of the three rows, [c_T; ∅_T; ∅_T] ([3B, 77, C]); ∅_T is the empty prompt, or
-    the ``negative`` prompt (as diffusers' InstructPix2Pix pipeline).
-
-    c_T is CLIP(instruction), or ``instruction_embedding`` ([77, C] or [B, 77, C]) used as it is: the hook for
-    a learned instruction (Visii, METHODS §10) that replaces the encoded text; gradients flow back to it.
-    """
-    if (instructions is None) == (instruction_embedding is None):
-        raise ValueError("give either instructions or an instruction embedding (exactly one of the two)")
-    if instructions is not None and len(instructions) != batch:
-        raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
-    with torch.no_grad():
-        null = model.encode_prompt([negative or ""] * batch)  # ∅_T
-        cond = model.encode_prompt(list(instructions)) if instructions is not None else None
-    if cond is None:
-        cond = _embedding_batch(instruction_embedding, batch, tuple(null.shape[1:])).to(null.device, null.dtype)
-    return torch.cat([cond, null, null])  # 3 × [B, 77, C] -> [3B, 77, C]
-
-
-def _embedding_batch(embedding: torch.Tensor, batch: int, shape: tuple[int, int]) -> torch.Tensor:
-    if embedding.ndim == 2:
-        embedding = embedding[None]  # [77, C] -> [1, 77, C]
-    if embedding.ndim != 3 or tuple(embedding.shape[1:]) != shape or embedding.shape[0] not in (1, batch):
-        raise ValueError(f"instruction embedding of shape {tuple(embedding.shape)} does not fit this model; "
-                         f"it must be [{shape[0]}, {shape[1]}] (or [{batch}, {shape[0]}, {shape[1]}])")
-    return embedding.expand(batch, *shape)
-
-
-def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor, text_scale: float,
-                       image_scale: float) -> Predictor:
-    """predict(x_in, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
-    [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w])."""
-    image_rows = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [c_I; c_I; ∅_I]
-
-    def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        rows = torch.cat([x_in, x_in, x_in])  # [B, 4, h, w] -> [3B, 4, h, w]
-        unet_in = torch.cat([rows, image_rows.to(rows.dtype)], dim=1)  # -> [3B, 8, h, w]
-        full, image_only, unconditional = unet(unet_in, t, context).chunk(3)  # -> 3 × [B, 4, h, w]
-        return (unconditional
-                + text_scale * (full - image_only)  # s_T (ε(c_T, c_I) − ε(∅_T, c_I))
-                + image_scale * (image_only - unconditional))  # s_I (ε(∅_T, c_I) − ε(∅_T, ∅_I))
-
-    return predict
-
-
-@torch.no_grad()
 def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
          cfg: EditConfig = EditConfig(), instruction_embedding: torch.Tensor | None = None,
          hooks: Sequence = (), negative: str | None = None, progress: bool = True) -> torch.Tensor:
-    """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see ip2p_sizing) by one instruction each.
+    """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see sizing.py) by one instruction each.
     Returns the final latents [B, 4, H/f, W/f]; ``ldm.pipeline.decode_latents`` turns them into images."""
     check_ip2p_model(model)
     if images.ndim != 4 or images.shape[1] != 3:
@@ -149,6 +87,18 @@ def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[st
     latents = latents * sampler.init_noise_sigma  # z = σ_0·N(0, I) for Euler, N(0, I) for DDIM/DDPM
     predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
+
+
+def apply_instruction(model: StableDiffusion, images: torch.Tensor, instruction: torch.Tensor,
+                      cfg: EditConfig = EditConfig(steps=20, text_guidance=8.0), extra_text: str | None = None,
+                      eos: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Edit ``images`` [B, 3, H, W] with a learned Visii instruction (inversion/visii.py; optionally plus
+    ``extra_text``); returns latents. Defaults: the reference's test.py (Euler ancestral, 20 steps, s_T 8, s_I 1.5)."""
+    if extra_text:
+        if eos is None:
+            raise ValueError("a hybrid instruction needs the learned instruction's end position (eos)")
+        instruction = hybrid_instruction(model, instruction, eos, extra_text)
+    return edit(model, images, None, cfg, instruction_embedding=instruction, progress=progress)
 
 
 def load_instruction_embedding(path: str | Path) -> torch.Tensor:

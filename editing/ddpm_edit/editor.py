@@ -33,7 +33,7 @@ from inversion.ddpm_noise import DDPMInversion, DDPMInversionConfig, check_skip,
 from ldm.attention import attached
 from ldm.pipeline import check_image_size, encode_images, guided_unet, text_context
 
-from .p2p import P2PConfig, build_controller
+from ..p2p import P2PConfig, build_controller
 
 
 @dataclass(frozen=True)

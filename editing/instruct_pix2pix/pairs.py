@@ -24,8 +24,8 @@ CLIP filters, on L2-normalised embeddings ê = E_img(x)/‖E_img(x)‖ and t̂ =
     direction    s_D = cos(ê_1 − ê_0, t̂_1 − t̂_0)                ≥ 0.2
 
 The survivors are ranked by s_D (largest first) and at most K (4) are kept. For the toy world,
-editing/toy_pairs.py replaces CLIP by the toy world's attribute readers (``ToyFilter``).
-The paper's CLIP is ViT-L/14; any open_clip CLIP works (clip_models.py; its resize is antialiased, the
+toy_pairs.py replaces CLIP by the toy world's attribute readers (``ToyFilter``).
+The paper's CLIP is ViT-L/14; any open_clip CLIP works (ldm/clip_models.py; its resize is antialiased, the
 reference's bicubic resize is not). Images are scored as decoded (float), before rounding to 8-bit PNGs.
 """
 
@@ -39,12 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from ldm.attention import attached
+from ldm.clip_models import clip_image_features, clip_text_features
 from ldm.model import StableDiffusion
 from ldm.pipeline import (SamplingConfig, check_image_size, decode_latents, denoise, guided_unet, sampler_for,
                           text_context)
 from ldm.schedulers import gaussian_noise
-
-from .clip_models import clip_image_features, clip_text_features
 
 SCORES = ("image_text_before", "image_text_after", "image_image", "direction")
 

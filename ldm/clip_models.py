@@ -10,7 +10,7 @@ editing methods use it: an open_clip model read from a local weights file, and i
   projected embeddings [B, D].
 
 Embeddings are returned unnormalised; callers normalise where their formula does.
-Used by Visii (inversion/visii.py) and the InstructPix2Pix data filters (editing/ip2p_pairs.py).
+Used by Visii (inversion/visii.py) and the InstructPix2Pix data filters (editing/instruct_pix2pix/pairs.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ train_instruct_pix2pix.py (METHODS.md §6.2).
 3. Conditioning dropout (paper §3.3, p = 0.05), one uniform r per sample, as both references:
        c_T -> ∅_T (CLIP of "") if r < 2p;    c_I -> 0 if p ≤ r < 3p
    so 5% of samples lose only the text, 5% both, 5% only the image: the model learns ε(∅, c_I) and ε(∅, ∅),
-   which two-way guidance needs (instruct_pix2pix.py).
+   which two-way guidance needs (controls/image_condition.py).
 
 Optimiser, learning rate, EMA and resumable checkpoints come from ldm.training (paper: AdamW, lr 1e-4, no
 warm-up, batch 1024, 256²; the release is sampled with its EMA weights). Under torchrun the run follows
@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from controls.image_condition import check_ip2p_model
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, q_sample, training_target
 from ldm.training import LossFn, TrainConfig, Trainer, batch_share, data_parallel
-
-from .instruct_pix2pix import check_ip2p_model
 
 log = logging.getLogger(__name__)
 

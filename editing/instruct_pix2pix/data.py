@@ -30,7 +30,7 @@ import torch
 
 from ldm.toy.shapes import COLOURS, SHAPES, ShapeSpec, render, sample_spec
 
-from .ip2p_sizing import fit, open_rgb, to_tensor
+from .sizing import fit, open_rgb, to_tensor
 
 EDIT_KINDS = ("colour", "shape", "background")
 
