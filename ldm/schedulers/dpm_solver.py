@@ -1,8 +1,8 @@
 """DPM-Solver++(2M) and its SDE variant: multistep exponential integrators in log-SNR.
 
 Papers: *DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models* (Lu et al., 2022),
-Algorithm 2 (multistep second order, data prediction); the SDE variant is §4.2 / k-diffusion
-`sample_dpmpp_2m_sde` (η = 1). With α_i = 1/√(σ_i²+1), σ_i^VP = σ_i α_i, λ_i = log(α_i/σ_i^VP) = −log σ_i,
+Algorithm 2 (multistep second order, data prediction); the SDE variant is the same update for the
+reverse SDE, as k-diffusion's `sample_dpmpp_2m_sde` (η = 1). With α_i = 1/√(σ_i²+1), σ_i^VP = σ_i α_i, λ_i = log(α_i/σ_i^VP) = −log σ_i,
 h = λ_{i+1} − λ_i, the model's x̂0 stored as m_i, and r = h_{i−1}/h:
 
     D = D0 + ½ D1,  D0 = m_i,  D1 = (m_i − m_{i−1})/r                      (2nd order; D = m_i at 1st order)

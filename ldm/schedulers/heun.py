@@ -3,8 +3,8 @@
 Paper: *Elucidating the Design Space of Diffusion-Based Generative Models* (Karras et al., 2022), Algorithm 1
 (k-diffusion `sample_heun` without churn). With d(x, σ) = (x − D(x, σ))/σ and D = x̂0:
 
-    x̃ = x_i + (σ_{i+1} − σ_i)·d(x_i, σ_i)                                  (Euler predictor, line 5)
-    x_{i+1} = x_i + (σ_{i+1} − σ_i)·½(d(x_i, σ_i) + d(x̃, σ_{i+1}))          (trapezoidal corrector, line 7-8)
+    x̃ = x_i + (σ_{i+1} − σ_i)·d(x_i, σ_i)                                  (Euler predictor)
+    x_{i+1} = x_i + (σ_{i+1} − σ_i)·½(d(x_i, σ_i) + d(x̃, σ_{i+1}))          (trapezoidal corrector)
 
 and a plain Euler step into σ = 0. The model is evaluated twice per step, so the grid is doubled as in
 diffusers: timesteps [t_0, t_1, t_1, …, t_{N−1}, t_{N−1}] (2N−1 evaluations); even indices are predictor calls,

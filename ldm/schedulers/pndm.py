@@ -6,7 +6,7 @@ a common denominator):
 
     φ(x, e, t → t') = √(ᾱ'/ᾱ) x − (ᾱ' − ᾱ) e / (ᾱ √(1−ᾱ') + √(ᾱ (1−ᾱ) ᾱ'))
 
-and e is a linear multistep combination of past model outputs e_k (eq. 12, Adams–Bashforth):
+and e is a linear multistep combination of past model outputs e_k (Adams–Bashforth):
 
     first step (2 evaluations, pseudo improved Euler): x̃ = φ(x, e_0, t→t'),  x' = φ(x, (e_0 + e_1)/2, t→t')
         with e_1 the model at (x̃, t'); e_1 is then dropped and the model is evaluated again at (x', t')

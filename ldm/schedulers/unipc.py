@@ -6,7 +6,7 @@ Paper: *UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diff
 
     base:       x̄ = (σ^VP_t/σ^VP_{s0}) x_{s0} − α_t (e^{ĥ} − 1) m_0                   (= DPM-Solver++ 1st order)
     UniP-2:     x_t = x̄ − α_t B(h)·½·D_1                                                (ρ = ½ at order 2)
-    UniC-p:     x_t^c = x̄ − α_t B(h)(Σ_k ρ_k D_k + ρ_p (m_t − m_0)),   R ρ = b        (eq. 8-9)
+    UniC-p:     x_t^c = x̄ − α_t B(h)(Σ_k ρ_k D_k + ρ_p (m_t − m_0)),   R ρ = b
                 R_{jk} = r_k^{j}, b_j = ĥ φ_{j+1}(ĥ)·j!/B(h), φ_1(z) = (e^z − 1)/z, φ_{k+1}(z) = (φ_k(z) − 1/k!)/z
 
 The corrector runs at the start of each step after the first, using the model output at the predicted point
@@ -55,7 +55,7 @@ class UniPCSampler(SolverSampler):
 
     @staticmethod
     def _rho(r: torch.Tensor, hh: torch.Tensor, h_phi_1: torch.Tensor, b_h: torch.Tensor) -> torch.Tensor:
-        """Solve R ρ = b (UniC eq. 9)."""
+        """Solve R ρ = b for the corrector weights."""
         rows, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
         for k in range(1, len(r) + 1):
             rows.append(torch.pow(r, k - 1))
