@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from ldm.hooks import guidance_batch, join_guidance, split_guidance
 from ldm.model import StableDiffusion
 from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, classifier_free_guidance, denoise, guided,
                           initial_noise, sampler_for, text_context)
@@ -76,7 +77,7 @@ def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: 
         n = control.net.control_config.n_residuals
         scales = guess_mode_scales(n, strength, guess_rule) if guess_mode else strength
         hint = control.hint.to(x.device, x.dtype)
-        hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)  # [1 or B, ...] -> [B or 2B, ...] ([uncond; cond])
+        hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)  # [1 or B, ...] -> [B or 2B, ...] (every row)
         down, mid = control.net(x, t, context, hint, scales)
         if down_sum is None:
             down_sum, mid_sum = down, mid
@@ -111,14 +112,15 @@ def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, gu
         if not guided(guidance):
             down, mid = residuals(x_in, t, context, i)
             return unet(x_in, t, context, down, mid)
-        x_both = torch.cat([x_in, x_in])  # [B, ...] -> [2B, ...]: [uncond; cond]
+        x_both = guidance_batch(x_in)  # [B, ...] -> [2B, ...]: [uncond × B; cond × B]
         if control_uncond:
             down, mid = residuals(x_both, t, context, i)
         else:  # guess mode: control only the conditional half, zeros for the unconditional one
-            down, mid = residuals(x_in, t, context.chunk(2)[1], i)
-            down, mid = [torch.cat([torch.zeros_like(r), r]) for r in down], torch.cat([torch.zeros_like(mid), mid])
+            down, mid = residuals(x_in, t, split_guidance(context)[1], i)
+            down = [join_guidance(torch.zeros_like(r), r) for r in down]
+            mid = join_guidance(torch.zeros_like(mid), mid)
         # y = F(x) + Z(F'(x + Z(c))): the locked UNet adds the residuals to its skips and middle block
-        uncond, cond = unet(x_both, t, context, down, mid).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        uncond, cond = split_guidance(unet(x_both, t, context, down, mid))  # [2B, ...] -> 2 × [B, ...]
         return classifier_free_guidance(uncond, cond, guidance, rescale)
 
     return predict

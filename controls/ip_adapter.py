@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ldm.attention import Attention, attached, attention_layers
+from ldm.hooks import AttentionHook, join_guidance
 from ldm.pipeline import SamplingConfig, guided, text_to_image
 
 
@@ -87,7 +88,7 @@ class IPAdapter(nn.Module):
         positive = self.image_proj(image_embeds)
         if not guided(guidance):
             return positive
-        return torch.cat([self.image_proj(torch.zeros_like(image_embeds)), positive])  # c_ip^∅ = proj(0)
+        return join_guidance(self.image_proj(torch.zeros_like(image_embeds)), positive)  # c_ip^∅ = proj(0)
 
     def layer_scales(self, scale: float | Mapping[str, float]) -> dict[str, float]:
         """One scale for every adapted layer, or a {layer name: scale} dict (unnamed layers: 0)."""
@@ -99,7 +100,7 @@ class IPAdapter(nn.Module):
         return {name: float(s) for name, s in scale.items()}
 
 
-class ImagePromptHook:
+class ImagePromptHook(AttentionHook):
     """Attention hook adding λ_l·softmax(Q K_ipᵀ/√d)V_ip to the selected cross-attention layers."""
 
     def __init__(self, adapter: IPAdapter, tokens: torch.Tensor, scales: Mapping[str, float]):

@@ -18,20 +18,22 @@ is SD's ε-MSE with the hint as an extra condition (paper eq. 5):
   step's generator and trains on its own slice; DistributedDataParallel averages the gradients, so the run
   equals one process with the global batch. Only rank 0 writes checkpoints.
 
-Data: ``toy_canny_triples`` (toy shapes with their Canny edges) or ``folder_triples`` (the user's own images,
-laid out like the Fill50K tutorial / diffusers' controlnet example): a folder with ``prompts.jsonl`` (or
-``metadata.jsonl``), one JSON object a line, paths relative to the folder,
+Data, streamed (ldm/stream.py: each step reads and encodes only its own samples): ``ToyCannyTriples`` (toy
+shapes with their Canny edges), ``TripleShards`` (WebDataset tar shards, ``editlab pack``) or ``TripleFolder``
+(the user's own images, laid out like the Fill50K tutorial / diffusers' controlnet example): a folder with
+``prompts.jsonl`` (or ``metadata.jsonl``), one JSON object a line, paths relative to the folder,
 
     {"target": "images/0.png", "prompt": "a red circle", "source": "hints/0.png"}
 
-where ``source`` (the hint) may be left out when ``detect="canny"`` computes it from the target. Both return
-(images [N, 3, S, S] in [−1, 1], hints [N, 3, S, S] in [0, 1], captions), ready for ``encode_triples``.
+where ``source`` (the hint) may be left out when ``detect="canny"`` computes it from the target. Items are
+{image [3, S, S] in [−1, 1], hint [3, S, S] in [0, 1], caption}.
 
 Checkpoints and exact resume come from ``ldm.training.Trainer``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -41,10 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import numpy as np
+from PIL import Image
+
 from ldm.images import load_image
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, q_sample, training_target
-from ldm.training import LossFn, TrainConfig, Trainer, batch_share, data_parallel
+from ldm.shards import index_shards, list_shards, read_parts
+from ldm.stream import CorruptSample, StreamLoader
+from ldm.training import LossFn, Part, TrainConfig, Trainer, data_parallel, enable_gradient_checkpointing
 from ldm.unet import UNet
 
 from .canny import canny
@@ -81,40 +88,34 @@ class ControlledUNet(nn.Module):
         return self.unet(x, t, context, down, mid)
 
 
-@dataclass
-class EncodedTriples:
-    """The frozen encoders' view of the training set, computed once."""
+class ToyCannyTriples(torch.utils.data.Dataset):
+    """n toy shapes (ldm.toy.shapes) with their Canny edge hints (the annotator's thresholds 100/200),
+    rendered on demand: items {image [3, S, S] in [−1, 1], hint [3, S, S] in [0, 1], caption}."""
 
-    hints: torch.Tensor  # [N, 3, H, W] in [0, 1]
-    latent_means: torch.Tensor  # q(z | x): mean and std, [N, 4, h, w] each
-    latent_stds: torch.Tensor
-    contexts: torch.Tensor  # CLIP hidden states per sample, [N, 77, C]
-    null_context: torch.Tensor  # CLIP(""), [1, 77, C]
+    def __init__(self, n: int, seed: int = 0, size: int = 64):
+        from ldm.toy.shapes import ShapesDataset
 
+        self.shapes = ShapesDataset(n, seed, size)
 
-@torch.no_grad()
-def encode_triples(model: StableDiffusion, images: torch.Tensor, hints: torch.Tensor, captions: list[str],
-                   chunk: int = 32) -> EncodedTriples:
-    """images [N, 3, H, W] in [−1, 1], hints [N, 3, H, W] in [0, 1] (checked), one caption each."""
-    if not len(images) == len(hints) == len(captions) or len(images) == 0:
-        raise ValueError(f"need as many images, hints and captions (> 0), got {len(images)}, {len(hints)}, "
-                         f"{len(captions)}")
-    hints = to_hint(hints, *hints.shape[-2:])  # validates the [0, 1] range and the 3 channels
-    posteriors = [model.vae.encode(part.to(model.device)) for part in images.split(chunk)]
-    contexts = torch.cat([model.encode_prompt(captions[k:k + chunk]) for k in range(0, len(captions), chunk)])
-    return EncodedTriples(hints.to(model.device), torch.cat([p.mean for p in posteriors]),
-                          torch.cat([p.std for p in posteriors]), contexts, model.encode_prompt([""]))
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.shapes[index]
+        edges = canny(((item["image"][None] + 1) / 2).clamp(0, 1))  # [1, S, S] bool
+        return {"image": item["image"], "hint": to_hint(edges, *edges.shape[-2:])[0], "caption": item["caption"]}
 
 
 def toy_canny_triples(n: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """n toy shapes (ldm.toy.shapes) with their Canny edge hints (the annotator's thresholds 100/200):
-    (images [n, 3, size, size] in [−1, 1], hints [n, 3, size, size] in [0, 1], captions)."""
-    from ldm.toy.shapes import ShapesDataset
+    """All of ToyCannyTriples(n, seed, size) at once: (images [n, 3, S, S], hints [n, 3, S, S], captions)."""
+    return stack_triples(ToyCannyTriples(n, seed, size))
 
-    items = [ShapesDataset(n, seed, size)[i] for i in range(n)]
-    images = torch.stack([item["image"] for item in items])
-    edges = canny(((images + 1) / 2).clamp(0, 1))  # [n, size, size] bool
-    return images, to_hint(edges, size, size), [item["caption"] for item in items]
+
+def stack_triples(source) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every item of a triple source in memory (for small sets and tests; training streams instead)."""
+    items = [source[i] for i in range(len(source))]
+    return (torch.stack([i["image"] for i in items]), torch.stack([i["hint"] for i in items]),
+            [i["caption"] for i in items])
 
 
 def manifest_path(folder: str | Path) -> Path:
@@ -146,71 +147,149 @@ def _read_entry(line: str, where: str, detect: str | None) -> tuple[str, str, st
     return entry["target"], entry["prompt"], source
 
 
-def _load(folder: Path, name: str, where: str, size: int) -> torch.Tensor:
-    path = folder / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: image file {path} not found")
-    return load_image(path, (size, size))  # [1, 3, size, size] in [0, 1], Lanczos-resized
+class TripleFolder(torch.utils.data.Dataset):
+    """Training triples listed in a data folder's manifest (module docstring), read one at a time: every
+    line is checked and every file's presence too when the folder is opened; images are read per item,
+    resized to size × size (Lanczos), and a line without "source" gets the Canny edges of its resized target
+    (thresholds 100/200, as ToyCannyTriples). Items {image [3, S, S] in [−1, 1], hint [3, S, S], caption}."""
+
+    def __init__(self, folder: str | Path, size: int = 512, detect: str | None = "canny"):
+        if detect not in (None, *DETECTORS):
+            raise ValueError(f"detect must be one of {DETECTORS} or None, got {detect!r}")
+        self.folder, self.size = Path(folder), size
+        self.manifest = manifest_path(folder)
+        self.rows = []
+        for number, line in enumerate(self.manifest.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{self.manifest} line {number}"
+            target, prompt, source = _read_entry(line, where, detect)
+            for name in (target, source):
+                if name is not None and not (self.folder / name).is_file():
+                    raise FileNotFoundError(f"{where}: image file {self.folder / name} not found")
+            self.rows.append((target, prompt, source, where))
+        if not self.rows:
+            raise ValueError(f"{self.manifest} is empty; add one JSON line per training image")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        target_name, prompt, source_name, where = self.rows[index]
+        try:
+            return triple(lambda name: load_image(self.folder / name, (self.size, self.size)), target_name,
+                          source_name, prompt, self.size)
+        except (OSError, ValueError) as err:
+            raise CorruptSample(f"{where}: {err}") from None
+
+
+def triple(load, target_name: str, source_name: str | None, prompt: str, size: int) -> dict:
+    """One item from a loader of named images ([1, 3, S, S] in [0, 1])."""
+    target = load(target_name)
+    if source_name is None:
+        hint = to_hint(canny(target), size, size)  # edges [1, S, S] -> [1, 3, S, S]
+    else:
+        hint = to_hint(load(source_name), size, size)
+    return {"image": target[0] * 2 - 1, "hint": hint[0], "caption": prompt}  # [0, 1] -> [−1, 1], the VAE's range
+
+
+IMAGE_PARTS = ("png", "jpg", "jpeg", "webp")
+
+
+class TripleShards(torch.utils.data.Dataset):
+    """Triples in WebDataset tar shards: KEY.png (or .jpg/.jpeg/.webp, the target), KEY.hint.png (optional
+    when ``detect``), KEY.txt (the prompt), as ``editlab pack`` writes them. Unreadable shards and incomplete
+    samples are skipped with a warning when indexed (``self.index`` lists them)."""
+
+    def __init__(self, folder: str | Path, size: int = 512, detect: str | None = "canny"):
+        paths = list_shards(folder)
+        if not paths:
+            raise FileNotFoundError(f"{folder}: no .tar shards; write them with editlab pack")
+        self.size, self.detect = size, detect
+        self.index = index_shards(paths, ("txt",))
+        self.index.samples = [ref for ref in self.index.samples if self._usable(ref)]
+        if not self.index.samples:
+            raise ValueError(f"{folder}: no readable sample in {len(paths)} shards")
+
+    def _usable(self, ref) -> bool:
+        parts = {p for p, _, _ in ref.parts}
+        if parts.isdisjoint(IMAGE_PARTS) or ("hint.png" not in parts and self.detect is None):
+            log.warning("%s: skipped: no image%s", self.index.name(ref), "" if self.detect else " or hint")
+            self.index.skipped_samples.append(self.index.name(ref))
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        ref = self.index.samples[index]
+        try:
+            parts = read_parts(self.index, ref)
+            image = next(p for p in IMAGE_PARTS if p in parts)
+            load = lambda name: to_tensor(Image.open(io.BytesIO(parts[name])).convert("RGB").resize(
+                (self.size, self.size), Image.LANCZOS))
+            return triple(load, image, "hint.png" if "hint.png" in parts else None,
+                          parts["txt"].decode("utf-8").strip(), self.size)
+        except (OSError, ValueError, UnicodeDecodeError, EOFError) as err:
+            raise CorruptSample(f"{self.index.name(ref)}: {err}") from None
+
+
+def to_tensor(image) -> torch.Tensor:
+    """PIL RGB -> [1, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
+def triple_source(data: str | Path, size: int, detect: str | None = "canny"):
+    """A folder of .tar shards (TripleShards) or with a manifest (TripleFolder)."""
+    return TripleShards(data, size, detect) if list_shards(data) else TripleFolder(data, size, detect)
 
 
 def folder_triples(folder: str | Path, size: int = 512,
                    detect: str | None = "canny") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Training triples from a data folder (module docstring): (images [N, 3, size, size] in [−1, 1],
-    hints [N, 3, size, size] in [0, 1], captions). Every image is resized to size × size (Lanczos); a line
-    without "source" gets the Canny edges of its resized target (thresholds 100/200, as toy_canny_triples)."""
-    if detect not in (None, *DETECTORS):
-        raise ValueError(f"detect must be one of {DETECTORS} or None, got {detect!r}")
-    folder = Path(folder)
-    manifest = manifest_path(folder)
-    images, hints, captions = [], [], []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{manifest} line {number}"
-        target_name, prompt, source_name = _read_entry(line, where, detect)
-        target = _load(folder, target_name, where, size)  # x ∈ [0, 1]
-        if source_name is None:
-            hint = to_hint(canny(target), size, size)  # edges [1, size, size] -> [1, 3, size, size]
-        else:
-            hint = to_hint(_load(folder, source_name, where, size), size, size)
-        images.append(target * 2 - 1)  # [0, 1] -> [−1, 1], the VAE's range
-        hints.append(hint)
-        captions.append(prompt)
-    if not captions:
-        raise ValueError(f"{manifest} is empty; add one JSON line per training image")
-    return torch.cat(images), torch.cat(hints), captions
+    """All of TripleFolder(folder, size, detect) in memory: (images [N, 3, S, S] in [−1, 1], hints, captions)."""
+    return stack_triples(TripleFolder(folder, size, detect))
 
 
-def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, data: EncodedTriples,
+def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, loader: StreamLoader,
                     cfg: ControlTrainConfig) -> LossFn:
-    """The per-step loss (module docstring). Every draw is of the global batch, then sliced by rank."""
+    """The per-step loss (module docstring) on the step's streamed triples (``loader``: ldm.stream). Every
+    draw is of the global batch, then sliced to this part's rows."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
-    n, mine = batch_share(cfg.batch)  # global batch, this process's rows of it
     device = model.device
+    with torch.no_grad():
+        null_context = model.encode_prompt([""])
 
-    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
-        pick = torch.randint(len(data.hints), (n,), generator=generator)
-        noise_z = torch.randn((n, *data.latent_means.shape[1:]), generator=generator)
-        noise = torch.randn((n, *data.latent_means.shape[1:]), generator=generator)
+    def loss_fn(step: int, generator: torch.Generator, part: Part = Part()) -> torch.Tensor:
+        n, mine = part.rows(cfg.batch)  # global batch, this part's rows of it
+        batch = loader.batch(step, part)
+        with torch.no_grad():
+            posterior = model.vae.encode(batch["image"].to(device))  # q(z | x)
+            contexts = model.encode_prompt(list(batch["caption"]))
+        latent_shape = posterior.mean.shape[1:]
+        noise_z = torch.randn((n, *latent_shape), generator=generator)
+        noise = torch.randn((n, *latent_shape), generator=generator)
         t = torch.randint(len(alphas_cumprod), (n,), generator=generator)
         drop = torch.rand(n, generator=generator) < cfg.prompt_dropout  # c_t -> "" for 50% of the samples
-        pick, noise_z, noise, t, drop = (v[mine].to(device) for v in (pick, noise_z, noise, t, drop))
-        z0 = model.vae.scale_latents(data.latent_means[pick] + data.latent_stds[pick] * noise_z)  # s·z
+        noise_z, noise, t, drop = (v[mine].to(device) for v in (noise_z, noise, t, drop))
+        z0 = model.vae.scale_latents(posterior.mean + posterior.std * noise_z)  # s·z
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
         x_t = q_sample(z0, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
-        context = torch.where(drop.view(-1, 1, 1), data.null_context, data.contexts[pick])
-        output = wrapper(x_t, t, context, data.hints[pick])
+        context = torch.where(drop.view(-1, 1, 1), null_context, contexts)
+        output = wrapper(x_t, t, context, to_hint(batch["hint"], *batch["hint"].shape[-2:]).to(device))
         target = training_target(z0, noise, alpha_bar, model.config.prediction_type)  # ε or v
         return F.mse_loss(output.float(), target.float())  # ‖ε − ε_θ(x_t, t, c_t, c_f)‖²
 
     return loss_fn
 
 
-def train_controlnet(model: StableDiffusion, controlnet: ControlNet, data: EncodedTriples, train: TrainConfig,
+def train_controlnet(model: StableDiffusion, controlnet: ControlNet, data, train: TrainConfig,
                      cfg: ControlTrainConfig = ControlTrainConfig(), checkpoint=None, resume: bool = False,
-                     progress: bool = True) -> tuple[ControlNet, list[float]]:
-    """Train ``controlnet`` (and the UNet decoder if unlocked) against the locked ``model``. Returns the
-    ControlNet and this process's loss at every step. ``model.unet`` changes only with ``unlock_decoder``."""
+                     progress: bool = True, workers: int = 0, gradient_checkpointing: bool = False,
+                     options: dict | None = None, force: bool = False) -> tuple[ControlNet, list[float]]:
+    """Train ``controlnet`` (and the UNet decoder if unlocked) against the locked ``model`` on ``data`` (a
+    map-style triple source, streamed). Returns the ControlNet and this process's loss at every step.
+    ``model.unet`` changes only with ``unlock_decoder``."""
     if controlnet.control_config.unet != model.config.unet:
         raise ValueError("the ControlNet was made for another UNet; start from ControlNet.from_unet(model.unet)")
     model.requires_grad_(False).eval()
@@ -219,10 +298,19 @@ def train_controlnet(model: StableDiffusion, controlnet: ControlNet, data: Encod
         for name, param in model.unet.named_parameters():
             param.requires_grad_(name.startswith(DECODER))
     wrapper = ControlledUNet(model.unet, controlnet)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(wrapper)  # the ControlNet's and the UNet's blocks
     forward = data_parallel(wrapper)  # DDP averages the gradients over the processes
+    loader = StreamLoader(data, cfg.batch, train.seed, train.accumulate, workers)
     # the Trainer keeps the plain module, so checkpoints do not depend on the number of processes
-    trainer = Trainer(wrapper, controlnet_loss(model, forward, data, cfg), train, checkpoint, "ControlNet")
-    losses = trainer.run(resume=resume, progress=progress)
+    trainer = Trainer(wrapper, controlnet_loss(model, forward, loader, cfg), train, checkpoint, "ControlNet", options)
+    try:
+        losses = trainer.run(resume=resume, progress=progress, force=force)
+    finally:
+        loader.close()
+    if loader.skipped:
+        log.warning("%d corrupt samples were skipped (replaced by the next ones): %s", len(loader.skipped),
+                    "; ".join(loader.skipped[:5]))
     return controlnet.eval(), losses
 
 

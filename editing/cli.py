@@ -13,6 +13,8 @@ import logging
 import pkgutil
 import sys
 
+from ldm.interrupt import EXIT_INTERRUPTED, Interrupted
+
 from . import commands
 from .options import UserError
 
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.run(args) or 0
+    except Interrupted as stop:  # Ctrl-C in a long run: it saved its checkpoint (ldm/interrupt.py)
+        print(f"editlab {args.command}: {stop}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (UserError, ValueError, FileNotFoundError, FileExistsError) as err:
         if args.verbose:
             raise

@@ -12,6 +12,7 @@ from ldm.files import file_sha256
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig, sampler_for
 from ldm.schedulers import A1111_NAMES, SAMPLERS, SPACINGS, resolve_sampler
+from ldm.speed import apply_backend_settings
 
 TOY_WEIGHTS = Path(ldm.__file__).parent / "toy" / "weights" / "toy-sd.safetensors"
 TOY_IP2P_WEIGHTS = TOY_WEIGHTS.with_name("toy-ip2p.safetensors")  # its UNet only; VAE and text from TOY_WEIGHTS
@@ -90,6 +91,7 @@ def weights_path(args) -> Path:
 def load_model(args) -> StableDiffusion:
     if args.dtype != "fp32" and args.device == "cpu":
         raise UserError(f"--dtype {args.dtype} needs a GPU (--device cuda); use fp32 on the CPU")
+    apply_backend_settings(args.device)  # torch.backends flags chosen for the device (ldm/speed.py)
     return StableDiffusion.load(weights_path(args), device=args.device, dtype=DTYPES[args.dtype])
 
 

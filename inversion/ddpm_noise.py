@@ -49,6 +49,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ldm.hooks import StepHook
 from ldm.pipeline import Predictor, denoise, guided_unet, text_context
 from ldm.schedulers import DDIMSampler, NoiseSchedule, gaussian_noise
 
@@ -152,7 +153,7 @@ class NoiseMapSampler:
         return self.sampler.step(model_output, i, x, noise=self.noise_maps[i])  # x_p = μ_t + σ_t z_t
 
 
-class Trajectory:
+class Trajectory(StepHook):
     """Step hook that keeps every latent of a run: [x at step 0, after step 0, …]."""
 
     def __init__(self, start: torch.Tensor):

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ldm.interrupt import check_options
 from ldm.training import TrainConfig, Trainer, step_generator
 
 TIMESTEP_DRAWS = ("uniform", "permutation")
@@ -125,11 +126,11 @@ class _EmbeddingTrainer(Trainer):
     embedding (kept in the checkpoint)."""
 
     def __init__(self, embedding: LearnedEmbedding, loss_fn: EmbeddingLoss, cfg: EmbeddingConfig, checkpoint,
-                 description: str):
+                 description: str, options: dict | None = None):
         def step_loss(step: int, generator: torch.Generator) -> torch.Tensor:
             return loss_fn(embedding(), draw_timesteps(cfg, step, generator), generator)
 
-        super().__init__(embedding, step_loss, cfg.train_config(), checkpoint, description)
+        super().__init__(embedding, step_loss, cfg.train_config(), checkpoint, description, options)
         self.embedding_cfg = cfg
         self.window = min(cfg.steps, math.ceil(1 / (1 - cfg.loss_smoothing)))
         self.average, self.smoothed = 0.0, []
@@ -153,6 +154,7 @@ class _EmbeddingTrainer(Trainer):
                 "best_step": self.best_step, "best_loss": self.best_loss}
 
     def load_state_dict(self, state: dict) -> None:
+        check_options(state.get("options"), self.options)  # first: it names the option that differs
         if state.get("embedding_config") != dataclasses.asdict(self.embedding_cfg):
             raise ValueError(f"the checkpoint was made with other settings ({state.get('embedding_config')}); "
                              "resume with the same options or start a new run without --resume")
@@ -166,15 +168,16 @@ class _EmbeddingTrainer(Trainer):
 
 def optimise_embedding(initial: torch.Tensor, trainable: torch.Tensor, loss_fn: EmbeddingLoss,
                        cfg: EmbeddingConfig, checkpoint: str | Path | None = None, resume: bool = False,
-                       stop_at: int | None = None, progress: bool = True,
-                       description: str = "embedding") -> EmbeddingResult:
+                       stop_at: int | None = None, progress: bool = True, description: str = "embedding",
+                       options: dict | None = None, force: bool = False) -> EmbeddingResult:
     """Minimise ``loss_fn(embedding, t, generator)`` over the ``trainable`` entries of ``initial``.
 
     ``checkpoint``: file written every cfg.checkpoint_every steps and at the end; ``resume`` continues from it.
-    ``stop_at`` stops after that many steps (leaving a checkpoint), as an interruption would.
+    ``stop_at`` stops after that many steps (leaving a checkpoint), as an interruption would. ``options``:
+    the inputs that change the result, recorded and checked on resume; ``force`` starts over an unfinished run.
     """
     embedding = LearnedEmbedding(initial, trainable)
-    trainer = _EmbeddingTrainer(embedding, loss_fn, cfg, checkpoint, description)
-    trainer.run(resume=resume, stop_at=stop_at, progress=progress)
+    trainer = _EmbeddingTrainer(embedding, loss_fn, cfg, checkpoint, description, options)
+    trainer.run(resume=resume, stop_at=stop_at, progress=progress, force=force)
     return EmbeddingResult(trainer.best.clone(), embedding.value.detach().clone(), trainer.best_step,
                            list(trainer.losses), list(trainer.smoothed))

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ldm.hooks import join_guidance
 from ldm.model import StableDiffusion
 from ldm.pipeline import classifier_free_guidance, guided, guided_unet
 from ldm.schedulers import DDIMSampler
@@ -121,7 +122,7 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
         embeddings.append(null.to(cond.dtype))
         all_losses.append(losses)
         with torch.no_grad():  # advance along the optimised trajectory, on the editing batch layout
-            context = torch.cat([null.to(cond.dtype).expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+            context = join_guidance(null.to(cond.dtype).expand(batch, -1, -1), cond.expand(batch, -1, -1))
             rows = z.expand(batch, -1, -1, -1)
             z = sampler.step(guided_unet(unet, context, w)(sampler.scale_model_input(rows, i), t), i, rows)[:1]
     return NullTextInversion(pivots, embeddings, all_losses, z)
@@ -136,6 +137,6 @@ def null_text_predictor(unet, null_embeddings: list[torch.Tensor], cond: torch.T
         if not guided(guidance):  # no unconditional branch to replace
             return guided_unet(unet, cond, guidance)(x_in, t)
         null = null_embeddings[step_of[int(t)]].to(cond.dtype).expand(cond.shape[0], -1, -1)
-        return guided_unet(unet, torch.cat([null, cond]), guidance)(x_in, t)
+        return guided_unet(unet, join_guidance(null, cond), guidance)(x_in, t)
 
     return predict

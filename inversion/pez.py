@@ -68,17 +68,31 @@ def check_clip(clip_model) -> None:
 def encode_text_embeddings(clip_model, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """open_clip ``CLIP.encode_text`` on given input embeddings [B, n, W]; ``token_ids`` [B, n] only choose the
     pooled position (argmax: the end token). Returns unnormalised text features [B, D]."""
-    from open_clip.transformer import text_global_pool
-
     cast_dtype = clip_model.transformer.get_cast_dtype()
     x = embeddings.to(cast_dtype) + clip_model.positional_embedding.to(cast_dtype)
     x = clip_model.transformer(x, attn_mask=clip_model.attn_mask)
     x = clip_model.ln_final(x)  # [B, n, W]
-    x = text_global_pool(x, token_ids, clip_model.text_pool_type, eos_token_id=getattr(clip_model, "text_eos_id", None))
+    x = pooled_text_features(x, token_ids, clip_model.text_pool_type, getattr(clip_model, "text_eos_id", None))
     projection = clip_model.text_projection  # [B, n, W] pooled to [B, W] -> [B, D]
     if projection is None:
         return x
     return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+
+
+def pooled_text_features(x: torch.Tensor, token_ids: torch.Tensor, pool_type: str, eos_id: int | None) -> torch.Tensor:
+    """open_clip's text pooling, [B, n, W] -> [B, W]: the end token's row ("argmax": it has the largest id in CLIP's
+    vocabulary; "eos": the first ``eos_id``), the first or last row, or no pooling."""
+    if pool_type == "first":
+        return x[:, 0]
+    if pool_type == "last":
+        return x[:, -1]
+    if pool_type == "argmax":
+        index = token_ids.argmax(dim=-1)
+    elif pool_type == "eos":
+        index = (token_ids == eos_id).int().argmax(dim=-1)
+    else:
+        return x
+    return x[torch.arange(x.shape[0], device=x.device), index]
 
 
 def nearest_tokens(embeddings: torch.Tensor, vocabulary: torch.Tensor,

@@ -170,7 +170,7 @@ def inversion_loss(model: StableDiffusion, data: InversionData):
 def train_textual_inversion(model: StableDiffusion, images: torch.Tensor, token: str, init_word: str,
                             vectors: int = 1, cfg: EmbeddingConfig = EmbeddingConfig(steps=3000, lr=5e-3, batch=1),
                             checkpoint=None, resume: bool = False, stop_at: int | None = None,
-                            progress: bool = True) -> EmbeddingResult:
+                            progress: bool = True, options: dict | None = None, force: bool = False) -> EmbeddingResult:
     """Learn ``vectors`` rows for ``token`` from ``images`` [N, 3, H, W] in [0, 1]; the model stays frozen
     and unchanged (``add_placeholder`` installs the result). Returns the engine's result: ``best`` [k, d]."""
     if vectors < 1:
@@ -181,7 +181,7 @@ def train_textual_inversion(model: StableDiffusion, images: torch.Tensor, token:
     initial = init_rows(model, init_word, vectors)
     data = prepare_data(model, images, token, vectors)
     return optimise_embedding(initial, torch.ones(vectors, dtype=torch.bool), inversion_loss(model, data), cfg,
-                              checkpoint, resume, stop_at, progress, f"textual inversion {token}")
+                              checkpoint, resume, stop_at, progress, f"textual inversion {token}", options, force)
 
 
 # ------------------------------------------------------------------------------------------------- files

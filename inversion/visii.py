@@ -120,7 +120,8 @@ def search_init_prompt(search_clip, after: torch.Tensor, cfg: PezConfig = PezCon
 def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after: torch.Tensor, init_prompt: str | None,
                 cfg: VisiiConfig = VisiiConfig(), train: EmbeddingConfig = visii_training(), checkpoint=None,
                 resume: bool = False, stop_at: int | None = None, progress: bool = True,
-                init_search: PezConfig | None = None, search_clip=None) -> VisiiResult:
+                init_search: PezConfig | None = None, search_clip=None, options: dict | None = None,
+                force: bool = False) -> VisiiResult:
     """Learn the instruction that turns ``before`` into ``after`` ([N, 3, H, W] in [0, 1], N pairs). With
     ``init_search`` the init prompt is found by PEZ on ``after`` with ``search_clip`` (default: ``clip_model``)
     instead of given (``init_prompt`` must then be None)."""
@@ -171,7 +172,8 @@ def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after:
         goal = training_target(target, noise, alpha_bar, model.config.prediction_type)  # ε or v
         return visii_loss(eps_hat, goal, image_dir, text_direction(hidden, projection), cfg)
 
-    run = optimise_embedding(initial, trainable, loss_fn, train, checkpoint, resume, stop_at, progress, "Visii")
+    run = optimise_embedding(initial, trainable, loss_fn, train, checkpoint, resume, stop_at, progress, "Visii",
+                             options, force)
     return VisiiResult(run.best, eos, run, init_prompt, search)
 
 

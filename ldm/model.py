@@ -84,7 +84,7 @@ class StableDiffusion(nn.Module):
         if "scheduler_config" in (metadata := metadata_of(path)):
             model.scheduler_config = json.loads(metadata["scheduler_config"])
         model.to(device)
-        model.unet.use_channels_last()
+        model.unet.use_channels_last().fuse_projections()
         if dtype is not None:
             model.unet.to(dtype)
             model.text_encoder.to(dtype)

@@ -3,7 +3,8 @@
 Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans), with optional guidance rescale
 (*Common Diffusion Noise Schedules and Sample Steps are Flawed*, Lin et al., §3.4):
 
-    ε̂ = ε_u + w_b·(ε_c − ε_u)        per row b, batch order [unconditional; conditional], as diffusers
+    ε̂ = ε_u + w_b·(ε_c − ε_u)        per row b, one UNet call on the rows [uncond × B; cond × B], as diffusers
+                                   (ldm.hooks.guidance_rows names this layout for every hook)
     ε̂ ← φ·ε̂·std(ε_c)/std(ε̂) + (1 − φ)·ε̂      (guidance rescale φ; std per sample)
 
 Guidance runs when any row's scale w_b is above 1; otherwise the conditional rows run alone.
@@ -19,8 +20,8 @@ sampler. So the same seed, scheduler and weights give the same image in both.
 Every method samples with ``denoise``, the one sampling loop: it scales the input for the sampler once
 (``scale_model_input``) and calls a predictor ``predict(x_in, t)``, a function of the model input and timestep
 only (here CFG over the UNet; InstructPix2Pix and ControlNet bring their own), then ``sampler.step``. Optional
-step hooks have ``begin_step(i, t)`` and ``end_step(i, t, latents) -> latents`` (Prompt-to-Prompt counts steps
-and blends latents there).
+step hooks (``ldm.hooks.StepHook``: ``begin_step(i, t)`` and ``end_step(i, t, latents) -> latents``;
+Prompt-to-Prompt counts steps and blends latents there).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .hooks import StepHook, guidance_batch, join_guidance, split_guidance
 from .model import StableDiffusion
 from .schedulers import gaussian_noise, sampler_from_config, standard_scheduler_config
 
@@ -91,7 +93,7 @@ def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str |
     negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
     if len(negative) != len(prompts):
         raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
-    return torch.cat([model.encode_prompt(negative), cond])
+    return join_guidance(model.encode_prompt(negative), cond)
 
 
 def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], rescale: float = 0.0) -> Predictor:
@@ -102,7 +104,7 @@ def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], 
     def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not guided(guidance):
             return unet(x_in, t, context)
-        uncond, cond = unet(torch.cat([x_in, x_in]), t, context).chunk(2)  # [2B, ...] -> 2 × [B, ...]
+        uncond, cond = split_guidance(unet(guidance_batch(x_in), t, context))  # [uncond × B; cond × B]
         return classifier_free_guidance(uncond, cond, guidance, rescale)
 
     return predict
@@ -110,18 +112,19 @@ def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], 
 
 def denoise(sampler, predict: Predictor, latents: torch.Tensor, generator: torch.Generator | None,
             start: int = 0, hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
-    """The sampling loop: from step ``start`` to the end; returns the final latents."""
+    """Run the sampler from step ``start`` to the end; returns the final latents."""
+    for hook in hooks:
+        if not isinstance(hook, StepHook):
+            raise TypeError(f"{type(hook).__name__} is not a step hook; subclass ldm.hooks.StepHook")
     steps = range(start, len(sampler.timesteps))
     for i in tqdm(steps, disable=not progress, leave=False, desc="sampling"):
         t = sampler.timesteps[i]
         for hook in hooks:
-            if hasattr(hook, "begin_step"):
-                hook.begin_step(i, t)
+            hook.begin_step(i, t)
         x_in = sampler.scale_model_input(latents, i)  # the model's input scaling, once, here
         latents = sampler.step(predict(x_in, t), i, latents, generator)
         for hook in hooks:
-            if hasattr(hook, "end_step"):
-                latents = hook.end_step(i, t, latents)
+            latents = hook.end_step(i, t, latents)
     return latents
 
 

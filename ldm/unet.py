@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Attention
 from .config import UNetConfig
 from .layers import Downsample, GroupNorm32, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample
 
@@ -158,6 +159,15 @@ class UNet(UNetEncoder):
         change only at rounding level. ``StableDiffusion.load`` turns it on."""
         self.to(memory_format=torch.channels_last)
         self.channels_last = True
+        return self
+
+    def fuse_projections(self, enabled: bool = True) -> "UNet":
+        """Every attention layer computes Q, K, V (self) or K, V (cross) with one stacked matrix product
+        (``Attention.fuse_projections``); the weights and their names are unchanged. ``StableDiffusion.load``
+        turns it on."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(enabled)
         return self
 
     def forward(self, x: torch.Tensor, timestep, context: torch.Tensor,

@@ -5,6 +5,7 @@ import torch
 
 from ldm.attention import Attention, attached, attention_layers
 from ldm.config import sd15, sd21_v, tiny_sd1
+from ldm.hooks import AttentionHook
 from ldm.unet import UNet
 
 
@@ -13,7 +14,7 @@ def _layer(context_dim=None, seed=0):
     return Attention(64, n_heads=4, head_dim=16, context_dim=context_dim, name="test.0.0.x")
 
 
-class Recorder:
+class Recorder(AttentionHook):
     """Asks for probabilities and keeps every chunk it is shown."""
 
     def __init__(self):
@@ -96,7 +97,7 @@ def test_extra_output_is_added_and_gradients_flow():
     x, ctx = torch.randn(1, 10, 64), torch.randn(1, 5, 24)
     extra_kv = torch.randn(1, 4, 3, 16, requires_grad=True)
 
-    class ExtraBranch:
+    class ExtraBranch(AttentionHook):
         def extra_output(self, layer, q, attend):
             return 0.5 * attend(q, extra_kv, extra_kv)
 
@@ -150,3 +151,109 @@ def test_selecting_an_unknown_layer_is_an_error():
     with pytest.raises(ValueError, match="no attention layer named"):
         with attached(unet, Recorder(), select=["up.9.0.cross"]):
             pass
+
+
+def test_hooks_must_subclass_the_base_and_attach_once():
+    layer = _layer()
+    with pytest.raises(TypeError, match="subclass ldm.hooks.AttentionHook"):
+        with attached(layer, object(), select=lambda l: True):
+            pass
+    hook = Recorder()
+    with attached(layer, hook, select=lambda l: True):
+        with pytest.raises(ValueError, match="already attached"):
+            with attached(layer, hook, select=lambda l: True):
+                pass
+    assert hook.attachment is None and layer.hooks == []
+    base = AttentionHook()  # every method a no-op: the plain layer
+    x = torch.randn(2, 9, 64)
+    with attached(layer, base, select=lambda l: True):
+        assert torch.equal(layer(x), _layer()(x))
+
+
+class CopyRow(AttentionHook):
+    """Replaces whole maps: row r attends with the map of row sources[r]."""
+
+    def __init__(self, sources):
+        self.sources = torch.tensor(sources)
+
+    def map_sources(self, layer, n_rows):
+        return self.sources
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_replaced_maps_run_on_the_fused_kernel_and_equal_the_explicit_path(context_dim):
+    layer = _layer(context_dim)
+    x = torch.randn(4, 30, 64)
+    ctx = torch.randn(4, 7, context_dim) if context_dim else None
+    with attached(layer, CopyRow([0, 1, 1, 1]), select=lambda l: True):
+        fused = layer(x, ctx)  # SDPA(q_s, k_s, V_r): A_1 is never formed
+        with attached(layer, Recorder(), select=lambda l: True) as _:
+            explicit = layer(x, ctx)  # A_r ← A_1 on the materialised maps (what the hooks see)
+    source = x if ctx is None else ctx
+    q, k, v = (t.view(4, -1, 4, 16).transpose(1, 2) for t in (layer.to_q(x), layer.to_k(source), layer.to_v(source)))
+    maps = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)[[0, 1, 1, 1]]  # A_r ← A_sources[r]
+    expected = layer.to_out[0]((maps @ v).transpose(1, 2).reshape(4, 30, 64))
+    assert (fused - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert (explicit - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert not torch.allclose(fused[2], layer(x, ctx)[2], atol=1e-3)  # it did replace row 2's map
+    with attached(layer, CopyRow([0, 0, 2, 3]), select=lambda l: True), \
+            attached(layer, CopyRow([0, 1, 1, 3]), select=lambda l: True):
+        composed = layer(x, ctx)  # row 2 takes row 1's map, which is row 0's
+    with attached(layer, CopyRow([0, 0, 0, 3]), select=lambda l: True):
+        assert torch.allclose(composed, layer(x, ctx), atol=1e-6)
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_upcast_attention_brings_bf16_closer_to_fp32_on_the_fused_path(context_dim):
+    reference = _layer(context_dim)
+    x = torch.randn(2, 64, 64) * 3
+    ctx = torch.randn(2, 11, context_dim) * 3 if context_dim else None
+    exact = reference(x, ctx)
+    errors = {}
+    for upcast in (False, True):
+        low = _layer(context_dim).to(torch.bfloat16)
+        low.upcast = upcast
+        ctx_low = None if ctx is None else ctx.bfloat16()
+        errors[upcast] = (low(x.bfloat16(), ctx_low).float() - exact).abs().mean().item()
+        low.hooks.append(Recorder())  # the explicit path computes scores and softmax in fp32 either way
+        slow = low(x.bfloat16(), ctx_low).float()
+        errors[upcast, "explicit"] = (slow - exact).abs().mean().item()
+    assert errors[True] < errors[False]  # closer, though bf16 projections dominate the layer's error
+    assert errors[True, "explicit"] == errors[False, "explicit"]
+    # the kernel alone, on the same bf16 q, k, v: upcast leaves only the output's rounding
+    q, k, v = torch.randn(3, 2, 4, 64, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+    exact = torch.softmax(q.float() @ k.float().transpose(-1, -2) / 4.0, dim=-1) @ v.float()
+    kernel = {}
+    for upcast in (False, True):
+        low.upcast = upcast
+        kernel[upcast] = (low.attend(q, k, v).float() - exact).abs().mean().item()
+    assert kernel[True] < 0.85 * kernel[False]
+
+
+def test_unet_layers_take_upcast_attention_from_the_config():
+    with torch.device("meta"):
+        sd1, sd2 = UNet(sd15().unet), UNet(sd21_v().unet)  # SD 2.1's config sets upcast_attention
+    assert not any(layer.upcast for layer in attention_layers(sd1).values())
+    assert all(layer.upcast for layer in attention_layers(sd2).values())
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_fused_projections_equal_the_separate_ones(context_dim):
+    layer = _layer(context_dim)
+    x = torch.randn(2, 30, 64)
+    ctx = torch.randn(2, 7, context_dim) if context_dim else None
+    with torch.no_grad():
+        plain = layer(x, ctx)
+        layer.fuse_projections()
+        fused = layer(x, ctx)
+        assert layer._fused[1].shape[0] == (2 if context_dim else 3) * 64  # one stacked matrix
+        # one GEMM with 3C (2C) columns instead of 3 (2) with C: the same sums, blocked differently
+        assert (fused - plain).abs().max() < 1e-6 * plain.abs().max()
+        layer.to_k.weight.mul_(2)  # an in-place update: the stacked weight is rebuilt from it
+        changed = layer(x, ctx)
+        layer.fuse_projections(False)
+        assert (changed - layer(x, ctx)).abs().max() < 1e-6 * plain.abs().max()
+        assert not torch.allclose(changed, fused, atol=1e-3)
+    layer.fuse_projections()
+    layer(x, ctx).sum().backward()  # while the projections are trained, the separate ones run
+    assert layer.to_q.weight.grad is not None and layer.to_k.weight.grad.abs().sum() > 0

@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from controls import ControlNet
-from controls.train import (ControlTrainConfig, ControlledUNet, controlnet_loss, encode_triples, recipe,
-                            toy_canny_triples, train_controlnet)
+from controls.train import (ControlTrainConfig, ControlledUNet, ToyCannyTriples, controlnet_loss, recipe,
+                            stack_triples, train_controlnet)
 from editing.cli import main
 from ldm.config import tiny_sd1
 from ldm.model import StableDiffusion
+from ldm.stream import StreamLoader
 from ldm.training import Trainer, step_generator
 from tests.peers import randomize_
 
@@ -30,21 +31,22 @@ def _setup(seed=0):
 
 @pytest.fixture(scope="module")
 def triples():
-    images, hints, captions = toy_canny_triples(12, seed=3, size=16)
+    source = ToyCannyTriples(12, seed=3, size=16)
+    images, hints, captions = stack_triples(source)
     assert hints.min() == 0 and hints.max() == 1 and hints.shape == (12, 3, 16, 16)  # white edges on black
-    assert 0.05 < hints.mean() < 0.6
-    return images, hints, captions
+    assert 0.05 < hints.mean() < 0.6 and images.shape == (12, 3, 16, 16) and len(captions) == 12
+    return source
 
 
 def _eval_loss(model, net, data, cfg):
-    loss_fn = controlnet_loss(model, ControlledUNet(model.unet, net), data, cfg)
+    loss_fn = controlnet_loss(model, ControlledUNet(model.unet, net), StreamLoader(data, cfg.batch, 99), cfg)
     with torch.no_grad():
         return sum(loss_fn(0, step_generator(99, k)).item() for k in range(6)) / 6
 
 
 def test_loss_falls_and_the_unet_stays_locked(triples):
     model, net = _setup()
-    data = encode_triples(model, *triples)
+    data = triples
     cfg = ControlTrainConfig(batch=2)
     unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     before = _eval_loss(model, net, data, cfg)
@@ -57,7 +59,7 @@ def test_loss_falls_and_the_unet_stays_locked(triples):
 
 def test_unlocked_decoder_learns_and_encoder_does_not(triples):
     model, net = _setup()
-    data = encode_triples(model, *triples)
+    data = triples
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     train_controlnet(model, net, data, recipe(lr=1e-3, steps=2), ControlTrainConfig(batch=2, unlock_decoder=True),
                      progress=False)
@@ -69,7 +71,7 @@ def test_unlocked_decoder_learns_and_encoder_does_not(triples):
 def test_kill_and_resume_equals_an_uninterrupted_run(triples, tmp_path):
     def run(checkpoint, stop_at=None, resume=False):
         model, net = _setup()
-        data = encode_triples(model, *triples)
+        data = StreamLoader(triples, 2, 0)  # a new loader, as in a new process: it starts at the resumed step
         wrapper = ControlledUNet(model.unet.requires_grad_(False), net)
         trainer = Trainer(wrapper, controlnet_loss(model, wrapper, data, ControlTrainConfig(batch=2)),
                           recipe(lr=1e-3, steps=4, checkpoint_every=2), checkpoint)

@@ -14,6 +14,7 @@ from editing.options import TOY_WEIGHTS
 from inversion.ddpm_noise import DDPMInversionConfig
 from ldm.attention import attention_layers
 from ldm.config import tiny_sd1
+from ldm.hooks import AttentionHook
 from ldm.images import read_parameters, save_png
 from ldm.model import StableDiffusion
 from ldm.pipeline import decode_latents, encode_images
@@ -80,13 +81,14 @@ def test_bad_edit_inputs(model, inversion):
 # --- combination with attention controllers (the paper's "ours + P2P") --------------------------------------
 
 
-class CopySource:
+class CopySource(AttentionHook):
     """A minimal controller: every layer hands the source row's attention to the target row; records steps."""
 
     def __init__(self, copy: bool = True):
         self.copy, self.steps, self.layers = copy, [], set()
 
     def begin_step(self, i, t):
+        super().begin_step(i, t)
         self.steps.append(i)
 
     def wants_probabilities(self, layer):

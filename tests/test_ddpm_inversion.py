@@ -12,6 +12,7 @@ from editing.ddpm_edit.noise_space import noise_statistics
 from inversion.ddpm_noise import (DDPMInversion, DDPMInversionConfig, auxiliary_path, edit_friendly_sampler, extract_noise_maps,
                                   invert, regenerate, sample_native)
 from ldm.config import ModelConfig, sd15, tiny_sd1, tiny_sd2
+from ldm.hooks import StepHook
 from ldm.model import StableDiffusion
 from ldm.pipeline import encode_images, guided_unet, text_context
 from ldm.schedulers import ddim_sigma
@@ -34,7 +35,7 @@ def _image(side: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
-class Recorder:
+class Recorder(StepHook):
     """Step hook keeping every latent the sampler produces."""
 
     def __init__(self):

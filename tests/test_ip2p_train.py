@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from editing.cli import main
 from editing.instruct_pix2pix.data import PairFolder, ToyEditPairs
-from editing.instruct_pix2pix.train import (EncodedPairs, IP2PTrainConfig, conditioning_dropout, encode_pairs,
-                                            ip2p_loss, train_ip2p, widen_conv_in)
+from editing.instruct_pix2pix.train import IP2PTrainConfig, conditioning_dropout, ip2p_loss, train_ip2p, widen_conv_in
 from ldm.config import tiny_sd1
 from ldm.model import StableDiffusion, metadata_of
 from ldm.toy.readers import read_attributes
+from ldm.stream import StreamLoader
 from ldm.training import TrainConfig, load_checkpoint, step_generator
 from tests.peers import randomize_
 # Runs ``editlab train-ip2p ARGS`` but, on reaching step HOLD_AT (the steps before it done, the last
@@ -101,6 +101,7 @@ class RecordingUNet(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet, self.calls = unet, []
+        self.conv_in = unet.conv_in  # where StableDiffusion.device looks
 
     def forward(self, x, t, context):
         self.calls.append((x.clone(), context.clone()))
@@ -109,16 +110,18 @@ class RecordingUNet(torch.nn.Module):
 
 def test_loss_applies_the_dropout_to_text_and_image(base):
     model = widen_conv_in(base)
-    pairs = encode_pairs(model, ToyEditPairs(1, seed=0, size=16))
-    assert torch.equal(pairs.image_latents, model.vae.encode(ToyEditPairs(1, 0, 16)[0]["before"][None] * 2 - 1).mean)
-    loss_fn = ip2p_loss(model, pairs, IP2PTrainConfig(batch=64, dropout=0.3))
+    pair = ToyEditPairs(1, seed=0, size=16)  # one pair: every streamed row is it
+    loss_fn = ip2p_loss(model, StreamLoader(pair, 64, seed=0), IP2PTrainConfig(batch=64, dropout=0.3))
     model.unet = RecordingUNet(model.unet)
     loss = loss_fn(0, step_generator(0, 0))
     assert loss.ndim == 0 and loss > 0
     x, context = model.unet.calls[0]
-    text_kept = (context == pairs.contexts[0]).flatten(1).all(1)
-    text_dropped = (context == pairs.null_context).flatten(1).all(1)
-    image_kept = (x[:, 4:] == pairs.image_latents[0]).flatten(1).all(1)
+    with torch.no_grad():
+        instruction, null = model.encode_prompt([pair[0]["instruction"]]), model.encode_prompt([""])
+        image_latent = model.vae.encode(pair[0]["before"][None] * 2 - 1).mean  # c_I = E(before).mode()
+    text_kept = (context == instruction).flatten(1).all(1)
+    text_dropped = (context == null).flatten(1).all(1)
+    image_kept = ((x[:, 4:] - image_latent).abs() < 1e-5).flatten(1).all(1)  # batch 64 vs 1: rounding
     image_dropped = (x[:, 4:] == 0).flatten(1).all(1)
     assert (text_kept ^ text_dropped).all() and (image_kept ^ image_dropped).all()
     for text in (text_kept, text_dropped):  # p = 0.3: text-only r < 0.3, both 0.3-0.6, image-only 0.6-0.9
@@ -130,8 +133,8 @@ def test_training_lowers_the_loss_on_fixed_draws(base):
     model = widen_conv_in(base)
     dataset = ToyEditPairs(4, seed=1, size=16)
     cfg = IP2PTrainConfig(batch=4)
-    pairs: EncodedPairs = encode_pairs(model, dataset)
-    evaluate = lambda m: sum(ip2p_loss(m, pairs, cfg)(s, step_generator(99, s)).item() for s in range(4)) / 4
+    evaluate = lambda m: sum(ip2p_loss(m, StreamLoader(dataset, 4, 99), cfg)(s, step_generator(99, s)).item()
+                             for s in range(4)) / 4
     with torch.no_grad():
         before = evaluate(model)
     model, losses = train_ip2p(model, dataset, TrainConfig(steps=15, lr=2e-3, final_lr_fraction=1.0), cfg, progress=False)

@@ -19,6 +19,7 @@ from editing.instruct_pix2pix.pairs import (SCORES, PairInjection, PairItem, Pai
                                             select_samples)
 from editing.instruct_pix2pix.toy_pairs import ToyFilter, toy_caption_pairs
 from editing.options import TOY_WEIGHTS
+from ldm.hooks import Attachment
 from ldm.images import read_parameters
 from ldm.model import StableDiffusion
 from ldm.pipeline import decode_latents, text_to_image
@@ -94,25 +95,23 @@ def test_injected_steps_follow_the_reference_rule():
 
 def test_pair_injection_copies_each_items_before_map_in_its_own_window():
     hook = PairInjection([1, 0, 2])  # item 0 injected at step 0, item 1 never, item 2 at steps 0 and 1
-    probs = torch.rand(12, 2, 3, 5, generator=torch.Generator().manual_seed(0))  # 2 halves × 3 items × 2 rows
-    original = probs.clone()
     self_layer = SimpleNamespace(kind="self", level=0, name="down.0.0.self")
     cross_layer = SimpleNamespace(kind="cross", level=0, name="down.0.0.cross")
     hook.begin_step(0, 999)
     assert hook.wants_probabilities(self_layer) and not hook.wants_probabilities(cross_layer)
-    edited = hook.edit_probabilities(self_layer, probs, slice(0, 3))
-    assert torch.equal(edited, probs[[0, 0, 2, 3, 4, 4, 6, 6, 8, 9, 10, 10]])  # after_j ← before_j, both halves
-    assert torch.equal(hook.edit_probabilities(cross_layer, probs, slice(0, 3)), probs)
+    assert hook.map_sources(self_layer, 12).tolist() == [0, 0, 2, 3, 4, 4, 6, 6, 8, 9, 10, 10]  # after_j ← before_j
+    assert hook.map_sources(cross_layer, 12) is None
     hook.begin_step(1, 500)
-    assert torch.equal(hook.edit_probabilities(self_layer, probs, slice(0, 3)), probs[[0, 1, 2, 3, 4, 4, 6, 7, 8, 9, 10, 10]])
-    assert torch.equal(hook.edit_probabilities(self_layer, probs[6:], slice(0, 3)), probs[[6, 7, 8, 9, 10, 10]])
-    hook.begin_step(2, 100)  # past every window
-    assert torch.equal(hook.edit_probabilities(self_layer, probs, slice(0, 3)), probs)
-    assert torch.equal(probs, original)  # the caller's tensor is untouched
-    with pytest.raises(ValueError, match="attention batch of 5 rows for 3 pairs"):
-        hook.edit_probabilities(self_layer, probs[:5], slice(0, 3))
-    hook.wants_probabilities(self_layer), hook.wants_probabilities(cross_layer)
-    hook.expected_calls = 3  # a layer the hook never reached
+    assert hook.map_sources(self_layer, 12).tolist() == [0, 1, 2, 3, 4, 4, 6, 7, 8, 9, 10, 10]
+    assert hook.map_sources(self_layer, 6).tolist() == [0, 1, 2, 3, 4, 4]  # unguided: the conditional rows
+    hook.begin_step(2, 100)  # past every window: the identity, so every step runs the same kernel
+    assert hook.map_sources(self_layer, 12).tolist() == list(range(12))
+    with pytest.raises(ValueError, match="batch of 5 rows for 6 prompts"):
+        hook.map_sources(self_layer, 5)
+    layers = [SimpleNamespace(calls=0) for _ in range(3)]
+    hook.attachment = Attachment(layers)
+    layers[0].calls += 1
+    layers[1].calls += 1  # a layer the hook never reached
     with pytest.raises(RuntimeError, match="saw 2 attention layers in step 2, expected 3"):
         hook.end_step(2, 100, None)
 

@@ -11,6 +11,7 @@ from editing.p2p.edit import P2PConfig, prompt_to_prompt
 from editing.p2p.local_blend import LocalBlend
 from ldm.attention import attached, attention_layers
 from ldm.config import sd15, tiny_sd1
+from ldm.hooks import AttentionHook
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig
 from ldm.unet import UNet
@@ -58,10 +59,14 @@ def test_controller_edits_only_the_conditional_edited_rows():
     out = controller.edit_probabilities(cross, probs, slice(0, 5))
     assert torch.equal(out[:4], probs[:4])  # unconditional rows and the source row pass unchanged
     assert torch.equal(out[4:, ..., 1], probs[3, ..., 2].expand(2, 2, 5))  # edited rows: A_0 through M
-    assert torch.equal(controller.edit_probabilities(shallow_self, probs, slice(0, 5)), probs)  # level 0 < 1
-    out = controller.edit_probabilities(deep_self, probs, slice(0, 5))
-    assert torch.equal(out[:4], probs[:4]) and torch.equal(out[4:], probs[3:4].expand(2, 2, 5, 77))  # A_j ← A_0
+    assert not controller.wants_probabilities(deep_self)  # self-attention stays on the fused kernel
+    assert controller.map_sources(shallow_self, 6) is None and controller.map_sources(cross, 6) is None  # level 0 < 1
+    assert controller.map_sources(deep_self, 6).tolist() == [0, 1, 2, 3, 3, 3]  # A_j ← A_0 in the cond rows
+    assert controller.map_sources(deep_self, 3).tolist() == [0, 0, 0]  # unguided: the conditional rows alone
+    with pytest.raises(ValueError, match="batch of 5 rows for 3 prompts"):
+        controller.map_sources(deep_self, 5)
     controller.begin_step(2, 0)  # past the self range
+    assert controller.map_sources(deep_self, 6) is None
     assert torch.equal(controller.edit_probabilities(deep_self, probs, slice(0, 5)), probs)
 
 
@@ -93,18 +98,26 @@ def test_controller_sees_all_32_layers_of_sd15_once_per_forward():
         x, context = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 768)
     controller = P2PController(2)
     with attached(unet, controller) as layers, torch.no_grad():
-        controller.expected_calls = len(layers)
+        assert controller.attachment.layers == tuple(layers) and len(layers) == 32
+        before = [layer.calls for layer in layers]
         for step in range(2):
             controller.begin_step(step, 0)
             unet(x, 10, context)
-            controller.end_step(step, 0, x)
-    assert controller.calls_per_step == [32, 32]
-    controller.begin_step(2, 0)
-    with pytest.raises(RuntimeError, match="saw 0 attention layers in step 2, expected 32"):
-        controller.end_step(2, 0, x)  # a step in which the hook reached no layer
+            controller.end_step(step, 0, x)  # raises unless each of the 32 layers ran once
+        assert [layer.calls - b for layer, b in zip(layers, before)] == [2] * 32
+        assert controller.calls_per_step == [32, 32]
+        controller.begin_step(2, 0)
+        with pytest.raises(RuntimeError, match="saw 0 attention layers in step 2, expected 32"):
+            controller.end_step(2, 0, x)  # a step in which the hook reached no layer
+        controller.begin_step(3, 0)
+        unet(x, 10, context)
+        unet(x, 10, context)
+        with pytest.raises(RuntimeError, match="saw 64 attention layers in step 3, expected 32"):
+            controller.end_step(3, 0, x)  # the UNet ran twice in one step
+    assert controller.attachment is None and all(layer.hooks == [] for layer in layers)
 
 
-class ExplicitProbe:
+class ExplicitProbe(AttentionHook):
     """Records which layers actually ran the explicit path (edit_probabilities is only called there), with
     the size of every query chunk, and the conditional rows it was shown (after the controller's edit)."""
 
@@ -125,14 +138,14 @@ def test_only_the_layers_a_controller_needs_go_explicit(model):
     probe = ExplicitProbe()
     config = P2PConfig(cross_replace=0.5, self_replace=(0.0, 0.25), store=False)
     result = prompt_to_prompt(model, "a cat on a mat", "a dog on a mat", CFG, config, attention_hooks=[probe])
-    explicit = result.controller.explicit_per_step
-    assert result.controller.calls_per_step == [len(names)] * 4 == [22] * 4
+    explicit, replaced = result.controller.explicit_per_step, result.controller.replaced_per_step
+    assert len(explicit) == len(replaced) == 4 and result.controller.calls_per_step == [len(names)] * 4 == [22] * 4
     cross = [n for n, layer in names.items() if layer.kind == "cross"]
     deep_self = [n for n, layer in names.items() if layer.kind == "self" and layer.level >= 1]
-    assert sorted(explicit[0]) == sorted(cross + deep_self)  # step 0: cross edit + self at ≤ 8² (level ≥ 1)
-    assert sorted(explicit[1]) == sorted(cross)  # self range over (⌊0.25·4⌋ = 1 call)
+    assert sorted(explicit[0]) == sorted(explicit[1]) == sorted(cross)  # cross edits: per token, explicit
     assert explicit[2] == explicit[3] == []  # cross range over (2 calls): every layer on SDPA
-    assert not any(names[n].kind == "self" and names[n].level == 0 for step in explicit for n in step)
+    assert sorted(replaced[0]) == sorted(deep_self)  # step 0: self at ≤ 8² (level ≥ 1), on the fused kernel
+    assert replaced[1] == replaced[2] == replaced[3] == []  # self range over (⌊0.25·4⌋ = 1 call)
     assert probe.layers == [n for step in explicit for n in step]  # the module agrees with the controller
     stored = P2PConfig(cross_replace=0.0, self_replace=(0.0, 0.0))  # store only (default map level 1)
     result = prompt_to_prompt(model, "a cat on a mat", "a dog on a mat", CFG, stored)

@@ -17,6 +17,7 @@ from editing.p2p.edit import P2PConfig, prompt_to_prompt
 from editing.p2p.visualize import LABEL_HEIGHT, attention_grid, token_labels
 from ldm.attention import attached, attention_layers
 from ldm.config import tiny_sd1, tiny_sd2
+from ldm.hooks import AttentionHook
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig, text_to_image
 
@@ -30,7 +31,7 @@ def model():
     return StableDiffusion(tiny_sd1()).eval()
 
 
-class AllExplicit:
+class AllExplicit(AttentionHook):
     """Puts every attention layer on the explicit path and changes nothing."""
 
     def wants_probabilities(self, layer):
@@ -122,3 +123,21 @@ def test_sd2_style_model_v_prediction_and_its_own_levels():
     assert result.map_level == 2 and result.maps.shape == (2, 4, 4, 77)
     assert torch.equal(result.latents[1], result.latents[0])
     assert result.controller.calls_per_step == [len(attention_layers(model.unet))] * CFG.steps
+
+
+@pytest.mark.parametrize("config", [
+    P2PConfig(mode="swap", self_replace=(0.0, 1.0), self_min_level=0),
+    P2PConfig(mode="refine", self_replace=(0.0, 0.5), blend_words=("cat",)),
+])
+def test_self_attention_shortcut_gives_the_explicit_edit(model, config):
+    """A_j ← A_0 computed as SDPA(q_0, k_0, V_j) (no map formed) equals replacing the materialised maps."""
+    shortcut = prompt_to_prompt(model, SOURCE, TARGET, CFG, config)
+    assert any(shortcut.controller.replaced_per_step)
+    assert not any(name.endswith(".self") for step in shortcut.controller.explicit_per_step for name in step)
+    explicit = prompt_to_prompt(model, SOURCE, TARGET, CFG, config, attention_hooks=[AllExplicit()])
+    assert (shortcut.latents - explicit.latents).abs().max() <= 1e-5 * explicit.latents.abs().max()
+    assert torch.allclose(shortcut.maps, explicit.maps, atol=1e-5)
+    untouched = prompt_to_prompt(model, SOURCE, TARGET, CFG, P2PConfig(mode=config.mode, self_replace=(0.0, 0.0),
+                                                                      blend_words=config.blend_words))
+    change = (shortcut.latents[1] - untouched.latents[1]).abs().max()
+    assert change > 1e-4 * untouched.latents.abs().max()  # the replacement acted, 10× above the tolerance

@@ -1,11 +1,12 @@
 """bench p2p: a 2-prompt Prompt-to-Prompt edit beside the plain generation of the same two images.
 
 Both runs make the same UNet calls (N steps × batch 4: [∅, ∅, P_0, P_1]), so the ratio measures what the
-controller adds: the explicit, query-chunked attention in the layers it edits or stores, the edits, the
-store and the local blend. Targets at SD 1.5 shapes on a GPU (PERFORMANCE.md §5.2, §6.4): ≤ 1.3× time,
-≤ 1.2× peak memory. Timed in alternation in one run (editing/bench/__init__.py). Peak memory: on a GPU
-from the allocator; on the CPU (``--cpu-memory``) the peak resident set of each run in a fresh process
-(memory.py), which needs only a step or two (``--steps 2``) to show the peak.
+controller adds: the explicit, query-chunked attention in the cross-attention layers it edits or stores
+(self-attention replacement stays on the fused kernel), the edits, the store and the local blend. Targets
+at SD 1.5 shapes on a GPU (PERFORMANCE.md §5.2, §6.4): ≤ 1.3× time, ≤ 1.2× peak memory. Timed in
+alternation in one run (editing/bench/__init__.py). Peak memory: on a GPU from the allocator; on the CPU
+(``--cpu-memory``) the peak resident set of each run in a fresh process (memory.py), which needs only a
+step or two (``--steps 2``) to show the peak.
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ from ..options import DTYPES
 
 NAME = "bench"
 HELP = ("benchmark editlab against diffusers side by side (unet: one UNet forward; sample: text to image); "
-        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images; "
-        "quality: the toy model's caption accuracy per sampler")
-TARGETS = ("unet", "sample", "p2p", "quality")
+        "p2p: a 2-prompt Prompt-to-Prompt edit against the plain generation of the same two images; gpu: the "
+        "whole GPU table (UNet, generation, P2P, ControlNet, DDPM inversion) as Markdown; stream: peak memory of "
+        "streaming 100 vs 2000 packed 512 px pairs; checkpointing: UNet training memory with and without "
+        "gradient checkpointing; quality: the toy model's caption accuracy per sampler")
+TARGETS = ("unet", "sample", "p2p", "gpu", "stream", "checkpointing", "quality")
 
 
 def add_arguments(parser):
@@ -35,19 +37,37 @@ def add_arguments(parser):
                         help="p2p on CPU: also measure each run's peak resident memory in a fresh process")
     parser.add_argument("--nchw", action="store_true", help="unet: run editlab in plain NCHW layout instead of "
                                                             "its default channels_last")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="gpu: every row at a tiny config, 2 steps, once (checks the script; numbers mean nothing)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="gpu: leave out the CUDA-graph row")
 
 
 def run(args):
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("fp16" if gpu else "fp32")]
+    if args.target in ("stream", "checkpointing"):  # CPU memory at scale (editing/bench/scale.py)
+        from ..bench import scale
+
+        print(scale.run_stream() if args.target == "stream" else
+              scale.run_checkpointing(args.preset or "toy", args.size or 64, args.batch if args.batch != 2 else 8))
+        return
     bench = importlib.import_module(f"editing.bench.{args.target}")
     if args.target == "quality":
         from ..options import TOY_WEIGHTS
 
         print(bench.run(TOY_WEIGHTS))
         return
-    if args.target == "unet":
+    if args.target == "gpu":
+        if not gpu and not args.dry_run:
+            raise ValueError(f"bench gpu measures a CUDA device (got {device}); add --dry-run to check it on the CPU")
+        if args.dry_run:
+            text = bench.run(args.preset or "tiny-sd1", args.size or 16, args.steps or 2, dtype, device, 1, 0,
+                             not args.no_cuda_graph)
+        else:
+            text = bench.run(args.preset or "sd15", args.size or 512, args.steps or 50, dtype, device,
+                             args.repeats, args.warmup, not args.no_cuda_graph)
+    elif args.target == "unet":
         text = bench.run(args.preset or "sd15", args.batch, args.size or 64, dtype, device, args.repeats,
                          args.warmup, not args.nchw)
     else:

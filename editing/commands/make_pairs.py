@@ -9,29 +9,44 @@ injected for a random p ~ U(--p-range) of the steps, guidance ~ U(--guidance-ran
 at most --keep are kept (editing/instruct_pix2pix/pairs.py). --clip is a local open_clip state dict (ViT-L/14 with
 QuickGELU unless --clip-config gives another JSON open_clip config).
 
---toy-captions N instead draws N toy-world caption pairs (editing/instruct_pix2pix/toy_pairs.py), and --filter toy replaces
-CLIP by the toy world's attribute readers, e.g. the training data of the bundled toy InstructPix2Pix model:
+--toy-captions N instead draws N toy-world caption pairs (editing/instruct_pix2pix/toy_pairs.py), and
+--filter toy replaces CLIP by the toy world's attribute readers, e.g. the training data of the bundled toy
+InstructPix2Pix model:
 
     editlab make-pairs --toy-captions 1500 --filter toy --samples 2 --keep 1 --steps 20 --scheduler ddim --out DIR
 
 Writes into --out DIR: pairs.jsonl (the PairFolder list train-ip2p reads: before, after, instruction, plus the
 captions, the sample's draws and filter scores), samples.jsonl (every sample, kept or not, with its scores:
-CLIP similarities, or the toy reads) and NNNNNNN/SEED_0.png, SEED_1.png (before, after; each PNG records its parameters).
+CLIP similarities, or the toy reads) and NNNNNNN/SEED_0.png, SEED_1.png (before, after; each PNG records its
+parameters); with --format webdataset the images go into pairs-NNNNNN.tar shards instead (KEY.before.png,
+KEY.after.png, KEY.txt, KEY.json) and pairs.jsonl names each pair's shard and key.
+
+Several processes: ``torchrun --nproc_per_node 8 -m editing.cli make-pairs ...`` (any number of processes and
+nodes) split the shards by index and make exactly the pairs one process makes; Ctrl-C, SIGKILL or a lost node
+leave a folder that ``--resume`` continues without rendering a recorded caption pair again
+(editing/instruct_pix2pix/pair_runs.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 from ldm.clip_models import load_clip
 from ldm.files import atomic_path
 from ldm.images import file_sha256, save_png
+from ldm.interrupt import Interrupted, StopFlag, check_options
+from ldm.training import backend_for, start_processes
 
 from ..options import (add_model_arguments, add_sampler_arguments, check_sampler, load_model, native_size,
                        sampler_options, weights_path)
+from ..instruct_pix2pix.pair_runs import PairRun
 
 NAME = "make-pairs"
 HELP = "InstructPix2Pix training data: render caption pairs with Prompt-to-Prompt and keep CLIP-filtered ones"
@@ -69,7 +84,14 @@ def add_arguments(parser):
                         help="--filter toy: before-after object mask IoU threshold for colour/background edits")
     parser.add_argument("--batch", type=int, default=16, help="(caption pair, sample) items per sampling loop")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--force", action="store_true", help="overwrite the outputs of another run in --out")
+    parser.add_argument("--format", choices=("folder", "webdataset"), default="folder",
+                        help="folder: NNNNNNN/SEED_ROW.png files; webdataset: pairs-NNNNNN.tar shards (default folder)")
+    parser.add_argument("--shard-size", type=int, default=100,
+                        help="caption pairs per shard: the unit of work split across torchrun processes (default 100)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted or killed run in --out (recorded caption pairs are skipped)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite the outputs of another run in --out, or start an unfinished run over")
 
 
 def read_captions(path: Path) -> list[dict[str, str]]:
@@ -97,11 +119,6 @@ def read_captions(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
 def caption_pairs(args) -> list[dict[str, str]]:
     from ..instruct_pix2pix.toy_pairs import check_toy_caption, toy_caption_pairs
 
@@ -125,6 +142,37 @@ def sample_filter(args, recipe, device):
     return ClipFilter(clip, recipe), {"filter": "clip", "clip": args.clip.name, "clip_sha256": file_sha256(args.clip)}
 
 
+def run_options(args, captions: list[dict]) -> dict:
+    """What changes the pairs made (recorded in OUT/.progress/run.json, checked on --resume)."""
+    keys = ("filter", "samples", "keep", "steps", "scheduler", "seed", "height", "width", "p_range", "guidance_range",
+            "min_image_text", "min_image_image", "min_direction", "min_iou", "batch", "shard_size", "format", "dtype")
+    options = {f"--{k.replace('_', '-')}": list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+               if k in keys}
+    options["captions (sha256)"] = hashlib.sha256(json.dumps(captions).encode()).hexdigest()
+    options["weights (sha256)"] = file_sha256(weights_path(args))
+    if args.filter == "clip":
+        options["clip (sha256)"] = file_sha256(args.clip)
+    return options
+
+
+def check_start(args, run_dir: Path, options: dict) -> None:
+    """--resume continues the run in --out with the same options; without it an unfinished run, or another
+    run's finished lists, are not overwritten unless --force (which clears the unfinished run)."""
+    recorded = run_dir / "run.json"
+    if args.resume:
+        if not recorded.is_file():
+            raise FileNotFoundError(f"{args.out}: no make-pairs run to resume ({recorded} missing); start without "
+                                    "--resume")
+        check_options(json.loads(recorded.read_text()), options)
+        return
+    for path in (args.out / "pairs.jsonl", args.out / "samples.jsonl"):
+        if path.exists() and not args.force:
+            raise FileExistsError(f"{path} exists; choose another --out or pass --force")
+    if run_dir.exists() and not args.force:
+        raise FileExistsError(f"{args.out} holds an unfinished make-pairs run; rerun with --resume to continue it, "
+                              "or --force to start over")
+
+
 def run(args):
     from ..instruct_pix2pix.pairs import PairRecipe, make_caption_pairs  # imported here: the CLI lists every command
 
@@ -132,13 +180,17 @@ def run(args):
         raise ValueError("--filter clip needs --clip CLIP_WEIGHTS (a local open_clip state dict), or use --filter toy")
     if args.filter == "clip" and not args.clip.is_file():
         raise FileNotFoundError(f"{args.clip}: no such CLIP weights file (a local open_clip state dict)")
-    if args.batch < 1:
-        raise ValueError(f"--batch {args.batch}: render at least 1 item per sampling loop")
+    if args.batch < 1 or args.shard_size < 1:
+        raise ValueError(f"--batch {args.batch} and --shard-size {args.shard_size}: give at least 1 each")
     captions = caption_pairs(args)
-    index_files = [args.out / "pairs.jsonl", args.out / "samples.jsonl"]
-    for path in index_files:
-        if path.exists() and not args.force:
-            raise FileExistsError(f"{path} exists; choose another --out or pass --force")
+    layout = PairRun(args.out, len(captions), args.batch, args.samples, args.shard_size, args.format)
+    options = run_options(args, captions)
+    check_start(args, layout.progress, options)
+    rank, processes = start_processes(backend_for(args.device))  # under torchrun each renders its own shards
+    if rank == 0 and layout.progress.exists() and not args.resume:
+        shutil.rmtree(layout.progress)  # --force: the unfinished run starts over
+    if processes > 1:
+        dist.barrier()
     recipe = PairRecipe(samples=args.samples, keep=args.keep, p_range=tuple(args.p_range),
                         guidance_range=tuple(args.guidance_range), steps=args.steps, negative=args.negative,
                         **sampler_options(args), seed=args.seed, min_image_text=args.min_image_text, min_image_image=args.min_image_image,
@@ -156,29 +208,56 @@ def run(args):
                 "rescale_zero_snr": recipe.rescale_zero_snr, "guidance_rescale": recipe.guidance_rescale,
                 "negative": recipe.negative or "", "steps": recipe.steps, "height": recipe.height,
                 "width": recipe.width, "recipe_seed": recipe.seed, "dtype": args.dtype}
-    pairs, samples = [], []
+    layout.progress.mkdir(parents=True, exist_ok=True)
+    with atomic_path(layout.progress / "run.json") as tmp:  # the same content from every process
+        tmp.write_text(json.dumps(options, sort_keys=True))
     pair_list = [(c["input"], c["output"]) for c in captions]
-    for index, results in make_caption_pairs(model, pair_list, recipe, chosen, batch=args.batch):
-        caption = captions[index]
-        for sample in results:
-            info = {"caption_index": index, **caption, "seed": sample.draw.seed, "p": sample.draw.p,
-                    "guidance": sample.draw.guidance, **sample.scores, "rank": sample.rank}
-            samples.append(info)
-            if sample.rank is None:
-                continue
-            names = [f"{index:07d}/{sample.draw.seed}_{row}.png" for row in (0, 1)]
-            for row, name in enumerate(names):
-                save_png(args.out / name, sample.images[row], {**run_info, **info, "row": row}, force=args.force)
-            pairs.append({"before": names[0], "after": names[1], "instruction": caption["edit"], **info})
-        if index % 64 == 63 or index == len(captions) - 1:  # the lists so far, every 64 caption pairs
-            pairs.sort(key=lambda row: (row["caption_index"], row["rank"]))
-            write_jsonl(index_files[0], pairs)
-            write_jsonl(index_files[1], samples)
-        kept = sum(sample.rank is not None for sample in results)
-        print(f"caption pair {index}: kept {kept} of {len(results)} samples "
-              f"({caption['input']!r} -> {caption['output']!r})")
-    print(f"{index_files[0]}: {len(pairs)} pairs from {len(captions)} caption pairs")
+    with StopFlag() as stop:
+        for shard in layout.my_shards(rank, processes):
+            entries = layout.recorded(shard)
+            for unit in layout.shard_units(shard):
+                if unit in entries:
+                    continue  # recorded: never rendered again
+                indices = list(layout.unit_captions(unit))
+                entry = {"unit": unit, "samples": [], "pairs": []}
+                for index, results in make_caption_pairs(model, [pair_list[i] for i in indices], recipe, chosen,
+                                                         batch=args.batch, indices=indices):
+                    kept = write_caption_pair(layout, shard, index, captions[index], results, run_info, entry, args)
+                    print(f"caption pair {index}: kept {kept} of {len(results)} samples "
+                          f"({captions[index]['input']!r} -> {captions[index]['output']!r})")
+                layout.record(shard, entry)
+                entries[unit] = entry
+                if stop.requested:
+                    raise Interrupted(f"caption pair {indices[-1]}", layout.journal(shard))
+            layout.finish_shard(shard, entries)
+    written = layout.write_index()
+    if written is None:
+        print(f"rank {rank}: my shards are done; the lists are written by the last process to finish")
+        return 0
+    pairs, _ = written
+    print(f"{args.out / 'pairs.jsonl'}: {len(pairs)} pairs from {len(captions)} caption pairs")
     if not pairs:
-        print(f"editlab {NAME}: no sample passed {chosen.describe()}; see the scores in {index_files[1]}",
+        print(f"editlab {NAME}: no sample passed {chosen.describe()}; see the scores in {args.out / 'samples.jsonl'}",
               file=sys.stderr)
         return 1
+
+
+def write_caption_pair(layout: PairRun, shard: int, index: int, caption: dict, results, run_info: dict,
+                       entry: dict, args) -> int:
+    """Write one caption pair's kept images and add its rows to the unit's journal entry; returns kept count."""
+    kept = 0
+    for sample in results:
+        info = {"caption_index": index, **caption, "seed": sample.draw.seed, "p": sample.draw.p,
+                "guidance": sample.draw.guidance, **sample.scores, "rank": sample.rank}
+        entry["samples"].append(info)
+        if sample.rank is None:
+            continue
+        names = []
+        for row in (0, 1):
+            path, name = layout.image_path(shard, index, sample.draw.seed, row)
+            save_png(path, sample.images[row], {**run_info, **info, "row": row}, force=args.force or args.resume)
+            names.append(name)
+        entry["pairs"].append({"before": names[0], "after": names[1], "instruction": caption["edit"], **info})
+        kept += 1
+    entry["pairs"].sort(key=lambda row: (row["caption_index"], row["rank"]))
+    return kept

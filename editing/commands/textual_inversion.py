@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from ldm.files import file_sha256
+
 from ..instruct_pix2pix.sizing import open_rgb, to_tensor
-from ..options import add_model_arguments, load_model, native_size
+from ..options import add_model_arguments, load_model, native_size, weights_path
+from ..training_cli import recorded_options, start_checks
 
 NAME = "textual-inversion"
 HELP = "textual inversion: learn a new token's embedding from a few images of a concept"
@@ -36,7 +39,8 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt")
     parser.add_argument("--out", type=Path, required=True, help="output learned_embeds .safetensors file")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing output file, or start over an interrupted run's checkpoint")
 
 
 def load_images(folder: Path, size: int) -> torch.Tensor:
@@ -59,11 +63,17 @@ def run(args):
         raise FileExistsError(f"{args.out} exists; choose another --out, or pass --resume or --force")
     if args.dtype != "fp32":
         raise ValueError(f"--dtype {args.dtype}: textual inversion learns in fp32; leave --dtype at fp32")
+    checkpoint = args.out.with_suffix(".ckpt.pt")
+    start_checks(checkpoint, args)
     model = load_model(args)
     images = load_images(args.images, args.size or native_size(model))
     cfg = EmbeddingConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
                           checkpoint_every=max(1, min(500, args.steps // 4)))
+    image_files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    options = recorded_options(args, ["token", "init_word", "vectors", "steps", "lr", "seed"], 1,
+                               weights_sha256=file_sha256(weights_path(args)), size=images.shape[-1],
+                               images={p.name: file_sha256(p) for p in image_files})
     result = train_textual_inversion(model, images, args.token, args.init_word, args.vectors, cfg,
-                                     checkpoint=args.out.with_suffix(".ckpt.pt"), resume=args.resume)
+                                     checkpoint=checkpoint, resume=args.resume, options=options, force=args.force)
     save_learned_embeds(args.out, args.token, result.best)
     print(args.out)

@@ -22,18 +22,20 @@ and the manifest's sha256.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from controls.controlnet import SD_HINT_CHANNELS, ControlNet
-from controls.train import (ControlTrainConfig, encode_triples, folder_triples, manifest_path, recipe,
-                            toy_canny_triples, train_controlnet)
+from controls.train import ControlTrainConfig, ToyCannyTriples, manifest_path, recipe, train_controlnet, triple_source
 from ldm.files import file_sha256
-from ldm.training import end_processes, start_processes
+from ldm.shards import list_shards
+from ldm.training import backend_for, end_processes, start_processes
 
 from ..options import add_model_arguments, check_training_output, load_model, native_size, weights_path
+from ..training_cli import add_scale_arguments, check_scale_arguments, data_fingerprint, recorded_options, start_checks
 
 NAME = "train-controlnet"
 HELP = "train a ControlNet (toy shapes or a folder of image/hint/prompt triples) against a locked SD model"
@@ -43,8 +45,9 @@ RECIPE = "editlab-controlnet-v1"
 def add_arguments(parser):
     add_model_arguments(parser, "the locked base model")
     parser.add_argument("--data", default="toy", metavar="toy|DIR",
-                        help="toy shapes with Canny hints, or a folder with prompts.jsonl (or metadata.jsonl) of "
-                             '{"target", "prompt", "source"} lines (default: toy)')
+                        help="toy shapes with Canny hints, a folder with prompts.jsonl (or metadata.jsonl) of "
+                             '{"target", "prompt", "source"} lines, or a folder of WebDataset .tar shards '
+                             "(KEY.png, KEY.hint.png, KEY.txt; editlab pack) (default: toy)")
     parser.add_argument("--detect", choices=("canny", "none"), default="canny",
                         help='hints for folder lines without "source": Canny edges of the target, or none (error)')
     parser.add_argument("--images", type=int, default=2000, help="number of toy images (with --data toy)")
@@ -61,7 +64,9 @@ def add_arguments(parser):
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="output editlab ControlNet file (.safetensors)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing output file, or start over an interrupted run's checkpoint")
+    add_scale_arguments(parser)
 
 
 def hint_channels(vae_factor: int) -> tuple[int, ...]:
@@ -74,30 +79,45 @@ def hint_channels(vae_factor: int) -> tuple[int, ...]:
 
 def run(args):
     check_training_output(args)
-    rank, processes = start_processes("gloo")  # joins the group when launched by torchrun
-    manifest = None if args.data == "toy" else manifest_path(args.data)  # fails before the model loads
+    check_scale_arguments(args)
+    checkpoint = args.checkpoint or args.out.with_suffix(".ckpt.pt")
+    start_checks(checkpoint, args)
+    shards = args.data != "toy" and bool(list_shards(args.data))
+    manifest = None if args.data == "toy" or shards else manifest_path(args.data)  # fails before the model loads
+    rank, processes = start_processes(backend_for(args.device))  # joins the group when launched by torchrun
     model = load_model(args)
     size = args.size or native_size(model)
     net = ControlNet.from_unet(model.unet, hint_channels(model.config.vae.downsample_factor),
                                torch.Generator().manual_seed(args.seed))
-    if manifest is None:
-        triples, source = toy_canny_triples(args.images, args.data_seed, size), {
+    detect = None if args.detect == "none" else args.detect
+    if args.data == "toy":
+        data, source = ToyCannyTriples(args.images, args.data_seed, size), {
             "data": "toy-canny", "images": str(args.images), "data_seed": str(args.data_seed)}
     else:
-        triples = folder_triples(args.data, size, None if args.detect == "none" else args.detect)
-        source = {"data": str(Path(args.data).resolve()), "data_manifest": manifest.name,
-                  "data_sha256": file_sha256(manifest), "detect": args.detect, "images": str(len(triples[2]))}
-    data = encode_triples(model, *triples)
+        data = triple_source(args.data, size, detect)
+        source = {"data": str(Path(args.data).resolve()), "data_sha256": data_fingerprint(args.data),
+                  "detect": args.detect, "images": str(len(data))}
+        source.update({"data_manifest": manifest.name} if manifest else {"data_format": "webdataset"})
     train = recipe(args.lr, args.steps, args.seed, max(1, min(args.checkpoint_every, args.steps)))
+    train = dataclasses.replace(train, accumulate=args.accumulate, precision=args.precision)
     cfg = ControlTrainConfig(args.batch, args.prompt_dropout, args.unlock_decoder)
-    checkpoint = args.checkpoint or args.out.with_suffix(".ckpt.pt")
-    net, losses = train_controlnet(model, net, data, train, cfg, checkpoint, resume=args.resume)
+    options = recorded_options(args, ["data", "detect", "size", "steps", "lr", "prompt_dropout", "unlock_decoder",
+                                      "seed", "precision"], processes,
+                               weights_sha256=file_sha256(weights_path(args)), size_used=size,
+                               data_sha256=source.get("data_sha256", ""),
+                               **({"--images": args.images, "--data-seed": args.data_seed}
+                                  if args.data == "toy" else {}))
+    net, losses = train_controlnet(model, net, data, train, cfg, checkpoint, resume=args.resume, workers=args.workers,
+                                   gradient_checkpointing=args.gradient_checkpointing, options=options,
+                                   force=args.force)
     if rank == 0:
         tail = losses[-50:]
         metadata = {"recipe": RECIPE, "base": weights_path(args).name, "base_sha256": file_sha256(weights_path(args)),
                     **source, "size": str(size), "steps": str(args.steps), "processes": str(processes),
                     "settings": json.dumps({"batch": args.batch, "lr": args.lr, "prompt_dropout": args.prompt_dropout,
-                                            "unlock_decoder": args.unlock_decoder, "seed": args.seed}, sort_keys=True),
+                                            "unlock_decoder": args.unlock_decoder, "seed": args.seed,
+                                            "accumulate": args.accumulate, "precision": args.precision},
+                                           sort_keys=True),
                     "final_loss": f"{sum(tail) / len(tail):.5f}"}
         net.save(args.out, metadata)
         if args.unlock_decoder:

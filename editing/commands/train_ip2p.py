@@ -18,11 +18,12 @@ import json
 from pathlib import Path
 
 from ldm.files import file_sha256
-from ldm.training import TrainConfig, end_processes, start_processes
+from ldm.training import TrainConfig, backend_for, end_processes, start_processes
 
-from ..instruct_pix2pix.data import PairFolder, ToyEditPairs
+from ..instruct_pix2pix.data import ToyEditPairs, pair_source
 from ..instruct_pix2pix.train import IP2PTrainConfig, train_ip2p, widen_conv_in
 from ..options import add_model_arguments, check_training_output, load_model, native_size, weights_path
+from ..training_cli import add_scale_arguments, check_scale_arguments, data_fingerprint, recorded_options, start_checks
 
 NAME = "train-ip2p"
 HELP = "train InstructPix2Pix (instruction-following image editing) from a text-to-image model"
@@ -32,7 +33,8 @@ RECIPE = "editlab-ip2p-v1"
 def add_arguments(parser):
     add_model_arguments(parser, "the text-to-image model to start from")
     parser.add_argument("--data", default="toy",
-                        help="'toy' (rendered toy edit pairs) or a folder with pairs.jsonl (before, after, instruction)")
+                        help="'toy' (rendered toy edit pairs), a folder with pairs.jsonl (before, after, instruction), "
+                             "or a folder of WebDataset .tar shards (KEY.before.png, KEY.after.png, KEY.txt)")
     parser.add_argument("--pairs", type=int, default=2000, help="number of toy pairs")
     parser.add_argument("--data-seed", type=int, default=1234, help="seed of the toy pairs")
     parser.add_argument("--size", type=int, default=None, help="training image side (default: the model's native size)")
@@ -47,7 +49,9 @@ def add_arguments(parser):
                         help="steps between checkpoints (default: a quarter of --steps, at most 500)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="output editlab weights file (.safetensors)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing output file, or start over an interrupted run's checkpoint")
+    add_scale_arguments(parser)
     parser.add_argument("--unet-only", action="store_true",
                         help="write only the UNet; the VAE and text encoder are read from --weights, which must "
                              "sit in the folder of --out (how the toy InstructPix2Pix model ships)")
@@ -61,16 +65,26 @@ def run(args):
                          "(the file refers to it by name)")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps >= 1")
-    rank, processes = start_processes("gloo")  # joins the group when launched by torchrun
+    check_scale_arguments(args)
+    checkpoint = args.checkpoint or args.out.with_suffix(".ckpt.pt")
+    start_checks(checkpoint, args)
+    if args.data != "toy" and not Path(args.data).is_dir():
+        raise FileNotFoundError(f"--data {args.data}: no such folder (pairs.jsonl or .tar shards), nor 'toy'")
+    rank, processes = start_processes(backend_for(args.device))  # joins the group when launched by torchrun
     base = load_model(args)
     model = base if base.config.unet.in_channels == 2 * base.config.vae.latent_channels else widen_conv_in(base)
     size = args.size or native_size(model)
-    dataset = ToyEditPairs(args.pairs, args.data_seed, size) if args.data == "toy" else PairFolder(args.data, size)
+    dataset = ToyEditPairs(args.pairs, args.data_seed, size) if args.data == "toy" else pair_source(args.data, size)
     train = TrainConfig(steps=args.steps, lr=args.lr, final_lr_fraction=1.0, ema_decay=args.ema_decay,
-                        seed=args.seed, checkpoint_every=args.checkpoint_every or max(1, min(500, args.steps // 4)))
+                        seed=args.seed, checkpoint_every=args.checkpoint_every or max(1, min(500, args.steps // 4)),
+                        accumulate=args.accumulate, precision=args.precision)
     cfg = IP2PTrainConfig(batch=args.batch, dropout=args.dropout)
-    checkpoint = args.checkpoint or args.out.with_suffix(".ckpt.pt")
-    model, losses = train_ip2p(model, dataset, train, cfg, checkpoint, resume=args.resume)
+    options = recorded_options(args, ["data", "size", "steps", "lr", "dropout", "ema_decay", "seed", "precision"],
+                               processes, weights_sha256=file_sha256(weights_path(args)), size_used=size,
+                               data_sha256=data_fingerprint(args.data) if args.data != "toy" else "",
+                               **({"--pairs": args.pairs, "--data-seed": args.data_seed} if args.data == "toy" else {}))
+    model, losses = train_ip2p(model, dataset, train, cfg, checkpoint, resume=args.resume, workers=args.workers,
+                               gradient_checkpointing=args.gradient_checkpointing, options=options, force=args.force)
     if rank == 0:
         tail = losses[-50:]
         metadata = {"recipe": RECIPE, "base": weights_path(args).name, "base_sha256": file_sha256(weights_path(args)),
@@ -78,7 +92,9 @@ def run(args):
                     "data_seed": str(args.data_seed), "size": str(size), "steps": str(args.steps),
                     "processes": str(processes),
                     "settings": json.dumps({"batch": args.batch, "lr": args.lr, "dropout": args.dropout,
-                                            "ema_decay": args.ema_decay, "seed": args.seed}, sort_keys=True),
+                                            "ema_decay": args.ema_decay, "seed": args.seed,
+                                            "accumulate": args.accumulate, "precision": args.precision},
+                                           sort_keys=True),
                     "final_loss": f"{sum(tail) / len(tail):.5f}"}
         if args.half:
             model = copy.deepcopy(model).half()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.interrupt import check_fresh_start
 from ldm.toy.train import STAGES, ToyRecipe, train_toy
 
 NAME = "train-toy"
@@ -29,6 +30,7 @@ def add_arguments(parser):
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="text encoder + UNet steps")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    parser.add_argument("--force", action="store_true", help="start over an interrupted run's checkpoints in --out")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 is fastest on a busy machine")
 
@@ -42,4 +44,7 @@ def run(args):
         torch.set_num_threads(args.threads)
     recipe = dataclasses.replace(ToyRecipe(), seed=args.seed, data_seed=args.data_seed,
                                  vae_steps=args.vae_steps, steps=args.steps)
-    print(train_toy(args.out, recipe, stage=args.stage, resume=args.resume))
+    if not args.resume and not args.force:  # an interrupted run's checkpoints are not overwritten silently
+        for name in ("vae-checkpoint.pt", "diffusion-checkpoint.pt"):
+            check_fresh_start(args.out / name, False, False)
+    print(train_toy(args.out, recipe, stage=args.stage, resume=args.resume, force=args.force))

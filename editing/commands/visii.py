@@ -26,6 +26,7 @@ from ldm.files import file_sha256
 
 from ..instruct_pix2pix.sizing import open_rgb, to_tensor
 from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size, weights_path
+from ..training_cli import recorded_options, start_checks
 
 NAME = "visii"
 HELP = "Visii: learn an InstructPix2Pix instruction from a before/after image pair"
@@ -57,7 +58,8 @@ def add_arguments(parser):
                         help="clip gradient values to the initial states' maximum (as the reference)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--force", action="store_true", help="overwrite a finished run in OUT")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite a finished run in OUT, or start over an interrupted one")
 
 
 def _image(path: Path, size: int) -> torch.Tensor:
@@ -65,6 +67,15 @@ def _image(path: Path, size: int) -> torch.Tensor:
     from PIL import Image
 
     return to_tensor(open_rgb(path).resize((size, size), Image.LANCZOS))
+
+
+def visii_options(args, size: int) -> dict:
+    """The inputs that change the learned instruction (recorded in the checkpoint, checked on --resume)."""
+    files = {"weights": weights_path(args), "before": args.before, "after": args.after, "clip": args.clip,
+             "search_clip": args.search_clip}
+    return recorded_options(args, ["init", "init_search", "search_steps", "search_length", "steps", "lr", "seed",
+                                   "clip_gradients"], 1, size=size,
+                            **{f"{k}_sha256": file_sha256(v) for k, v in files.items() if v is not None})
 
 
 def run(args):
@@ -75,6 +86,7 @@ def run(args):
         raise FileExistsError(f"{out} exists; choose another --out, or pass --resume or --force")
     if args.dtype != "fp32":
         raise ValueError(f"--dtype {args.dtype}: Visii learns in fp32; leave --dtype at fp32")
+    start_checks(args.out / "checkpoint.pt", args)
     model = load_model(args)
     check_ip2p_model(model)
     searches_with_clip = args.init_search and args.search_clip is None  # PEZ then encodes text with --clip
@@ -94,7 +106,8 @@ def run(args):
                            checkpoint_every=max(1, min(100, args.steps // 4)))
     result = train_visii(model, clip, before, after, None if search else args.init,
                          VisiiConfig(clip_gradients=args.clip_gradients), train, checkpoint=args.out / "checkpoint.pt",
-                         resume=args.resume, init_search=search, search_clip=search_clip)
+                         resume=args.resume, init_search=search, search_clip=search_clip,
+                         options=visii_options(args, size), force=args.force)
     metadata = {"weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
                 "before_sha256": file_sha256(args.before), "after_sha256": file_sha256(args.after),
                 "init": result.init_prompt, "size": str(size), "steps": str(args.steps), "lr": str(args.lr),

@@ -31,6 +31,7 @@ import torch
 
 from inversion.ddpm_noise import DDPMInversion, DDPMInversionConfig, check_skip, invert, regenerate
 from ldm.attention import attached
+from ldm.hooks import AttentionHook, StepHook
 from ldm.pipeline import check_image_size, encode_images, guided_unet, text_context
 
 from ..p2p import P2PConfig, build_controller
@@ -108,35 +109,33 @@ def invert_and_edit(model, images: torch.Tensor, source_prompt: str, target_prom
     return edit(model, inversion, target_prompt, edit_cfg, progress=progress), inversion
 
 
-class ExecutedSteps:
+class ExecutedSteps(StepHook):
     """Step hooks of a controller, re-indexed by executed step: i − skip = 0, 1, …, N − skip − 1.
 
     The reference (``p2pinv``) counts a P2P schedule built for all N steps from the first regenerated step
     (xa 0.6 → the first ⌊0.6·N⌋ executed steps), and so do the controllers driven through this adapter."""
 
-    def __init__(self, controller, skip: int):
+    def __init__(self, controller: AttentionHook, skip: int):
         self.controller, self.skip = controller, skip
 
     def begin_step(self, i: int, t) -> None:
-        if hasattr(self.controller, "begin_step"):
-            self.controller.begin_step(i - self.skip, t)
+        self.controller.begin_step(i - self.skip, t)
 
     def end_step(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.controller, "end_step"):
-            return self.controller.end_step(i - self.skip, t, latents)
-        return latents
+        return self.controller.end_step(i - self.skip, t, latents)
 
 
 @torch.no_grad()
-def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, target_prompt: str, controller,
+def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, target_prompt: str,
+                         controller: AttentionHook,
                          cfg: DDPMP2PConfig = DDPMP2PConfig(), select=None, progress: bool = False) -> torch.Tensor:
     """Edit-friendly inversion combined with an attention controller (the paper's "ours + P2P").
 
     Batch [source; target] starts from the same latent x at step ``cfg.skip`` and adds the same σ_t z_t to
     both rows; the source row runs at the inversion's w_src (so it follows the inverted image) and the
     target row at ``cfg.target_guidance``. The UNet sees [uncond × 2; source, target]. ``controller`` is any
-    attention hook (``ldm.attention``), attached to the ``select``ed layers, that may also have the step hooks
-    ``begin_step(i, t)`` / ``end_step(i, t, latents)``; they get the executed-step index (``ExecutedSteps``).
+    ``ldm.hooks.AttentionHook``, attached to the ``select``ed layers; its step hooks ``begin_step(i, t)`` /
+    ``end_step(i, t, latents)`` get the executed-step index (``ExecutedSteps``).
     Returns the final latents [2, C, h, w] (source, target).
     """
     if inversion.latents.shape[1] != 1:
@@ -146,9 +145,7 @@ def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, ta
     prompts = [source_prompt, target_prompt]
     guidance = [inversion.source_guidance, cfg.target_guidance]
     predict = guided_unet(model.unet, text_context(model, prompts, None, guidance), guidance)
-    with attached(model.unet, controller, select) as layers:
-        if hasattr(controller, "expected_calls"):  # P2PController checks it sees every layer once per step
-            controller.expected_calls = len(layers)
+    with attached(model.unet, controller, select):
         return regenerate(predict, inversion, cfg.skip, hooks=[ExecutedSteps(controller, cfg.skip)], batch=2,
                           progress=progress)
 

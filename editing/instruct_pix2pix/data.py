@@ -16,18 +16,26 @@ and after one edit, with the same geometry and background texture:
 | shape      | shape -> another                         | "turn the circle into a square"   |
 | background | background -> another (≠ object colour)  | "make the background yellow"      |
 
-Items are dicts {before, after: float [3, H, W] in [0, 1], instruction: str}.
+Shards (``PairShards``): WebDataset tar shards (ldm/shards.py) of samples KEY.before.png, KEY.after.png,
+KEY.txt (the instruction), as ``editlab make-pairs --format webdataset`` and ``editlab pack`` write them.
+
+Items are dicts {before, after: float [3, H, W] in [0, 1], instruction: str}. All three are map-style and
+read one pair at a time, so training streams them (ldm/stream.py) without holding the data in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
+from PIL import Image
 
+from ldm.seeding import derived_seed
+from ldm.shards import index_shards, list_shards, read_parts
+from ldm.stream import CorruptSample
 from ldm.toy.shapes import COLOURS, SHAPES, ShapeSpec, render, sample_spec
 
 from .sizing import fit, open_rgb, to_tensor
@@ -67,7 +75,7 @@ class ToyEditPairs(torch.utils.data.Dataset):
     def pair(self, index: int) -> tuple[ShapeSpec, ShapeSpec, str]:
         if not 0 <= index < self.n:
             raise IndexError(f"pair {index} out of range for {self.n} pairs")
-        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        seed = derived_seed(self.seed, index)
         generator = torch.Generator().manual_seed(seed)
         before = sample_spec(generator)
         after, instruction = sample_edit(before, generator)
@@ -107,5 +115,50 @@ class PairFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         before, after, instruction = self.rows[index]
-        load = lambda name: to_tensor(fit(open_rgb(self.folder / name), (self.size, self.size)))[0]  # [3, H, W]
-        return {"before": load(before), "after": load(after), "instruction": instruction}
+        try:
+            return {"before": self._load(self.folder / before), "after": self._load(self.folder / after),
+                    "instruction": instruction}
+        except (OSError, ValueError) as err:  # a missing or unreadable image: the stream skips the pair
+            raise CorruptSample(f"pairs.jsonl row {index + 1}: {err}") from None
+
+    def _load(self, source) -> torch.Tensor:
+        """An image file or bytes -> [3, size, size] in [0, 1]."""
+        image = open_rgb(source) if isinstance(source, Path) else Image.open(source).convert("RGB")
+        return to_tensor(fit(image, (self.size, self.size)))[0]
+
+
+PAIR_PARTS = ("before.png", "after.png", "txt")
+
+
+class PairShards(PairFolder):
+    """Pairs in the WebDataset tar shards of ``folder`` (KEY.before.png, KEY.after.png, KEY.txt); unreadable
+    shards and incomplete samples are skipped with a warning when indexed (``self.index`` counts them)."""
+
+    def __init__(self, folder: str | Path, size: int):
+        self.folder, self.size = Path(folder), size
+        paths = list_shards(folder)
+        if not paths:
+            raise FileNotFoundError(f"{folder}: no .tar shards; write them with editlab pack or make-pairs "
+                                    "--format webdataset")
+        self.index = index_shards(paths, PAIR_PARTS)
+        if not self.index.samples:
+            raise ValueError(f"{folder}: no readable pair in {len(paths)} shards (skipped: "
+                             f"{'; '.join(self.index.skipped_shards) or 'incomplete samples'})")
+
+    def __len__(self) -> int:
+        return len(self.index.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        ref = self.index.samples[index]
+        try:
+            parts = read_parts(self.index, ref)
+            return {"before": self._load(io.BytesIO(parts["before.png"])),
+                    "after": self._load(io.BytesIO(parts["after.png"])),
+                    "instruction": parts["txt"].decode("utf-8").strip()}
+        except (OSError, ValueError, UnicodeDecodeError, EOFError) as err:
+            raise CorruptSample(f"{self.index.name(ref)}: {err}") from None
+
+
+def pair_source(data: str | Path, size: int):
+    """A folder of .tar shards (PairShards) or with pairs.jsonl (PairFolder)."""
+    return PairShards(data, size) if list_shards(data) else PairFolder(data, size)

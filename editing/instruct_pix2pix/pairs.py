@@ -34,16 +34,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ldm.attention import attached
 from ldm.clip_models import clip_image_features, clip_text_features
+from ldm.hooks import AttentionHook, guidance_rows
 from ldm.model import StableDiffusion
 from ldm.pipeline import (SamplingConfig, check_image_size, decode_latents, denoise, guided_unet, sampler_for,
                           text_context)
 from ldm.schedulers import gaussian_noise
+from ldm.seeding import derived_seed
 
 SCORES = ("image_text_before", "image_text_after", "image_image", "direction")
 
@@ -96,7 +97,7 @@ class SampleDraw:
 
 def pair_generator(seed: int, pair_index: int) -> torch.Generator:
     """The generator of caption pair ``pair_index``: depends only on (seed, index) (numpy SeedSequence)."""
-    state = int(np.random.SeedSequence([seed, pair_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    state = derived_seed(seed, pair_index)
     return torch.Generator().manual_seed(state)
 
 
@@ -125,26 +126,20 @@ class PairItem:
     draw: SampleDraw
 
 
-class PairInjection:
+class PairInjection(AttentionHook):
     """Attention and step hook for a batch of caption pairs laid out [before_0, after_0, before_1, after_1, …]
     in each CFG half: while step i < cutoff_j (= len(injected_steps(p_j, N_s))) every self-attention layer
     gives item j's after row its before row's map, A_{after,j} ← A_{before,j}, in the unconditional and the
-    conditional half alike (the reference copies the source's map in both halves). Counts the layers it is
-    offered each step and raises when that differs from ``expected_calls`` (a hook reaching no layer)."""
+    conditional half alike (the reference copies the source's map in both halves). Whole maps are replaced
+    (``map_sources``). Every attached layer must run once per step (ldm.hooks' layer-count contract)."""
 
     def __init__(self, cutoffs: list[int]):
         self.cutoffs = list(cutoffs)
-        self.step, self.calls = 0, 0
-        self.expected_calls: int | None = None  # layers attached; set by whoever attaches the hook
+        self.step = 0
 
     def begin_step(self, i: int, t) -> None:
-        self.step, self.calls = i, 0
-
-    def end_step(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
-        if self.expected_calls is not None and self.calls != self.expected_calls:
-            raise RuntimeError(f"the injection hook saw {self.calls} attention layers in step {i}, expected "
-                               f"{self.expected_calls}: the UNet ran more than once per step or the hook missed layers")
-        return latents
+        super().begin_step(i, t)
+        self.step = i
 
     def active(self) -> list[int]:
         """Items whose after row is injected in the current step."""
@@ -152,23 +147,21 @@ class PairInjection:
 
     def wants_probabilities(self, layer) -> bool:
         # Every self-attention layer takes the explicit path in every step, injected or not: then an item's
-        # numbers do not depend on its batch-mates' windows (the fused kernel rounds differently), and a batch
-        # equals its items rendered alone. It costs little: some item is injected in most steps anyway.
-        self.calls += 1
+        # numbers do not depend on its batch-mates' windows (the fused kernel on the CPU rounds differently
+        # with the batch size), and a batch equals its items rendered alone. It costs little at make-pairs'
+        # sizes: some item is injected in most steps anyway.
         return layer.kind == "self"
 
-    def edit_probabilities(self, layer, probs: torch.Tensor, rows: slice) -> torch.Tensor:
+    def map_sources(self, layer, n_rows: int) -> torch.Tensor | None:
         if layer.kind != "self":
-            return probs
+            return None
         n = 2 * len(self.cutoffs)
-        if probs.shape[0] not in (n, 2 * n):
-            raise ValueError(f"attention batch of {probs.shape[0]} rows for {len(self.cutoffs)} pairs; expected "
-                             f"[uncond × {n}; cond × {n}] (or the {n} conditional rows alone)")
-        source = torch.arange(probs.shape[0])  # row r takes row source[r]'s map
-        for half in range(0, probs.shape[0], n):
+        sources = torch.arange(n_rows)  # row r takes row sources[r]'s map
+        for half in guidance_rows(n_rows, n):
             for j in self.active():
-                source[half + 2 * j + 1] = half + 2 * j  # after_j ← before_j
-        return probs[source.to(probs.device)]  # a copy: the caller's tensor is untouched
+                if half.stop > half.start:
+                    sources[half.start + 2 * j + 1] = half.start + 2 * j  # after_j ← before_j
+        return sources
 
 
 @torch.no_grad()
@@ -192,8 +185,7 @@ def render_pairs(model: StableDiffusion, items: list[PairItem], recipe: PairReci
     shape = (2 * len(items), channels, cfg.height // f, cfg.width // f)
     latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma
     hook = PairInjection([len(injected_steps(item.draw.p, len(sampler))) for item in items])
-    with attached(model.unet, hook) as layers:
-        hook.expected_calls = len(layers)
+    with attached(model.unet, hook):
         return denoise(sampler, predict, latents, generators, hooks=[hook], progress=progress)
 
 
@@ -269,14 +261,17 @@ class PairSample:
 
 @torch.no_grad()
 def make_caption_pairs(model: StableDiffusion, captions: list[tuple[str, str]], recipe: PairRecipe, sample_filter,
-                       batch: int = 16, progress: bool = False) -> Iterator[tuple[int, list[PairSample]]]:
+                       batch: int = 16, progress: bool = False,
+                       indices: list[int] | None = None) -> Iterator[tuple[int, list[PairSample]]]:
     """Render the N samples of every caption pair (before, after), ``batch`` (caption pair, draw) items per
     sampling loop, score each with ``sample_filter`` (ClipFilter, toy_pairs.ToyFilter) and rank the kept ones.
     Yields (pair index, its N samples) in caption order as soon as a pair is complete. Only the images of
-    the (at most K) samples still in the running are held, so memory does not grow with N."""
+    the (at most K) samples still in the running are held, so memory does not grow with N. ``indices``: the
+    caption pairs' indices in the whole list (their draws depend on them; default 0, 1, …), yielded as such."""
     if batch < 1:
         raise ValueError(f"batch {batch}: render at least 1 item per sampling loop")
-    jobs = [(index, draw) for index in range(len(captions)) for draw in draw_samples(recipe, index)]
+    indices = list(range(len(captions))) if indices is None else list(indices)
+    jobs = [(k, draw) for k, index in enumerate(indices) for draw in draw_samples(recipe, index)]
     pending: dict[int, list[PairSample]] = {index: [] for index in range(len(captions))}
     done = 0  # the next caption pair to yield
     for start in range(0, len(jobs), batch):
@@ -294,5 +289,5 @@ def make_caption_pairs(model: StableDiffusion, captions: list[tuple[str, str]], 
             samples = pending.pop(done)
             for rank, position in enumerate(sample_filter.select([s.scores for s in samples])):
                 samples[position].rank = rank
-            yield done, samples
+            yield indices[done], samples
             done += 1

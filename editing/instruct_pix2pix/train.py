@@ -20,8 +20,10 @@ train_instruct_pix2pix.py (METHODS.md §6.2).
 
 Optimiser, learning rate, EMA and resumable checkpoints come from ldm.training (paper: AdamW, lr 1e-4, no
 warm-up, batch 1024, 256²; the release is sampled with its EMA weights). Under torchrun the run follows
-ldm.training's multi-process contract: every process draws the global batch of ``batch × world`` pairs from
-the step's generator and trains on its slice; DDP averages the gradients (= one process with the global batch).
+ldm.training's multi-process contract: every process draws the noise of the global batch of
+``batch × world × accumulate`` pairs from the step's generator and trains on its part; the pairs themselves
+are streamed (ldm/stream.py: each part reads only its own pairs, in an order fixed by the seed). DDP averages
+the gradients (= one process with the global batch).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from torch import nn
 from controls.image_condition import check_ip2p_model
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, q_sample, training_target
-from ldm.training import LossFn, TrainConfig, Trainer, batch_share, data_parallel
+from ldm.stream import StreamLoader
+from ldm.training import LossFn, Part, TrainConfig, Trainer, data_parallel, enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -77,57 +80,40 @@ def conditioning_dropout(batch: int, generator: torch.Generator, p: float = 0.05
     return r < 2 * p, (r >= p) & (r < 3 * p)
 
 
-@dataclass
-class EncodedPairs:
-    """The frozen encoders' view of the training pairs, computed once."""
-
-    image_latents: torch.Tensor  # c_I = E(before).mode(), unscaled, [N, 4, h, w]
-    target_means: torch.Tensor  # q(z | after): mean and std, [N, 4, h, w] each
-    target_stds: torch.Tensor
-    contexts: torch.Tensor  # CLIP hidden states of each distinct instruction, [K, 77, C]
-    instruction_index: torch.Tensor  # pair -> row of contexts, [N]
-    null_context: torch.Tensor  # ∅_T = CLIP(""), [1, 77, C]
-
-
 @torch.no_grad()
-def encode_pairs(model: StableDiffusion, dataset, chunk: int = 32) -> EncodedPairs:
-    """Run the frozen VAE and text encoder over every pair of ``dataset`` (items: before, after, instruction)."""
-    items = [dataset[i] for i in range(len(dataset))]
-    before = torch.stack([item["before"] for item in items])  # [N, 3, H, W] in [0, 1]
-    after = torch.stack([item["after"] for item in items])
-    encode = lambda images: [model.vae.encode((c * 2 - 1).to(model.device)) for c in images.split(chunk)]
-    image_latents = torch.cat([posterior.mode() for posterior in encode(before)])
-    targets = encode(after)
-    instructions = sorted({item["instruction"] for item in items})
-    row = {text: k for k, text in enumerate(instructions)}
-    contexts = torch.cat([model.encode_prompt(instructions[k:k + chunk]) for k in range(0, len(instructions), chunk)])
-    return EncodedPairs(image_latents, torch.cat([p.mean for p in targets]), torch.cat([p.std for p in targets]),
-                        contexts, torch.tensor([row[item["instruction"]] for item in items]),
-                        model.encode_prompt([""]))
+def encode_batch(model: StableDiffusion, batch: dict, device) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """The frozen encoders on one streamed batch: (c_I = E(before).mode() unscaled, q(z | after), CLIP(instruction))."""
+    to_vae = lambda images: (images * 2 - 1).to(device)  # [0, 1] -> [−1, 1]
+    return (model.vae.encode(to_vae(batch["before"])).mode(), model.vae.encode(to_vae(batch["after"])),
+            model.encode_prompt(list(batch["instruction"])))
 
 
-def ip2p_loss(model: StableDiffusion, pairs: EncodedPairs, cfg: IP2PTrainConfig,
+def ip2p_loss(model: StableDiffusion, loader: StreamLoader, cfg: IP2PTrainConfig,
               unet: nn.Module | None = None) -> LossFn:
-    """The per-step loss (module docstring); every random draw comes from the step's generator, at the
-    global batch size, then this process keeps its rows. ``unet``: what to call (DDP); None: ``model.unet``."""
+    """The per-step loss (module docstring) on the step's streamed pairs (``loader``: ldm.stream). Every random
+    draw comes from the step's generator at the global batch size, then this part keeps its rows.
+    ``unet``: what to call (DDP); None: ``model.unet``."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
     device = model.device
-    n, mine = batch_share(cfg.batch)  # global batch, this process's rows of it
-    latent_shape = pairs.target_means.shape[1:]
+    with torch.no_grad():
+        null_context = model.encode_prompt([""])  # ∅_T = CLIP("")
 
-    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
-        pick = torch.randint(len(pairs.image_latents), (n,), generator=generator)
+    def loss_fn(step: int, generator: torch.Generator, part: Part = Part()) -> torch.Tensor:
+        n, mine = part.rows(cfg.batch)  # global batch, this part's rows of it
+        batch = loader.batch(step, part)
+        image_latents, posterior, contexts = encode_batch(model, batch, device)
+        latent_shape = image_latents.shape[1:]
         noise_z = torch.randn((n, *latent_shape), generator=generator)
         noise = torch.randn((n, *latent_shape), generator=generator)
         t = torch.randint(len(alphas_cumprod), (n,), generator=generator)
         drop_text, drop_image = conditioning_dropout(n, generator, cfg.dropout)
-        pick, noise_z, noise, t, drop_text, drop_image = (
-            v[mine].to(device) for v in (pick, noise_z, noise, t, drop_text, drop_image))
-        z0 = model.vae.scale_latents(pairs.target_means[pick] + pairs.target_stds[pick] * noise_z)  # s·z
+        noise_z, noise, t, drop_text, drop_image = (
+            v[mine].to(device) for v in (noise_z, noise, t, drop_text, drop_image))
+        z0 = model.vae.scale_latents(posterior.mean + posterior.std * noise_z)  # s·z, z ~ q(z | after)
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
         x_t = q_sample(z0, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
-        context = torch.where(drop_text.view(-1, 1, 1), pairs.null_context, pairs.contexts[pairs.instruction_index[pick]])
-        image = pairs.image_latents[pick] * (~drop_image).view(-1, 1, 1, 1)  # c_I, or ∅_I = 0
+        context = torch.where(drop_text.view(-1, 1, 1), null_context, contexts)
+        image = image_latents * (~drop_image).view(-1, 1, 1, 1)  # c_I, or ∅_I = 0
         forward = unet if unet is not None else model.unet
         output = forward(torch.cat([x_t, image], dim=1), t, context)  # [B, 8, h, w] in
         target = training_target(z0, noise, alpha_bar, model.config.prediction_type)  # ε or v
@@ -137,8 +123,11 @@ def ip2p_loss(model: StableDiffusion, pairs: EncodedPairs, cfg: IP2PTrainConfig,
 
 
 def train_ip2p(model: StableDiffusion, dataset, train: TrainConfig, cfg: IP2PTrainConfig = IP2PTrainConfig(),
-               checkpoint=None, resume: bool = False, progress: bool = True) -> tuple[StableDiffusion, list[float]]:
-    """Fine-tune an 8-channel ``model`` (see widen_conv_in) on ``dataset``; only the UNet learns.
+               checkpoint=None, resume: bool = False, progress: bool = True, workers: int = 0,
+               gradient_checkpointing: bool = False, options: dict | None = None,
+               force: bool = False) -> tuple[StableDiffusion, list[float]]:
+    """Fine-tune an 8-channel ``model`` (see widen_conv_in) on ``dataset`` (map-style pairs, streamed: each step
+    reads and encodes only its own pairs, ``workers`` dataloader processes read ahead); only the UNet learns.
     Returns the model (with the EMA weights when train.ema_decay is set) and this process's loss at every step."""
     check_ip2p_model(model)
     if len(dataset) < 1:
@@ -147,11 +136,18 @@ def train_ip2p(model: StableDiffusion, dataset, train: TrainConfig, cfg: IP2PTra
     model.text_encoder.requires_grad_(False)
     model.vae.eval()
     model.text_encoder.eval()
-    pairs = encode_pairs(model, dataset)
-    log.info("encoded %d pairs (%d distinct instructions)", len(pairs.image_latents), len(pairs.contexts))
-    loss_fn = ip2p_loss(model, pairs, cfg, data_parallel(model.unet))  # DDP averages the gradients
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model.unet)
+    loader = StreamLoader(dataset, cfg.batch, train.seed, train.accumulate, workers)
+    loss_fn = ip2p_loss(model, loader, cfg, data_parallel(model.unet))  # DDP averages the gradients
     # the Trainer keeps the plain UNet, so checkpoints do not depend on the number of processes
-    trainer = Trainer(model.unet, loss_fn, train, checkpoint, "InstructPix2Pix UNet")
-    losses = trainer.run(resume=resume, progress=progress)
+    trainer = Trainer(model.unet, loss_fn, train, checkpoint, "InstructPix2Pix UNet", options)
+    try:
+        losses = trainer.run(resume=resume, progress=progress, force=force)
+    finally:
+        loader.close()
+    if loader.skipped:
+        log.warning("%d corrupt pairs were skipped (replaced by the next ones): %s", len(loader.skipped),
+                    "; ".join(loader.skipped[:5]))
     trainer.final_model()
     return model.eval(), losses

@@ -14,15 +14,18 @@ with the edit function E one of (A_0: [heads, Q, K], A_j: [heads, Q, K]):
     Reweight (equalizer)   E = E_prev(A_0, A_j)·e_j[n]     E_prev a chained Replace/Refine, else A_0;
                            no renormalisation, negative weights allowed
 
-Only the layers the controller needs at the current step run the explicit (query-chunked) attention path;
-every other layer stays on scaled_dot_product_attention (PERFORMANCE.md §6.4). The controller counts the
-layers it is asked about in each step and raises if that differs from the number it was attached to: a hook
-that silently reaches no layer is how the public code broke (METHODS §1.6.3).
+Only the layers whose maps are edited or stored per token (cross-attention, K = 77) run the explicit
+(query-chunked) attention path. Self-attention replacement keeps the fused kernel: the edited rows' output
+A_0 V_j = softmax(q_0 k_0ᵀ/√d) V_j is scaled_dot_product_attention(q_0, k_0, V_j) (``map_sources``), so
+the 4096×4096 maps of a 64² layer are never formed. Every layer the controller is attached to must run once
+per step (the layer-count contract of ldm.hooks): a hook that silently reaches no layer edits nothing.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ldm.hooks import AttentionHook, guidance_rows
 
 from .local_blend import LocalBlend
 from .store import AttentionStore
@@ -71,7 +74,7 @@ class Reweight:
         return base * self.scale.to(source)[:, None, None, :]
 
 
-class P2PController:
+class P2PController(AttentionHook):
     """The Prompt-to-Prompt attention hook and step hook for one sampling run of B prompts (row 0 = source).
 
     :param cross_edit: Replace, Refine or Reweight (None: cross-attention is not edited)
@@ -96,10 +99,11 @@ class P2PController:
         self.self_calls, self.self_min_level = self_calls, self_min_level
         self.store, self.blend = store, blend
         self.step = 0
-        self.expected_calls: int | None = None  # layers attached; set by whoever attaches the controller
-        self.calls = 0  # wants_probabilities calls in the current step
-        self.calls_per_step: list[int] = []
-        self.explicit_per_step: list[list[str]] = []  # layers sent to the explicit path, per step
+        self.calls_per_step: list[int] = []  # attached layers that ran, per step (each once: ldm.hooks)
+        self.explicit_per_step: list[list[str]] = []  # attached layers on the explicit path, per step
+        self.replaced_per_step: list[list[str]] = []  # attached layers whose maps A_j ← A_0, per step
+        self.device = torch.device("cpu")
+        self._sources: dict[int, torch.Tensor] = {}  # batch rows -> map_sources (on self.device)
 
     def _edits_cross(self, layer) -> bool:
         return layer.kind == "cross" and self.cross_edit is not None and self.cross_active[self.step]
@@ -109,23 +113,25 @@ class P2PController:
 
     def to(self, device) -> "P2PController":
         """Move the edit tensors to the model's device once (not on every attention chunk)."""
+        self.device, self._sources = torch.device(device), {}
         if self.cross_edit is not None:
             self.cross_edit, self.cross_alphas = self.cross_edit.to(device), self.cross_alphas.to(device)
         if self.blend is not None:
             self.blend.token_masks = self.blend.token_masks.to(device)
         return self
 
-    # --- step hook --------------------------------------------------------------------------------------
+    # --- step hook ---------------------------------------------------------------------------------------
     def begin_step(self, i: int, t) -> None:
-        self.step, self.calls = i, 0
-        self.explicit_per_step.append([])
+        super().begin_step(i, t)
+        self.step = i
 
     def end_step(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
-        self.calls_per_step.append(self.calls)
-        if self.expected_calls is not None and self.calls != self.expected_calls:
-            raise RuntimeError(f"the Prompt-to-Prompt controller saw {self.calls} attention layers in step {i}, "
-                               f"expected {self.expected_calls}: the UNet ran more than once per step or the "
-                               "hook did not reach every layer")
+        latents = super().end_step(i, t, latents)  # every attached layer ran once in this step
+        if self.attachment is not None:
+            layers = self.attachment.layers
+            self.calls_per_step.append(self.attachment.seen[-1])
+            self.explicit_per_step.append([layer.name for layer in layers if self.wants_probabilities(layer)])
+            self.replaced_per_step.append([layer.name for layer in layers if self._edits_self(layer)])
         if self.store is not None:
             self.store.end_step(i, t, latents)
         if self.blend is not None:
@@ -134,26 +140,29 @@ class P2PController:
 
     # --- attention hook ---------------------------------------------------------------------------------
     def wants_probabilities(self, layer) -> bool:
-        self.calls += 1
-        wanted = self._edits_cross(layer) or self._edits_self(layer) or (
-            self.store is not None and self.store.wants(layer))
-        if wanted and self.explicit_per_step:
-            self.explicit_per_step[-1].append(layer.name)
-        return wanted
+        return self._edits_cross(layer) or (self.store is not None and self.store.wants(layer))
+
+    def map_sources(self, layer, n_rows: int) -> torch.Tensor | None:
+        """Self-attention in the self range: every edited conditional row takes the source row's map."""
+        if not self._edits_self(layer):
+            return None
+        if n_rows not in self._sources:
+            _, cond = guidance_rows(n_rows, self.n_prompts)
+            sources = torch.arange(n_rows)
+            sources[cond.start + 1:cond.stop] = cond.start  # A_j ← A_0; uncond rows and the source unchanged
+            self._sources[n_rows] = sources.to(self.device)
+        return self._sources[n_rows]
 
     def edit_probabilities(self, layer, probs: torch.Tensor, rows: slice) -> torch.Tensor:
-        b = self.n_prompts
-        if probs.shape[0] not in (b, 2 * b):
-            raise ValueError(f"attention batch of {probs.shape[0]} rows for {b} prompts; Prompt-to-Prompt "
-                             f"expects [uncond × {b}; cond × {b}] (or the {b} conditional rows alone)")
-        first = probs.shape[0] - b  # index of the source row
-        uncond, source, edited = probs[:first], probs[first:first + 1], probs[first + 1:]  # [rows, heads, q, K]
-        if self._edits_cross(layer):
+        edits, stores = self._edits_cross(layer), self.store is not None and self.store.wants(layer)
+        if not (edits or stores):
+            return probs
+        uncond, cond = guidance_rows(probs.shape[0], self.n_prompts)
+        if edits:
+            source, edited = probs[cond.start:cond.start + 1], probs[cond.start + 1:cond.stop]  # [rows, heads, q, K]
             alpha = self.cross_alphas[self.step].to(probs)[:, None, None, :]  # [B−1, K] -> [B−1, 1, 1, K]
             edited = alpha * self.cross_edit(source[0], edited) + (1 - alpha) * edited
-        elif self._edits_self(layer):
-            edited = source.expand_as(edited)  # A_j ← A_0
-        cond = torch.cat([source, edited])
-        if self.store is not None and self.store.wants(layer):
-            self.store.add(layer, cond, rows)
-        return torch.cat([uncond, cond])
+            probs = torch.cat([probs[uncond], source, edited])
+        if stores:
+            self.store.add(layer, probs[cond], rows)
+        return probs

@@ -137,7 +137,7 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
         latents = noise.to(model.device, context.dtype).expand(len(prompts), -1, -1, -1)
     controller = build_controller(model, prompts, len(sampler), tuple(latents.shape[-2:]), config).to(model.device)
     with contextlib.ExitStack() as stack:
-        controller.expected_calls = len(stack.enter_context(attached(model.unet, controller)))
+        stack.enter_context(attached(model.unet, controller))
         for hook in attention_hooks:
             stack.enter_context(attached(model.unet, hook))
         latents = denoise(sampler, predict, latents, generators, hooks=[controller], progress=progress)

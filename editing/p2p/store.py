@@ -1,7 +1,7 @@
 """Attention store: running sums of cross-attention maps for visualisation and local blending.
 
-As google/prompt-to-prompt's ``AttentionStore`` (METHODS.md §1.5), reduced before storing
-(PERFORMANCE.md §6.4): only cross-attention, only the conditional rows, averaged over heads, at the chosen
+As google/prompt-to-prompt's ``AttentionStore``, reduced before storing (the reference keeps every map of
+every step; at 64² a self-attention map alone is 4096×4096): only cross-attention, only the conditional rows, averaged over heads, at the chosen
 UNet levels, summed over steps. Self-attention maps (up to 4096×4096 at 64²) are never stored; a stored layer
 costs B·Q·77 numbers however many steps run.
 
@@ -22,10 +22,12 @@ from typing import Iterable
 
 import torch
 
+from ldm.hooks import AttentionHook, guidance_rows
+
 from .schedules import level_shape
 
 
-class AttentionStore:
+class AttentionStore(AttentionHook):
     def __init__(self, n_prompts: int, latent_hw: tuple[int, int], levels: Iterable[int]):
         self.n_prompts = n_prompts
         self.latent_hw = tuple(latent_hw)
@@ -67,9 +69,10 @@ class AttentionStore:
 
     def edit_probabilities(self, layer, probs: torch.Tensor, rows: slice) -> torch.Tensor:
         if self.wants(layer):
-            self.add(layer, probs[-self.n_prompts:], rows)
+            self.add(layer, probs[guidance_rows(probs.shape[0], self.n_prompts)[1]], rows)
         return probs
 
     def end_step(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
+        latents = super().end_step(i, t, latents)  # attached alone: every attached layer ran once
         self.steps += 1
         return latents

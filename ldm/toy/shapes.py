@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..seeding import derived_seed
+
 # Palette: saturated sRGB colours at least 118 apart (blue–purple) in 0–255 RGB, so a nearest-colour reader
 # survives blur, noise and a mild colour shift. "orange" was left out: it is only 76 from yellow.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -237,7 +239,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def spec(self, index: int) -> ShapeSpec:
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for a dataset of {self.n} images")
-        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        seed = derived_seed(self.seed, index)
         return sample_spec(torch.Generator().manual_seed(seed), self.config)
 
     def __getitem__(self, index: int) -> dict:

@@ -196,7 +196,7 @@ def metadata(recipe: ToyRecipe, **extra) -> dict[str, str]:
 
 
 def train_vae(recipe: ToyRecipe, images: torch.Tensor, out: Path, resume: bool = False,
-              config: ModelConfig | None = None) -> StableDiffusion:
+              config: ModelConfig | None = None, force: bool = False) -> StableDiffusion:
     """Stage 1; writes out/vae.safetensors (the whole model, VAE trained, scaling factor measured)."""
     torch.manual_seed(recipe.seed)  # initialisation
     model = StableDiffusion(config or toy())
@@ -204,9 +204,9 @@ def train_vae(recipe: ToyRecipe, images: torch.Tensor, out: Path, resume: bool =
     model.text_encoder.requires_grad_(False)
     cfg = TrainConfig(steps=recipe.vae_steps, lr=recipe.vae_lr, warmup=min(100, recipe.vae_steps // 10),
                       seed=recipe.seed, checkpoint_every=200)
-    trainer = Trainer(model, vae_loss(model, images, recipe), cfg, out / "vae-checkpoint.pt", "VAE")
+    trainer = Trainer(model, vae_loss(model, images, recipe), cfg, out / "vae-checkpoint.pt", "VAE", options(recipe))
     start = time.time()
-    losses = trainer.run(resume=resume)
+    losses = trainer.run(resume=resume, force=force)
     model.eval()
     scale = measure_scaling_factor(model, images[:512], step_generator(recipe.seed, 0, stream=1))
     model = with_scaling_factor(model, scale)
@@ -227,7 +227,7 @@ def initial_diffusion_model(recipe: ToyRecipe, out: Path) -> StableDiffusion:
 
 
 def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str], out: Path,
-                    resume: bool = False) -> StableDiffusion:
+                    resume: bool = False, force: bool = False) -> StableDiffusion:
     """Stage 2 from out/vae.safetensors; writes out/toy-sd.safetensors (fp16 tensors, EMA weights)."""
     model = initial_diffusion_model(recipe, out)
     means, stds = encode_pool(model, images)
@@ -235,9 +235,9 @@ def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str]
     cfg = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup=min(recipe.warmup, recipe.steps // 10),
                       ema_decay=recipe.ema_decay, seed=recipe.seed + 1, checkpoint_every=250)
     loss_fn = diffusion_loss(model, means, stds, captions, recipe)
-    trainer = Trainer(model, loss_fn, cfg, out / "diffusion-checkpoint.pt", "text encoder + UNet")
+    trainer = Trainer(model, loss_fn, cfg, out / "diffusion-checkpoint.pt", "text encoder + UNet", options(recipe))
     start = time.time()
-    losses = trainer.run(resume=resume)
+    losses = trainer.run(resume=resume, force=force)
     model = trainer.final_model().eval()
     info = metadata(recipe, stage="all", diffusion_loss=f"{mean_tail(losses):.5f}",
                     scaling_factor=model.config.vae.scaling_factor)
@@ -246,12 +246,18 @@ def train_diffusion(recipe: ToyRecipe, images: torch.Tensor, captions: list[str]
     return model
 
 
+def options(recipe: ToyRecipe) -> dict:
+    """The recipe as the options a checkpoint records (a resumed run with another --data-seed is refused)."""
+    return {f"--{name.replace('_', '-')}": value for name, value in dataclasses.asdict(recipe).items()}
+
+
 def mean_tail(losses: list[float], n: int = 100) -> float:
     tail = losses[-n:]
     return sum(tail) / max(1, len(tail))
 
 
-def train_toy(out: str | Path, recipe: ToyRecipe = ToyRecipe(), stage: str = "all", resume: bool = False) -> Path:
+def train_toy(out: str | Path, recipe: ToyRecipe = ToyRecipe(), stage: str = "all", resume: bool = False,
+              force: bool = False) -> Path:
     """Run the recipe's ``stage`` ("vae", "diffusion" or "all") into folder ``out``; returns the last file
     written (out/vae.safetensors or out/toy-sd.safetensors)."""
     if stage not in STAGES:
@@ -263,8 +269,9 @@ def train_toy(out: str | Path, recipe: ToyRecipe = ToyRecipe(), stage: str = "al
     images, captions = render_pool(recipe)
     log.info("rendered %d toy images in %.0f s", len(images), time.time() - start)
     if stage in ("vae", "all"):  # resuming a finished stage only reloads its last checkpoint
-        train_vae(recipe, images, out, resume=resume and (out / "vae-checkpoint.pt").is_file())
+        train_vae(recipe, images, out, resume=resume and (out / "vae-checkpoint.pt").is_file(), force=force)
         if stage == "vae":
             return out / "vae.safetensors"
-    train_diffusion(recipe, images, captions, out, resume=resume and (out / "diffusion-checkpoint.pt").is_file())
+    train_diffusion(recipe, images, captions, out, resume=resume and (out / "diffusion-checkpoint.pt").is_file(),
+                    force=force)
     return out / "toy-sd.safetensors"
