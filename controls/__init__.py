@@ -2,7 +2,7 @@
 
 - ControlNet (*Adding Conditional Control to Text-to-Image Diffusion Models*, Zhang, Rao, Agrawala): the model
   (controlnet), sampling with it (guidance), hints (canny, hints) and training (train).
-- IP-Adapter, the image prompt (ip_adapter).
+- IP-Adapter, the image prompt (ip_adapter), and its training (ip_adapter_train).
 - InstructPix2Pix's image conditioning and three-way guidance (image_condition).
 """
 

@@ -2,7 +2,7 @@
 
 Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Rao, Agrawala, ICCV 2023);
 layer list from the released code (lllyasviel/ControlNet cldm/cldm.py) and weights, not the paper's figure
-(METHODS.md §7.1). With F the locked block, F' its trainable copy and Z a 1×1 conv initialised to zero,
+(docs/methods.md §7.1). With F the locked block, F' its trainable copy and Z a 1×1 conv initialised to zero,
 the paper's eq. 2 is
 
     y = F(x) + Z(F'(x + Z(c)))

@@ -1,6 +1,6 @@
 """Sampling with ControlNets: conditioning scales, guess mode, several ControlNets, classifier-free guidance.
 
-Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Rao, Agrawala), METHODS.md §7.2.
+Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Rao, Agrawala), docs/methods.md §7.2.
 
 - Normal mode: every residual of ControlNet n is scaled by its strength s_n; both CFG halves get control
   (the original runs the two halves as separate passes, diffusers batches [uncond; cond] with the hint

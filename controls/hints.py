@@ -1,15 +1,15 @@
 """ControlNet hints: turning a detector output or a user image into the conditioning image.
 
 Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Rao, Agrawala); reference
-code lllyasviel/ControlNet ``gradio_canny2image.py`` and ``annotator/util.py`` (METHODS.md §7.2):
+code lllyasviel/ControlNet ``gradio_canny2image.py`` and ``annotator/util.py`` (docs/methods.md §7.2):
 
     1. resize the photo so its short side is the resolution and both sides are multiples of 64
        (``resize_for_control``; area averaging when shrinking, Lanczos-4 when enlarging, as cv2.resize);
     2. run the detector at that size (``controls.canny.canny``, white edges on black);
     3. hint = map / 255 ∈ [0, 1], replicated to 3 channels, RGB, [B, 3, H, W] (``to_hint``).
 
-The hint is never normalised to [−1, 1]: the released weights were trained on [0, 1] hints (METHODS.md
-§7.4.2; diffusers' control image processor also keeps [0, 1]). Tensors are channel-first ([C, H, W],
+The hint is never normalised to [−1, 1]: the released weights were trained on [0, 1] hints (docs/methods.md
+§7.4 item 2; diffusers' control image processor also keeps [0, 1]). Tensors are channel-first ([C, H, W],
 [B, C, H, W]); numpy arrays and PIL images are channel-last (H, W, C), as image libraries store them.
 Colour images must be RGB: flip OpenCV's BGR with ``image[..., ::-1]`` first.
 """

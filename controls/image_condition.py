@@ -45,7 +45,7 @@ def instruction_context(model: StableDiffusion, instructions: Sequence[str] | No
     the ``negative`` prompt (as diffusers' InstructPix2Pix pipeline).
 
     c_T is CLIP(instruction), or ``instruction_embedding`` ([77, C] or [B, 77, C]) used as it is: the hook for
-    a learned instruction (Visii, METHODS §10) that replaces the encoded text; gradients flow back to it.
+    a learned instruction (Visii, docs/methods.md §10) that replaces the encoded text; gradients flow back to it.
     """
     if (instructions is None) == (instruction_embedding is None):
         raise ValueError("give either instructions or an instruction embedding (exactly one of the two)")

@@ -1,5 +1,5 @@
 """IP-Adapter (*IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion Models*, Ye et
-al. 2023; METHODS.md §8): an image prompt through decoupled cross-attention.
+al. 2023; docs/methods.md §8): an image prompt through decoupled cross-attention.
 
     c_ip   = LayerNorm(reshape(W e + b, T × C))                   image tokens (T = 4, C = 768 for SD 1.5)
     c_ip^∅ = LayerNorm(reshape(W 0 + b, T × C))                   the negative: projection of zeros, not zeros
@@ -9,11 +9,11 @@ al. 2023; METHODS.md §8): an image prompt through decoupled cross-attention.
 The text branch is the UNet's own cross-attention, untouched; the image branch is an attention hook
 (ldm/attention.py ``extra_output``) that adds λ_l·softmax(Q K_ipᵀ/√d)V_ip before to_out, with the same Q.
 Layers whose scale λ_l is 0 get no hook at all (no computation), so scale 0 everywhere is the plain model.
-The text context stays 77 tokens: image tokens never pass through the text projections (METHODS.md §9.3.2).
+The text context stays 77 tokens: image tokens never pass through the text projections (docs/methods.md §9.3 item 2).
 
 Parameter names are the official file's (``image_proj.proj``, ``image_proj.norm``, ``ip_adapter.{k}.to_k_ip``):
 k is the attention processor's position in diffusers' registration order (down, up, mid; odd k = attn2),
-``processor_table`` builds it from the UNet (CHECKPOINTS.md §9.1).
+``processor_table`` builds it from the UNet (docs/checkpoints.md §9.1).
 """
 
 from __future__ import annotations

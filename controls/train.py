@@ -1,7 +1,7 @@
 """Training a ControlNet on (image, hint, caption) triples with Stable Diffusion locked.
 
 Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Rao, Agrawala), §3.3; code:
-lllyasviel/ControlNet tutorial_train.py, cldm.py, tool_add_control.py (METHODS.md §7.3, §7.4). The objective
+lllyasviel/ControlNet tutorial_train.py, cldm.py, tool_add_control.py (docs/methods.md §7.3, §7.4). The objective
 is SD's ε-MSE with the hint as an extra condition (paper eq. 5):
 
     z0 = s·z,  z ~ q(z | x);   x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε,  t ~ U{0 … 999}
@@ -10,7 +10,7 @@ is SD's ε-MSE with the hint as an extra condition (paper eq. 5):
 - Only the ControlNet learns (``sd_locked=True``); ``unlock_decoder`` also trains the UNet's decoder
   (output_blocks + out = up_blocks, conv_norm_out, conv_out), which the release calls dangerous.
 - Prompt dropout: the paper replaces 50% of the prompts by "" so the ControlNet learns to read the hint on
-  its own; the released code forgot it (METHODS.md §7.4.1). Here ``prompt_dropout`` = 0.5 by default.
+  its own; the released code forgot it (docs/methods.md §7.4 item 1). Here ``prompt_dropout`` = 0.5 by default.
 - AdamW, constant lr 1e-5, no gradient clipping, no EMA (tutorial_train.py); the ControlNet starts as a
   copy of the UNet's encoder with zero convs (``ControlNet.from_unet``).
 - Several processes (``torchrun``; gloo or nccl, ``torch.distributed`` already initialised) follow

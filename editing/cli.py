@@ -1,8 +1,11 @@
 """The ``editlab`` command line: one subcommand per job.
 
 Each module in ``editing/commands/`` defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args)``;
-they are found automatically. Errors a user can fix (``UserError`` and the ``ValueError`` family raised on
-bad input) are printed as one line, without a traceback.
+they are found automatically. Every command also gets ``--threads`` and ``-v``, and every option's default is
+shown in its ``--help``. Before a command runs, ``check_before_work`` checks its inputs and outputs (weights
+kind, device, embeddings and the tokens of the prompts, output path, sizes and their memory). Errors a user
+can fix (``UserError``, the ``ValueError`` and ``OSError`` families, a NaN loss, running out of memory) are
+printed as one line without a traceback; ``-v`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,12 +19,37 @@ import sys
 from ldm.interrupt import EXIT_INTERRUPTED, Interrupted
 
 from . import commands
-from .options import UserError
+from .checks import default_threads
+from .errors import UserError
+
+USER_ERRORS = (UserError, ValueError, OSError, FloatingPointError, MemoryError)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("editlab")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to the help of every option with a default its help does not already state."""
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                or action.default == []:
+            continue
+        if action.help and "default" in action.help:
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editlab", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details; show tracebacks")
+    parser.add_argument("--version", action="version", version=f"editlab {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -29,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
+        command.add_argument("--threads", type=int, default=default_threads(),
+                             help="CPU threads for torch, recorded in the outputs (default: %(default)s, half of this "
+                                  "machine's cores: fast when other jobs share it)")
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log debug details; show tracebacks")
+        show_defaults(command)
         command.set_defaults(run=module.run)
     return parser
 
@@ -37,14 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
+        from .preflight import check_before_work
+
+        check_before_work(args)
         return args.run(args) or 0
     except Interrupted as stop:  # Ctrl-C in a long run: it saved its checkpoint (ldm/interrupt.py)
         print(f"editlab {args.command}: {stop}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UserError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except KeyboardInterrupt:  # Ctrl-C in a short command: nothing to save
         if args.verbose:
             raise
-        print(f"editlab {args.command}: error: {err}", file=sys.stderr)
+        print(f"editlab {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        out_of_memory = isinstance(err, RuntimeError) and "out of memory" in str(err)
+        if args.verbose or not (isinstance(err, USER_ERRORS) or out_of_memory):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        print(f"editlab {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

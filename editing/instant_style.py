@@ -1,5 +1,5 @@
 """InstantStyle (*InstantStyle: Free Lunch towards Style-Preserving in Text-to-Image Generation*, Wang et al.
-2024; METHODS.md §9) on IP-Adapter (controls/ip_adapter.py). Two training-free changes:
+2024; docs/methods.md §9) on IP-Adapter (controls/ip_adapter.py). Two training-free changes:
 
 1. Content subtraction in CLIP space, before the adapter's projection (no normalisation of either vector):
 
@@ -14,7 +14,7 @@
 Blocks are named as diffusers names them ("up_blocks.1", "down_blocks.2.attentions.1", "mid_block") or in
 diffusers' ``set_ip_adapter_scale`` dict ({"down": {"block_2": [1, 1]}, "mid": 1, "up": {"block_1": 1}}).
 A block that matches no layer is an error, never a silent no-op: the SDXL recipe {"up": {"block_0": ...}}
-would otherwise switch the adapter off on SD 1.5 (METHODS.md §9.3.1).
+would otherwise switch the adapter off on SD 1.5 (docs/methods.md §9.3 item 1).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from controls.ip_adapter import IPAdapter, diffusers_block, generate_with_image_
 from ldm.attention import attention_layers
 from ldm.pipeline import SamplingConfig
 
-PRESETS = {  # SD 1.5 (METHODS.md §9.1); unnamed blocks get scale 0
+STYLE_PRESETS = {  # SD 1.5 (docs/methods.md §9.1); unnamed blocks get scale 0
     "style": ("up_blocks.1",),
     "style+layout": ("down_blocks.2", "mid_block", "up_blocks.1"),
 }
@@ -91,7 +91,7 @@ def _flatten_diffusers_spec(spec: Mapping) -> list[tuple[str, float | Sequence[f
     return entries
 
 
-def layer_scales(unet: nn.Module, spec: Mapping) -> dict[str, float]:
+def block_scales(unet: nn.Module, spec: Mapping) -> dict[str, float]:
     """{editlab layer name: λ} for a block specification; layers it does not name get 0 (and no hook).
 
     ``spec``: {block name: λ or [λ per attention]} and/or diffusers' nested {"down"/"mid"/"up": ...} form.
@@ -114,10 +114,10 @@ def layer_scales(unet: nn.Module, spec: Mapping) -> dict[str, float]:
 
 
 def preset_scales(unet: nn.Module, preset: str, scale: float = 1.0) -> dict[str, float]:
-    """λ = ``scale`` in the preset's blocks (``PRESETS``), 0 elsewhere."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown InstantStyle preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return layer_scales(unet, {block: scale for block in PRESETS[preset]})
+    """λ = ``scale`` in the preset's blocks (``STYLE_PRESETS``), 0 elsewhere."""
+    if preset not in STYLE_PRESETS:
+        raise ValueError(f"unknown InstantStyle preset {preset!r}; choose one of {sorted(STYLE_PRESETS)}")
+    return block_scales(unet, {block: scale for block in STYLE_PRESETS[preset]})
 
 
 @torch.no_grad()
@@ -125,7 +125,7 @@ def instant_style(model, adapter: IPAdapter, style_embeds: torch.Tensor, prompts
                   scales: Mapping[str, float], content_embeds: torch.Tensor | None = None,
                   content_scale: float = CONTENT_SCALE, cfg: SamplingConfig = SamplingConfig(),
                   negative: str | Sequence[str] | None = None, progress: bool = True) -> torch.Tensor:
-    """Stylised text-to-image; returns the final latents. ``scales``: {layer name: λ} from ``layer_scales``
+    """Stylised text-to-image; returns the final latents. ``scales``: {layer name: λ} from ``block_scales``
     or ``preset_scales``; ``content_embeds``: t_content to subtract (None: no subtraction)."""
     embeds = style_embeds if content_embeds is None else subtract_content(style_embeds, content_embeds, content_scale)
     return generate_with_image_prompt(model, adapter, embeds, prompts, dict(scales), cfg, negative, progress=progress)

@@ -1,7 +1,7 @@
 """DDIM inversion: run deterministic DDIM backwards, from an image latent to the noise that regenerates it.
 
 Paper: *Denoising Diffusion Implicit Models* (Song, Meng & Ermon, 2021), eq. 12 with η = 0, read from the
-current timestep c to the next one n = c + 1000//N (METHODS.md §2; google/prompt-to-prompt
+current timestep c to the next one n = c + 1000//N (docs/methods.md §2; google/prompt-to-prompt
 null_text_w_ptp.ipynb ``next_step``):
 
     ε   = ε_θ(z_c, n, context)                 current latent, next timestep (the usual linearisation)

@@ -2,7 +2,7 @@
 
 Paper: *An Edit Friendly DDPM Noise Space: Inversion and Manipulations* (Huberman-Spiegelglas, Kulikov &
 Michaeli, CVPR 2024), Sec. 2.2 and its inversion algorithm. Reference code: inbarhub/DDPM_inversion
-(ddm_inversion/inversion_utils.py) and diffusers' LEDITS++ ``invert`` (METHODS.md §4).
+(ddm_inversion/inversion_utils.py) and diffusers' LEDITS++ ``invert`` (docs/methods.md §4).
 
 A DDPM sampler (DDIM with η > 0, *Denoising Diffusion Implicit Models* eq. 12 and 16) draws one noise map z_t
 per step:
@@ -24,7 +24,7 @@ Both passes are the DDIM sampler run by the one sampling loop (``ldm.pipeline.de
 wraps it so that step i takes z_t from the stored maps (regeneration) or solves for it first (extraction),
 using the sampler's ``step_mean`` (μ_t, σ_t) and its step with an explicit z.
 
-editlab conventions (METHODS.md §4.3):
+editlab conventions (docs/methods.md §4.3):
 - η²σ² under the root, as DDIM and LEDITS++. inbarhub/DDPM_inversion puts ησ² there; the two agree at η = 1.
   η must be > 0: at η = 0 there is no noise to extract (use DDIM inversion).
 - The last map z_1 is kept (the public code zeroes it and breaks the x_1 → x0 step; its author agrees).

@@ -2,7 +2,7 @@
 
 Used by textual inversion (*An Image is Worth One Word*, Gal et al., ICLR 2023: new rows of the token
 embedding table) and Visii (*Visual Instruction Inversion*, Nguyen et al., NeurIPS 2023: the text encoder's
-output hidden states of one instruction). METHODS.md §10, §11.
+output hidden states of one instruction). docs/methods.md §10, §11.
 
 What it does, per step s (everything random comes from ``ldm.training.step_generator(seed, s)``):
 
@@ -18,7 +18,7 @@ What it does, per step s (everything random comes from ``ldm.training.step_gener
    ℓ̄_s = d·ℓ̄_{s−1} + (1 − d)·ℓ_s,  ℓ̂_s = ℓ̄_s / (1 − d^(s+1)).
    The returned ("best") embedding is the one after the step with the lowest ℓ̂, counted from step
    ⌈1/(1 − d)⌉ (or the last step when the run is shorter): a single step's loss depends mostly on its random
-   t and ε, so picking the lowest raw loss (as Visii's reference does) picks noise (METHODS §10.2 pitfall 3).
+   t and ε, so picking the lowest raw loss (as Visii's reference does) picks noise (docs/methods.md §10.2 pitfall 3).
 
 Optimiser state, step, loss history, smoothed loss and best embedding go into an atomic checkpoint
 (``ldm.training``), so a killed run resumed from it ends with exactly the bits of an uninterrupted one (CPU).

@@ -1,7 +1,7 @@
 """Null-text inversion: per-step unconditional embeddings that make guided DDIM retrace a DDIM inversion.
 
 Paper: *Null-text Inversion for Editing Real Images using Guided Diffusion Models* (Mokady et al., CVPR 2023),
-Algorithm 1; code google/prompt-to-prompt null_text_w_ptp.ipynb ``NullInversion`` (METHODS.md §3.1).
+Algorithm 1; code google/prompt-to-prompt null_text_w_ptp.ipynb ``NullInversion`` (docs/methods.md §3.1).
 
 1. DDIM-invert z0 at guidance 1 (ddim_inversion.py): pivots z*_0 … z*_N; z̄ ← z*_N.
 2. For sampling step i = 0 … N−1 (timestep t_i), ∅_i starts from ∅_{i−1} (∅_{−1} = the empty prompt's
@@ -15,9 +15,9 @@ Algorithm 1; code google/prompt-to-prompt null_text_w_ptp.ipynb ``NullInversion`
    trajectory, not the pivots. Editing later starts from z*_N with context [∅_i; text] at step i.
 
 Only ∅_i gets gradients (the backward pass is asked for ∅_i alone, so no weight gradient is computed or
-stored on the model). No cache: every call optimises from scratch (METHODS §3.3.1). ``batch`` runs the
+stored on the model). No cache: every call optimises from scratch (docs/methods.md §3.3 item 1). ``batch`` runs the
 advance step on the editing batch layout [∅_i × B; c × B] so that the edit's source row replays exactly the
-same computation (METHODS §3.3.3).
+same computation (docs/methods.md §3.3 item 2).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Paper: *Hard Prompts Made Easy: Gradient-Based Discrete Optimization for Prompt Tuning and Discovery* (Wen,
 Jain, Kirchenbauer, Goldblum, Geiping, Goldstein, NeurIPS 2023); code: YuxinWenRick/hard-prompts-made-easy
-optim_utils.py. Visii (METHODS.md §10.1 step 2) runs it on the AFTER image to initialise its instruction.
+optim_utils.py. Visii (docs/methods.md §10.1 step 2) runs it on the AFTER image to initialise its instruction.
 
 Notation: E [V, W] the CLIP token-embedding table, P [L, W] continuous prompt embeddings (L = length),
 f_img [N, D] the target image features, CLIP_txt(·) the text tower on injected token embeddings.

@@ -2,8 +2,8 @@
 
 Paper: *An Image is Worth One Word: Personalizing Text-to-Image Generation using Textual Inversion*
 (Gal et al., ICLR 2023); code followed for conventions: rinongal/textual_inversion, diffusers
-examples/textual_inversion/textual_inversion.py and loaders/textual_inversion.py. METHODS.md §11,
-CHECKPOINTS.md §11.
+examples/textual_inversion/textual_inversion.py and loaders/textual_inversion.py. docs/methods.md §11,
+docs/checkpoints.md §11.
 
 - A placeholder token (e.g. "<cat-toy>", plus "<cat-toy>_1", "<cat-toy>_2", … for k > 1 vectors, as diffusers)
   gets k new rows v_1 … v_k of the token embedding table, initialised from a single-token initializer word.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.files import atomic_path
+from ldm.files import save_safetensors
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, q_sample, training_target
 from ldm.tokenizer import Tokenizer
@@ -170,16 +170,20 @@ def inversion_loss(model: StableDiffusion, data: InversionData):
 def train_textual_inversion(model: StableDiffusion, images: torch.Tensor, token: str, init_word: str,
                             vectors: int = 1, cfg: EmbeddingConfig = EmbeddingConfig(steps=3000, lr=5e-3, batch=1),
                             checkpoint=None, resume: bool = False, stop_at: int | None = None,
-                            progress: bool = True, options: dict | None = None, force: bool = False) -> EmbeddingResult:
+                            progress: bool = True, options: dict | None = None, force: bool = False,
+                            templates=TEMPLATES) -> EmbeddingResult:
     """Learn ``vectors`` rows for ``token`` from ``images`` [N, 3, H, W] in [0, 1]; the model stays frozen
-    and unchanged (``add_placeholder`` installs the result). Returns the engine's result: ``best`` [k, d]."""
+    and unchanged (``add_placeholder`` installs the result). ``templates``: the captions, "{}" standing for
+    the token. Returns the engine's result: ``best`` [k, d]."""
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise ValueError(f"caption templates must each hold '{{}}' once (where the token goes), got {list(templates)}")
     if vectors < 1:
         raise ValueError(f"vectors must be >= 1, got {vectors}")
     check_new_token(model, token, vectors)
     for part in (model.unet, model.vae, model.text_encoder):
         part.requires_grad_(False).eval()
     initial = init_rows(model, init_word, vectors)
-    data = prepare_data(model, images, token, vectors)
+    data = prepare_data(model, images, token, vectors, templates)
     return optimise_embedding(initial, torch.ones(vectors, dtype=torch.bool), inversion_loss(model, data), cfg,
                               checkpoint, resume, stop_at, progress, f"textual inversion {token}", options, force)
 
@@ -189,12 +193,9 @@ def train_textual_inversion(model: StableDiffusion, images: torch.Tensor, token:
 
 def save_learned_embeds(path: str | Path, token: str, rows: torch.Tensor) -> None:
     """diffusers' learned_embeds.safetensors: {token: [d]} for one vector, {token: [k, d]} for k > 1."""
-    from safetensors.torch import save_file
-
     rows = rows.detach().float().cpu()
     tensor = rows[0] if rows.ndim == 2 and len(rows) == 1 else rows
-    with atomic_path(path) as tmp:
-        save_file({token: tensor.contiguous()}, str(tmp))
+    save_safetensors(path, {token: tensor.contiguous()})
 
 
 def read_embedding_file(path: str | Path) -> tuple[str | None, torch.Tensor]:
@@ -214,6 +215,10 @@ def read_embedding_file(path: str | Path) -> tuple[str | None, torch.Tensor]:
             raise ValueError(f"{path}: not a readable embedding file ({err.__class__.__name__}); expected a "
                              "diffusers learned_embeds file or an A1111 .pt") from None
     name = None
+    if isinstance(content, dict) and {"clip_l", "clip_g"} <= set(content):
+        raise ValueError(f"{path}: an SDXL embedding (clip_l and clip_g); it fits SDXL models only")
+    if isinstance(content, dict) and any(k.startswith("string_to_param.") for k in content):  # flattened A1111
+        content = {"string_to_param": {k: v for k, v in content.items() if k.startswith("string_to_param.")}}
     if isinstance(content, dict) and "string_to_param" in content:  # A1111 / original
         name = content.get("name") if isinstance(content.get("name"), str) else None
         content = next(iter(content["string_to_param"].values()))

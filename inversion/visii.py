@@ -1,7 +1,7 @@
 """Visii: learn an InstructPix2Pix instruction from one before/after example, then apply it to new images.
 
 Paper: *Visual Instruction Inversion: Image Editing via Visual Prompting* (Nguyen, Li, Ojha, Lee, NeurIPS
-2023); code: thaoshibe/visii (= WisconsinAIVision/visii) visii.py, train.py, test.py. METHODS.md §10, §6.
+2023); code: thaoshibe/visii (= WisconsinAIVision/visii) visii.py, train.py, test.py. docs/methods.md §10, §6.
 
 Learned: the CLIP text encoder's **output hidden states** c of an instruction (cond row, [77, C]) at
 positions 1 … eos−1; BOS, EOS and padding stay at their initial values (reset after every step). c starts as
@@ -20,7 +20,7 @@ Per step (t: a shuffled permutation of 0 … 999, each once; ε ~ N(0, I); both 
     t̂    = normalise(text_projection(mean over all 77 positions of c))
     L = 4·MSE(ε̂, ε) − 0.1·clamp(cos(d_img, t̂), −1, 0.5)
 
-Non-standard, kept for agreement with the reference (METHODS §10.2 pitfall 4): t̂ averages all 77 hidden
+Non-standard, kept for agreement with the reference (docs/methods.md §10.2 pitfall 4): t̂ averages all 77 hidden
 states (fixed BOS and padding included) instead of CLIP's EOS pooling, and the clamp at 0.5 stops the CLIP
 term's gradient once cos > 0.5. The CLIP image tower and text projection come from an open_clip ViT-L/14
 (the projection must take the IP2P text width, 768). AdamW lr 1e-3, fp32, unscaled backward; gradient value
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from controls.image_condition import check_ip2p_model, image_condition, three_way_guidance
 from ldm.clip_models import clip_image_features
-from ldm.files import atomic_path
+from ldm.files import save_safetensors
 from ldm.model import StableDiffusion
 from ldm.pipeline import encode_images
 from ldm.schedulers import NoiseSchedule, q_sample, training_target
@@ -111,7 +111,7 @@ class VisiiResult:
 
 def search_init_prompt(search_clip, after: torch.Tensor, cfg: PezConfig = PezConfig(),
                        progress: bool = True) -> PezResult:
-    """PEZ on the AFTER images only (METHODS §10.1 step 2): the hard prompt matching CLIP_img(after)."""
+    """PEZ on the AFTER images only (docs/methods.md §10.1 step 2): the hard prompt matching CLIP_img(after)."""
     with torch.no_grad():
         features = clip_image_features(search_clip, after).float()  # [N, D]
     return search_prompt(search_clip, features, cfg, progress=progress)
@@ -197,11 +197,8 @@ def hybrid_instruction(model: StableDiffusion, instruction: torch.Tensor, eos: i
 def save_instruction(path: str | Path, instruction: torch.Tensor, eos: int, metadata: dict[str, str] | None = None) -> None:
     """{"instruction_embedding": [77, C]} with the end position in the metadata; read back by
     ``editing.instruct_pix2pix.editor.load_instruction_embedding`` and ``instruction_eos``."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({"instruction_embedding": instruction.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"eos": str(eos), **(metadata or {})})
+    save_safetensors(path, {"instruction_embedding": instruction.detach().float().cpu().contiguous()},
+                     metadata={"eos": str(eos), **(metadata or {})})
 
 
 def instruction_eos(path: str | Path) -> int | None:

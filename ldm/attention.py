@@ -7,7 +7,7 @@
 - Explicit path: the formula above written out, over chunks of queries (``query_chunk`` rows at a time),
   with the scores and the softmax in fp32. Each chunk of probabilities ``[B, heads, chunk, K]`` is handed to
   the hooks before it multiplies V, so a hook can read or replace it and a full 4096×4096 map of a 64² layer
-  is never held at once.
+  is never held at once (docs/performance.md §1).
 
 Hooks are how every method talks to attention (Prompt-to-Prompt controllers, attention stores, IP-Adapter's
 image branch): subclasses of ``ldm.hooks.AttentionHook``, whose methods default to no-ops. A layer takes
@@ -155,8 +155,9 @@ def attached(model: nn.Module, hook: AttentionHook,
     """Attach ``hook`` to the selected attention layers for the duration of a ``with`` block; yields them.
 
     ``select`` is a predicate on the layer, a collection of layer names, or None for every layer. A name
-    that matches no layer is an error: a hook that silently reaches no layer changes nothing and says nothing.
-    The hook gets the ``Attachment`` of these layers (ldm.hooks: each must run once per sampling step).
+    that matches no layer is an error: a hook that silently reaches no layer changes nothing and says nothing
+    (docs/methods.md §1.6 item 3). The hook gets the ``Attachment`` of these layers (ldm.hooks: each must run
+    once per sampling step).
     """
     if not isinstance(hook, AttentionHook):
         raise TypeError(f"{type(hook).__name__} is not an attention hook; subclass ldm.hooks.AttentionHook")

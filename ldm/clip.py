@@ -5,7 +5,7 @@ Radford et al.) as Stable Diffusion uses it.
     h_l = h_{l−1} + MHA(LN1 h_{l−1}, causal);  h_l += MLP(LN2 h_l),  MLP = fc2(act(fc1 ·))
     out = LN_final(h_L)
 
-Two variants (CHECKPOINTS.md §7, §12):
+Two variants (docs/checkpoints.md §7, §12):
 - SD 1.x, OpenAI CLIP ViT-L/14: 12 layers, width 768, quick_gelu (x·σ(1.702x)), last layer.
 - SD 2.x, OpenCLIP ViT-H/14: GELU, width 1024, the output of layer 23 of 24 ("penultimate") then LN_final.
   The config simply builds 23 layers, so ``out`` is that tensor (diffusers stores the same 23-layer tower).

@@ -3,7 +3,9 @@ editing methods use it: an open_clip model read from a local weights file, and i
 
 - ``load_clip``: an open_clip ``CLIP`` with the weights of a local .safetensors (or a .pt read with
   weights_only); without a config, the shape of ViT-L/14 with QuickGELU (the OpenAI weights); with one, the
-  JSON open_clip config (embed_dim, vision_cfg, text_cfg, quick_gelu) of any other CLIP.
+  JSON open_clip config (embed_dim, vision_cfg, text_cfg, quick_gelu) of any other CLIP. The bundled toy CLIP
+  (ldm/toy/weights/toy-clip.safetensors, ldm/toy/clip.py) names its text tower in its metadata and loads
+  through ``ldm.toy.clip.load_toy_clip``.
 - ``clip_image_features``: images in [0, 1] -> resized (bicubic, antialiased) to the tower's input size,
   normalised x' = (x − μ) / σ with the OpenAI statistics, -> pooled + projected embeddings [B, D].
 - ``clip_text_features``: captions -> open_clip's BPE tokens (cut to the context length) -> the EOS-pooled,
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldm.model import metadata_of
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP image normalisation (open_clip.constants)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -34,6 +38,10 @@ def load_clip(path: Path, config: Path | None, text_tower: bool = False):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such CLIP weights file")
+    if config is None and path.suffix == ".safetensors" and "text_tower" in metadata_of(path):
+        from ldm.toy.clip import load_toy_clip  # the toy CLIP: its text tower is the toy model's text encoder
+
+        return load_toy_clip(path)
     if config is not None:
         config = Path(config)
         if not config.is_file():
@@ -48,7 +56,13 @@ def load_clip(path: Path, config: Path | None, text_tower: bool = False):
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # shapes that do not fit: another CLIP than the config describes
+        width = state.get("visual.conv1.weight", torch.empty(0)).shape[:1]
+        raise ValueError(f"{path}: its shapes do not fit {'--clip-config ' + str(config) if config else 'CLIP ViT-L/14'} "
+                         f"(image tower width {tuple(width)[0] if width else '?'}); pass --clip-config with the "
+                         "model's JSON open_clip config") from None
     needed = [k for k in missing if text_tower or k.startswith("visual.") or k == "text_projection"]
     if needed:
         raise ValueError(f"{path}: not an open_clip CLIP state dict fitting the config (missing {needed[:3]}); "

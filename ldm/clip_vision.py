@@ -1,6 +1,6 @@
 """The CLIP ViT image tower with its projection (*Learning Transferable Visual Models From Natural Language
 Supervision*, Radford et al.; ViT: *An Image is Worth 16x16 Words*, Dosovitskiy et al.), as IP-Adapter uses
-it (OpenCLIP ViT-H/14, CHECKPOINTS.md §9.2):
+it (OpenCLIP ViT-H/14, docs/checkpoints.md §9.2):
 
     h_0 = LN_pre([x_class; patches(x) W_patch] + E_pos)       patches: P×P, no bias
     h_l = h_{l−1} + MHA(LN1 h_{l−1});  h_l += MLP(LN2 h_l)     (no causal mask: every patch sees every patch)
@@ -10,7 +10,7 @@ Parameter names follow transformers' ``CLIPVisionModelWithProjection`` (``vision
 its weights load unchanged. The encoder layers are ldm/clip.py's, with the causal mask taken out.
 
 ``preprocess`` is CLIPImageProcessor's default: RGB, bicubic resize of the shortest side to 224, centre crop
-224, /255, CLIP mean/std (non-square images lose their borders: METHODS.md §8).
+224, /255, CLIP mean/std (non-square images lose their borders: docs/methods.md §8).
 """
 
 from __future__ import annotations

@@ -12,22 +12,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .files import atomic_path, file_sha256  # noqa: F401  (file_sha256: re-exported)
 
 METADATA_KEY = "editlab"
 
 
-def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """An image file -> [1, 3, H, W] float in [0, 1]. ``size`` = (width, height) resizes (Lanczos)."""
+def read_rgb(path: str | Path) -> Image.Image:
+    """An image file as an upright 8-bit RGB PIL image: the EXIF orientation of phone photos applied, and
+    16-bit (or 32-bit integer / float) greyscale scaled to 8 bits instead of clipped to white."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     try:
-        image = Image.open(path).convert("RGB")
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I") or image.mode == "F":
+                array = np.asarray(image, dtype=np.float64)
+                if image.mode == "F":
+                    scale = 1.0 if array.max() <= 1.0 else 255.0
+                else:
+                    scale = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+                array = np.clip(np.round(array / scale * 255.0), 0, 255).astype(np.uint8)
+                image = Image.fromarray(array, mode="L")
+            return image.convert("RGB")
     except Exception as err:
         raise ValueError(f"{path}: not an image PIL can read ({err.__class__.__name__}); give a PNG or JPEG") from None
+
+
+def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file (``read_rgb``) -> [1, 3, H, W] float in [0, 1]. ``size`` = (width, height) resizes
+    (Lanczos)."""
+    image = read_rgb(path)
     if size is not None and image.size != tuple(size):
         image = image.resize(tuple(size), Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0

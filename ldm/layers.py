@@ -1,7 +1,7 @@
 """Building blocks shared by the UNet, the VAE and the ControlNet: normalisation, ResBlocks, resampling,
 the timestep embedding and the spatial transformer.
 
-Numerical conventions (CHECKPOINTS.md §13): GroupNorm eps 1e-5 in UNet ResBlocks and 1e-6 in the spatial
+Numerical conventions (docs/checkpoints.md §13): GroupNorm eps 1e-5 in UNet ResBlocks and 1e-6 in the spatial
 transformers and everywhere in the VAE, always computed in fp32 (LDM ``GroupNorm32``); exact GELU in GEGLU.
 Parameter names follow diffusers, so converted weights load strictly.
 """
@@ -75,7 +75,7 @@ class ResBlock(nn.Module):
 
 class Downsample(nn.Module):
     """Stride-2 3×3 conv. The UNet pads symmetrically (1 on every side); the VAE pads (0, 1, 0, 1) -- right
-    and bottom only -- with no conv padding, as its weights were trained (TF "SAME"; STYLE.md §4 bug 1)."""
+    and bottom only -- with no conv padding, as its weights were trained (TF "SAME"; docs/checkpoints.md §13)."""
 
     def __init__(self, channels: int, asymmetric_pad: bool):
         super().__init__()

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .clip import CLIPTextModel
 from .config import ModelConfig
+from .files import file_sha256, save_safetensors
 from .schedulers.from_config import scheduler_config_json, standard_scheduler_config
-from .files import atomic_path, file_sha256
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -110,8 +109,7 @@ def save_weights(path: str | Path, module: nn.Module, format: str, config_json: 
     ``format`` and the config JSON in the metadata, written atomically."""
     metadata = {**(extra_metadata or {}), "format": format, "config": config_json}
     tensors = {prefix + k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
 
 
 def read_weights(path: str | Path, format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

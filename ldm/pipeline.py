@@ -11,7 +11,8 @@ Guidance runs when any row's scale w_b is above 1; otherwise the conditional row
 
 SDEdit (*SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations*, Meng et al.):
 encode the image, z0 = 0.18215·E(x).sample(); noise it to the first kept step (``Sampler.add_noise``, e.g.
-x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε), then sample as usual from there, with any sampler, as diffusers' img2img.
+x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε), then sample as usual from there, with any sampler, as diffusers' img2img
+(docs/methods.md §5).
 
 Random draws follow diffusers exactly, on one CPU ``torch.Generator``: the initial latents
 ``randn((B, 4, H/8, W/8))`` (SDEdit: the posterior sample, then the noise), then each step's noise in the

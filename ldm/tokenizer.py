@@ -2,8 +2,8 @@
 
 The vocabulary and merges are open_clip's (the same 49408-entry BPE as OpenAI CLIP). A prompt becomes
 ``[BOS] t_1 … t_n [EOS] pad …`` with n ≤ 75: the prompt is cut to 75 tokens *before* the start and end
-tokens are added, so a long prompt keeps its end token (STYLE.md §4 bug 4). Padding is the end token for
-SD 1.x and 0 for SD 2.x (CHECKPOINTS.md §7.3).
+tokens are added, so a long prompt keeps its end token (docs/checkpoints.md §7.3). Padding is the end token for
+SD 1.x and 0 for SD 2.x (docs/checkpoints.md §7.3).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class Tokenizer:
         for prompt in prompts:
             tokens = self.encode(prompt)
             if len(tokens) > room:
-                log.warning("prompt is %d tokens long; the last %d were cut (CLIP sees %d): %r",
-                            len(tokens), len(tokens) - room, room, prompt)
+                log.warning("prompt is %d tokens long; CLIP sees %d, so this end was dropped: %r",
+                            len(tokens), room, self.decode(tokens[room:]).strip())
                 tokens = tokens[:room]
             ids = [BOS] + tokens + [EOS]
             rows.append(ids + [self.pad_token_id] * (self.max_length - len(ids)))

@@ -294,6 +294,9 @@ class Trainer:
     def save(self) -> None:
         """Write the checkpoint (rank 0 only; the other processes wait until it is written)."""
         rank, size = world()
+        if not all(torch.isfinite(p).all() for p in self.parameters):  # never replace a good checkpoint with NaN
+            raise FloatingPointError(f"the weights became NaN or infinite by step {self.step}; nothing saved (the "
+                                     "last checkpoint is kept); lower the learning rate")
         if self.checkpoint is not None and rank == 0:
             save_checkpoint(self.checkpoint, self.state_dict())
         if size > 1:

@@ -4,7 +4,7 @@
     decode: z  ->  x̂
 
 Latent scaling (z_model = 0.18215·z) is done by ``scale_latents`` / ``unscale_latents`` and never in place.
-Conventions (CHECKPOINTS.md §6, §13): GroupNorm eps 1e-6 everywhere, downsampling pads right and bottom
+Conventions (docs/checkpoints.md §6, §13): GroupNorm eps 1e-6 everywhere, downsampling pads right and bottom
 only, one-head attention in the middle blocks, log σ² clamped to [−30, 20]. The decoder stores its levels
 deepest first (diffusers up_blocks order).
 """

@@ -1,4 +1,4 @@
-"""ControlNet model checks (METHODS.md §7, STYLE.md §3.3): zero convs leave the UNet unchanged and still learn,
+"""ControlNet model checks (docs/methods.md §7): zero convs leave the UNet unchanged and still learn,
 the residual count and shapes, both guess-mode ramps, hint validation, save/load."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Released ControlNet layouts -> editlab (CHECKPOINTS.md §10): original v1.0 files (a whole SD bundled, only
+"""Released ControlNet layouts -> editlab (docs/checkpoints.md §10): original v1.0 files (a whole SD bundled, only
 control_model.* taken, the rest reported as ignored), v1.1 files (control_model.* only), and diffusers
 ControlNetModel folders. The original checkpoints are written from the original module structure (tests/peers
 shapes + cldm.py's hint block and zero convs), and the reference weights come from diffusers' own converter

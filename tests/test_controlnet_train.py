@@ -1,4 +1,4 @@
-"""ControlNet training (METHODS.md §7.3): the loss falls on toy shapes with Canny hints, an interrupted run
+"""ControlNet training (docs/methods.md §7.3): the loss falls on toy shapes with Canny hints, an interrupted run
 resumes to the same bits, the locked UNet stays unchanged (and its decoder learns only when unlocked), and a
 2-process torchrun (DDP, gloo) equals one process with the doubled batch."""
 

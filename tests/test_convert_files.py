@@ -1,5 +1,5 @@
 """Reading, detection, errors, EMA, prediction type, metadata and the VAE swap of weights_convert, through the
-Python API and the ``editlab convert`` command (CHECKPOINTS.md §2-§4, §14)."""
+Python API and the ``editlab convert`` command (docs/checkpoints.md §2-§4, §14)."""
 
 import hashlib
 import os

@@ -1,4 +1,4 @@
-"""Every renaming rule of weights_convert, one table each (CHECKPOINTS.md §4-§8), plus the inference of the
+"""Every renaming rule of weights_convert, one table each (docs/checkpoints.md §4-§8), plus the inference of the
 architecture from shapes and the completeness of a whole conversion (every key used or ignored)."""
 
 import pytest
@@ -14,7 +14,7 @@ from weights_convert.ldm_text import convert_open_clip, open_clip_keys
 from weights_convert.ldm_unet import ema_key, layers_per_level, unet_key
 from weights_convert.ldm_vae import as_linear, diffusers_vae_key, vae_key
 
-UNET_RULES = [  # SD 1.x/2.x layout, L = 2 (CHECKPOINTS.md §5 tables)
+UNET_RULES = [  # SD 1.x/2.x layout, L = 2 (docs/checkpoints.md §5 tables)
     ("time_embed.0.weight", "time_embedding.linear_1.weight"),
     ("time_embed.2.bias", "time_embedding.linear_2.bias"),
     ("input_blocks.0.0.weight", "conv_in.weight"),
@@ -65,7 +65,7 @@ def test_ema_name_is_derived_from_the_raw_key():
     assert ema_key("model.diffusion_model.middle_block.1.proj_in.bias") == "model_ema.diffusion_modelmiddle_block1proj_inbias"
 
 
-VAE_RULES = [  # 4 levels (CHECKPOINTS.md §6); the decoder's levels are reversed
+VAE_RULES = [  # 4 levels (docs/checkpoints.md §6); the decoder's levels are reversed
     ("encoder.conv_in.weight", "encoder.conv_in.weight"),
     ("encoder.norm_out.bias", "encoder.conv_norm_out.bias"),
     ("encoder.down.0.block.1.conv2.weight", "encoder.down_blocks.0.resnets.1.conv2.weight"),

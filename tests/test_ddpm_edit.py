@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from editing.cli import main
-from editing.ddpm_edit.editor import (DDPMEditConfig, DDPMP2PConfig, edit, edit_with_controller, edit_with_p2p,
-                                      invert_and_edit, invert_image, reconstruct)
+from editing.ddpm_edit.editor import (DDPMEditConfig, DDPMP2PConfig, ddpm_invert_image, edit_inversion,
+                                      edit_with_controller, edit_with_p2p, invert_and_edit, reconstruct)
 from editing.ddpm_edit.noise_space import colour_noise_maps, latent_colour, shift_maps, shift_noise_maps
 from editing.options import TOY_WEIGHTS
 from inversion.ddpm_noise import DDPMInversionConfig
@@ -41,21 +41,21 @@ def image():
 def inversion(model, image):
     """Function-scoped: it must run under the same thread count as the test (conftest sets it per test);
     another count changes the rounding, and exact regeneration needs the inversion's numerics."""
-    return invert_image(model, image, SOURCE, DDPMInversionConfig(steps=STEPS), seed=0)
+    return ddpm_invert_image(model, image, SOURCE, DDPMInversionConfig(steps=STEPS), seed=0)
 
 
 def test_source_prompt_reproduces_the_input_from_any_skip(model, image, inversion):
     x0 = encode_images(model, image)
     assert (reconstruct(model, inversion) - x0).abs().max() <= 1e-5
     for skip in (3, 7):
-        regenerated = edit(model, inversion, SOURCE, DDPMEditConfig(skip=skip, target_guidance=3.5))
+        regenerated = edit_inversion(model, inversion, SOURCE, DDPMEditConfig(skip=skip, target_guidance=3.5))
         assert (regenerated - x0).abs().max() <= 1e-5
 
 
 def test_target_prompt_changes_the_image_less_with_more_skipped_steps(model, image, inversion):
     x0 = encode_images(model, image)
-    change = [(edit(model, inversion, TARGET, DDPMEditConfig(skip=skip, target_guidance=15.0)) - x0).abs().mean()
-              for skip in (1, 5, 9)]
+    change = [(edit_inversion(model, inversion, TARGET, DDPMEditConfig(skip=skip, target_guidance=15.0)) - x0)
+              .abs().mean() for skip in (1, 5, 9)]
     assert change[0] > change[1] > change[2] > 1e-3
 
 
@@ -71,11 +71,11 @@ def test_samples_are_diverse_and_independent_of_how_many_are_drawn(model, image)
 
 def test_bad_edit_inputs(model, inversion):
     with pytest.raises(ValueError, match="skip must be"):
-        edit(model, inversion, TARGET, DDPMEditConfig(skip=STEPS))
+        edit_inversion(model, inversion, TARGET, DDPMEditConfig(skip=STEPS))
     with pytest.raises(ValueError, match="one image"):
-        invert_image(model, torch.rand(2, 3, 32, 32), SOURCE)
+        ddpm_invert_image(model, torch.rand(2, 3, 32, 32), SOURCE)
     with pytest.raises(ValueError, match="multiple of"):
-        invert_image(model, torch.rand(1, 3, 31, 32), SOURCE)
+        ddpm_invert_image(model, torch.rand(1, 3, 31, 32), SOURCE)
 
 
 # --- combination with attention controllers (the paper's "ours + P2P") --------------------------------------
@@ -119,7 +119,7 @@ def test_edit_with_prompt_to_prompt(model, image, inversion):
     cfg = DDPMP2PConfig(skip=4)
     latents = edit_with_p2p(model, inversion, SOURCE, TARGET, cfg)
     assert (latents[0] - encode_images(model, image)).abs().max() <= 1e-4
-    plain = edit(model, inversion, TARGET, DDPMEditConfig(skip=4, target_guidance=cfg.target_guidance))
+    plain = edit_inversion(model, inversion, TARGET, DDPMEditConfig(skip=4, target_guidance=cfg.target_guidance))
     assert (latents[1] - plain[0]).abs().mean() > 1e-3  # attention control changed the target
     with pytest.raises(ValueError, match="batch-1"):
         edit_with_p2p(model, dataclasses.replace(inversion, latents=inversion.latents.expand(-1, 2, -1, -1, -1)),

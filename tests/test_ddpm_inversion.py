@@ -76,7 +76,7 @@ def test_reconstruction_v_prediction():
 
 
 def test_zeroing_the_last_noise_map_breaks_reconstruction(sd1):
-    """METHODS.md §4.3.1: inbarhub/DDPM_inversion sets z_1 = 0; then x_1 -> x0 misses exactly σ_1·z_1."""
+    """docs/methods.md §4.3 item 1: inbarhub/DDPM_inversion sets z_1 = 0; then x_1 -> x0 misses exactly σ_1·z_1."""
     x0 = encode_images(sd1, _image())
     inversion = invert(sd1, x0, PROMPT, DDPMInversionConfig(steps=5), torch.Generator().manual_seed(0))
     zeroed = inversion.noise_maps.clone()
@@ -177,7 +177,7 @@ def test_edit_friendly_maps_have_higher_variance_and_negative_correlation(sd1):
     assert (friendly_corr[:-1] < -0.1).all()
 
 
-# --- agreement with diffusers' LEDITS++ inversion (METHODS.md §4.2) ----------------------------------------
+# --- agreement with diffusers' LEDITS++ inversion (docs/methods.md §4.2) ----------------------------------------
 
 
 def _ledits_pipeline(model):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from controls.ip_adapter import IPAdapter, generate_with_image_prompt
-from editing.instant_style import (block_layers, content_embedding, instant_style, layer_scales, preset_scales,
+from editing.instant_style import (block_layers, block_scales, content_embedding, instant_style, preset_scales,
                                    subtract_content)
 from ldm.clip import CLIPTextModel
 from ldm.config import TextEncoderConfig, sd15, tiny_text
@@ -16,7 +16,7 @@ from ldm.unet import UNet
 from tests.peers import randomize_, relative_error
 from tests.test_ip_adapter import EMBED_DIM, PROMPT, SAMPLING, sd1_like
 
-SDXL_STYLE = {"up": {"block_0": [0.0, 1.0, 0.0]}}  # InstantStyle's SDXL recipe (METHODS.md §9.3.1)
+SDXL_STYLE = {"up": {"block_0": [0.0, 1.0, 0.0]}}  # InstantStyle's SDXL recipe (docs/methods.md §9.3 item 1)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def test_diffusers_dicts_and_single_attentions(sd15_unet):
     nested = {"down": {"block_2": [0.25, 1.0]}, "mid": 0.5, "up": {"block_1": 1.0}}
     flat = {"down_blocks.2.attentions.0": 0.25, "down_blocks.2.attentions.1": 1.0, "mid_block": 0.5,
             "up_blocks.1": 1.0}
-    assert layer_scales(sd15_unet, nested) == layer_scales(sd15_unet, flat)
-    assert layer_scales(sd15_unet, {"up_blocks.1": 1.0, "up_blocks.1.attentions.0": 0.0}) == \
+    assert block_scales(sd15_unet, nested) == block_scales(sd15_unet, flat)
+    assert block_scales(sd15_unet, {"up_blocks.1": 1.0, "up_blocks.1.attentions.0": 0.0}) == \
         {"up.1.0.cross": 0.0, "up.1.1.cross": 1.0, "up.1.2.cross": 1.0}  # later entries override
 
 
@@ -52,7 +52,7 @@ def test_diffusers_dicts_and_single_attentions(sd15_unet):
 ])
 def test_specs_the_model_cannot_honour_raise(sd15_unet, spec, match):
     with pytest.raises(ValueError, match=match):
-        layer_scales(sd15_unet, spec)
+        block_scales(sd15_unet, spec)
 
 
 def test_unknown_preset_raises(sd15_unet):

@@ -1,9 +1,11 @@
-"""InstructPix2Pix editing (editing/instruct_pix2pix/editor.py) against diffusers' StableDiffusionInstructPix2PixPipeline
-on a tiny random 8-channel model, plus the guidance formula, the conditioning latent and the s_I < 1 departure.
+"""InstructPix2Pix editing (editing/instruct_pix2pix/editor.py) against diffusers'
+StableDiffusionInstructPix2PixPipeline on a tiny random 8-channel model, plus the guidance formula, the
+conditioning latent and the s_I < 1 departure.
 
-Both sides get the same pre-sized image (METHODS §6.3.5), seed, steps and scales; diffusers draws the initial
-latents randn((B, 4, h, w)) on the generator and then each step's noise, like editlab, and encodes the image by
-the posterior mode (argmax) without scaling. Measured max|a − b| / max|a|: 0 (bit-identical) for DDIM and Euler.
+Both sides get the same pre-sized image (docs/methods.md §6.3 item 4), seed, steps and scales; diffusers draws the
+initial latents randn((B, 4, h, w)) on the generator and then each step's noise, like editlab, and encodes the
+image by the posterior mode (argmax) without scaling. Measured max|a − b| / max|a|: 0 (bit-identical) for DDIM and
+Euler.
 """
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from controls.image_condition import image_condition, instruction_context, three_way_guidance
 from editing.bench.peers import diffusers_components, diffusers_scheduler
-from editing.instruct_pix2pix.editor import EditConfig, edit, edit_sampler
+from editing.instruct_pix2pix.editor import EditConfig, edit_by_instruction, edit_sampler
 from ldm.config import tiny_sd1
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, log_linear_sigma_grid
@@ -56,7 +58,7 @@ def test_final_latents_match_diffusers(model, pipe, scheduler, spacing, eta, sca
                      spacing=spacing, eta=eta, seed=4)
     image = images(batch=2)
     before = image.clone()
-    ours = edit(model, image, INSTRUCTIONS, cfg, progress=False)
+    ours = edit_by_instruction(model, image, INSTRUCTIONS, cfg, progress=False)
     ref = diffusers_latents(pipe, scheduler, cfg, image, INSTRUCTIONS)
     assert ours.shape == (2, 4, 8, 12) and ref.abs().max() > 0.1
     assert relative_error(ref, ours) <= 1e-4
@@ -118,8 +120,9 @@ def test_guidance_formula_from_three_separate_calls(model, text_scale, image_sca
 def test_image_scale_below_one_still_guides(model, pipe):
     """diffusers drops all guidance when s_I < 1 (two such runs agree whatever s_I is); editlab does not."""
     image = images()
-    ours = {s: edit(model, image, INSTRUCTIONS[:1], EditConfig(image_guidance=s, steps=3, scheduler="ddim"),
-                    progress=False) for s in (0.5, 0.9, 1.0)}
+    ours = {s: edit_by_instruction(model, image, INSTRUCTIONS[:1],
+                                   EditConfig(image_guidance=s, steps=3, scheduler="ddim"), progress=False)
+            for s in (0.5, 0.9, 1.0)}
     assert relative_error(ours[1.0], ours[0.5]) > 1e-2 and relative_error(ours[0.9], ours[0.5]) > 1e-3
     ref = {s: diffusers_latents(pipe, "ddim", EditConfig(image_guidance=s, steps=3), image, INSTRUCTIONS[:1])
            for s in (0.5, 0.9)}
@@ -137,13 +140,13 @@ def test_default_sampler_is_edit_cli_euler_ancestral():
 def test_instruction_embedding_replaces_the_encoded_text(model):
     image, cfg = images(), EditConfig(steps=2, scheduler="ddim")
     embedding = model.encode_prompt(INSTRUCTIONS[:1])[0]  # [77, C]
-    by_text = edit(model, image, INSTRUCTIONS[:1], cfg, progress=False)
-    by_embedding = edit(model, image, None, cfg, instruction_embedding=embedding, progress=False)
+    by_text = edit_by_instruction(model, image, INSTRUCTIONS[:1], cfg, progress=False)
+    by_embedding = edit_by_instruction(model, image, None, cfg, instruction_embedding=embedding, progress=False)
     assert torch.equal(by_text, by_embedding)
     with pytest.raises(ValueError, match=r"does not fit this model; it must be \[77, 32\]"):
-        edit(model, image, None, cfg, instruction_embedding=torch.zeros(77, 64))
+        edit_by_instruction(model, image, None, cfg, instruction_embedding=torch.zeros(77, 64))
     with pytest.raises(ValueError, match="exactly one of the two"):
-        edit(model, image, INSTRUCTIONS[:1], cfg, instruction_embedding=embedding)
+        edit_by_instruction(model, image, INSTRUCTIONS[:1], cfg, instruction_embedding=embedding)
     learned = torch.zeros(77, 32, requires_grad=True)  # Visii optimises it through the context: gradients reach it
     context = instruction_context(model, None, 2, learned)
     (context[:2] * 3).sum().backward()
@@ -153,11 +156,11 @@ def test_instruction_embedding_replaces_the_encoded_text(model):
 def test_bad_inputs_get_one_line_errors(model):
     plain = StableDiffusion(tiny_sd1())
     with pytest.raises(ValueError, match="takes 4 input channels, InstructPix2Pix needs 8"):
-        edit(plain, images(), INSTRUCTIONS[:1])
+        edit_by_instruction(plain, images(), INSTRUCTIONS[:1])
     with pytest.raises(ValueError, match="not a multiple of 8"):
-        edit(model, images(height=20), INSTRUCTIONS[:1])
+        edit_by_instruction(model, images(height=20), INSTRUCTIONS[:1])
     with pytest.raises(ValueError, match="2 instructions for 1 images"):
-        edit(model, images(), INSTRUCTIONS)
+        edit_by_instruction(model, images(), INSTRUCTIONS)
 
 
 def test_single_file_checkpoint_converts_and_edits_like_diffusers(tmp_path, pipe):
@@ -183,6 +186,6 @@ def test_single_file_checkpoint_converts_and_edits_like_diffusers(tmp_path, pipe
         feature_extractor=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     cfg = EditConfig(steps=5, scheduler="euler-a", spacing="linspace", seed=8)
-    ours = edit(model, images(seed=2), INSTRUCTIONS[:1], cfg, progress=False)
+    ours = edit_by_instruction(model, images(seed=2), INSTRUCTIONS[:1], cfg, progress=False)
     ref = diffusers_latents(reference, "euler-a", cfg, images(seed=2), INSTRUCTIONS[:1])
     assert ref.abs().max() > 0.1 and relative_error(ref, ours) <= 1e-4

@@ -18,7 +18,7 @@ CFG = tiny_sd1(8)  # size multiple 2 (VAE) × 4 (two UNet downsamplings) = 8
 
 
 @pytest.mark.parametrize("size,expected", [
-    ((1024, 768), (512, 384)),  # METHODS §6.1
+    ((1024, 768), (512, 384)),  # docs/methods.md §6.1
     ((768, 1024), (384, 512)),
     ((512, 512), (512, 512)),
     ((256, 256), (512, 512)),  # small images are scaled up
@@ -119,7 +119,7 @@ def test_cli_errors_are_one_line(files, capsys, tmp_path):
     code = main(["ip2p", "--weights", str(tmp_path / "plain.safetensors"), "--image", str(files / "input.png"),
                  "--instruction", "x", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
-    assert code == 2 and "takes 4 input channels, InstructPix2Pix needs 8" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "is a text-to-image model (4-channel UNet); 'editlab ip2p' needs an InstructPix2Pix editor" in err and len(err.strip().splitlines()) == 1
 
 
 def test_keep_size_floors_the_input_to_the_size_multiple(files, tmp_path):

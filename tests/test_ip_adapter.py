@@ -50,7 +50,7 @@ def test_processor_table_matches_checkpoints_md():
     widths = {int(k): branch.to_k_ip.out_features for k, branch in adapter.ip_adapter.items()}
     assert widths == {k: width for k, (_, width) in SD15_PROCESSOR_TABLE.items()}
     assert adapter.image_proj.proj.weight.shape == (3072, 1024)
-    assert 22.0e6 < sum(p.numel() for p in adapter.parameters()) < 22.6e6  # ≈ 22.3M (METHODS.md §8)
+    assert 22.0e6 < sum(p.numel() for p in adapter.parameters()) < 22.6e6  # ≈ 22.3M (docs/methods.md §8)
 
 
 @pytest.mark.parametrize("form", ["bin", "safetensors"])
@@ -93,7 +93,7 @@ def _diffusers_latents(pipe, folder, form, scale, embeds):
 @pytest.mark.parametrize("form,scale", [
     ("bin", 0.7),
     ("safetensors", 0.7),
-    ("bin", {"up": {"block_1": [1.0, 1.0, 1.0]}}),  # InstantStyle "style" (METHODS.md §9.1)
+    ("bin", {"up": {"block_1": [1.0, 1.0, 1.0]}}),  # InstantStyle "style" (docs/methods.md §9.1)
     ("bin", {"down": {"block_2": [1.0, 1.0]}, "mid": 1.0, "up": {"block_1": [1.0, 1.0, 1.0]}}),  # style+layout
 ])
 def test_matches_diffusers_load_ip_adapter(setup, form, scale):

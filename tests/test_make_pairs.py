@@ -305,7 +305,7 @@ def test_an_instruct_pix2pix_model_is_refused(files, tmp_path, capsys):
         PairRecipe(guidance_range=(0.5, 7.5))
 
 
-def test_make_pairs_with_toy_captions_and_the_toy_filter(tmp_path, capsys):
+def test_make_pairs_with_toy_captions_and_the_toy_filter(tmp_path, capsys, weights):
     out = tmp_path / "toy"
     code = main(["make-pairs", "--toy-captions", "3", "--filter", "toy", "--samples", "2", "--keep", "1",
                  "--steps", "3", "--scheduler", "ddim", "--seed", "1", "--batch", "4", "--out", str(out)])
@@ -329,6 +329,7 @@ def test_make_pairs_with_toy_captions_and_the_toy_filter(tmp_path, capsys):
     else:
         assert "no sample passed the toy filters" in capsys.readouterr().err
 
-    assert main(["make-pairs", "--toy-captions", "2", "--out", str(tmp_path / "clip")]) == 2
+    # --filter clip without --clip: the toy CLIP with the toy model (tests/test_toy_cli.py), an error otherwise
+    assert main(["make-pairs", "--weights", str(weights), "--toy-captions", "2", "--out", str(tmp_path / "clip")]) == 2
     err = capsys.readouterr().err
-    assert "--filter clip needs --clip" in err and len(err.strip().splitlines()) == 1
+    assert "--clip is needed" in err and len(err.strip().splitlines()) == 1

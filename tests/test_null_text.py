@@ -89,15 +89,15 @@ def test_reconstruction_is_10x_better_than_ddim_inversion_at_guidance_7_5(model)
 
 def test_real_image_edit_from_null_text_inversion(model):
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    cfg = SamplingConfig(steps=3, guidance=7.5, height=16, width=16)
+    sampling = SamplingConfig(steps=3, guidance=7.5, height=16, width=16)
     config = P2PConfig(blend_words=("cat",), blend_start=0.2)
-    result, inverted = edit_real_image(model, image, PROMPT, [PROMPT, "a dog on a mat"], cfg, config)
+    result, inverted = edit_real_image(model, image, PROMPT, [PROMPT, "a dog on a mat"], sampling, config)
     assert inverted.method == "null-text" and len(inverted.null_embeddings) == 3
     assert torch.equal(result.latents[1], result.latents[0])  # the identity edit, exactly
     reconstruction = inverted.details.reconstruction  # fitted on the same batch layout (3 rows)
     assert (result.latents[0] - reconstruction).abs().max() <= 1e-4 * reconstruction.abs().max()
     assert (result.latents[2] - result.latents[0]).abs().max() > 1e-3 * reconstruction.abs().max()
-    ddim = invert_image(model, image, PROMPT, cfg, method="ddim")
+    ddim = invert_image(model, image, PROMPT, sampling, method="ddim")
     assert ddim.null_embeddings is None and torch.equal(ddim.noise, ddim.details[-1])
     with pytest.raises(ValueError, match="scheduler 'ddim' with eta 0"):
         invert_image(model, image, PROMPT, SamplingConfig(steps=3, scheduler="euler-a"))

@@ -1,5 +1,5 @@
-"""Prompt-to-Prompt token alignment and schedules: the word-swap mapper with unequal token counts (METHODS
-§1.6.1), Needleman–Wunsch refinement, word lookup errors, equalizer, cross/self schedules, map levels."""
+"""Prompt-to-Prompt token alignment and schedules: the word-swap mapper with unequal token counts (docs/methods.md
+§1.6 item 1), Needleman–Wunsch refinement, word lookup errors, equalizer, cross/self schedules, map levels."""
 
 import pytest
 import torch
@@ -113,7 +113,7 @@ def test_cross_schedule_default_and_per_word():
     assert alphas[:, 0, 2].sum() == 20 and alphas[19, 0, 2] == 1 and alphas[20, 0, 2] == 0  # ⌊0.4·50⌋ calls
     assert alphas[:, 0, 3].sum() == 50
     alphas = cross_replace_alphas(TOKENIZER, ["a lion"], 50, 0.8)
-    assert alphas[:, 0, 0].sum() == 40  # METHODS §1.1: b = 0.8 -> calls 0–39
+    assert alphas[:, 0, 0].sum() == 40  # docs/methods.md §1.1: b = 0.8 -> calls 0–39
     assert calls_for(0.57, 100) == 57
     with pytest.raises(ValueError, match="cross-replace word 'tiger'"):
         cross_replace_alphas(TOKENIZER, ["a lion"], 10, 0.8, {"tiger": 0.2})

@@ -2,7 +2,7 @@
 the plain generation of the same batch, reweighting by 1 is a no-op, B = 3 with Refine + Reweight + blend,
 the attention grid, and input errors.
 
-What "exact" compares (METHODS §1.6.5): results depend on the batch size and on the attention kernel at
+What "exact" compares (docs/methods.md §1.6 item 5): results depend on the batch size and on the attention kernel at
 rounding level. So the source row is compared bit for bit with ``text_to_image`` of the same prompt list
 (same batch) with the same kernels (every layer on the explicit path in both runs); against a batch-1
 ``text_to_image`` with SDPA it agrees to rounding (bound asserted, measured ≈ 2e-6 relative).

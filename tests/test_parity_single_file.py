@@ -1,6 +1,6 @@
 """An LDM single file converted by editlab vs the same file loaded by diffusers' own single-file loader
 (``from_single_file`` with a local config folder, offline), for tiny SD 1, SD 2 and InstructPix2Pix (with an
-EMA copy) checkpoints in the original key layout with distinct random values per key (CHECKPOINTS.md §14.4).
+EMA copy) checkpoints in the original key layout with distinct random values per key (docs/checkpoints.md §14 item 4).
 
 The two converted models must agree parameter by parameter (exactly) and in their outputs: UNet, VAE encode
 and decode, text encoder. Measured max|a − b| / max|a|: 0 (bit-identical) everywhere.

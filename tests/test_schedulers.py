@@ -52,7 +52,7 @@ def schedule():
 def test_schedule_matches_reference_numbers(schedule):
     ref = reference_scheduler("ddim")
     torch.testing.assert_close(schedule.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=0)
-    # METHODS §0.1 and §4.1 (σ_t of the 100-step edit-friendly grid)
+    # docs/methods.md §0.1 and §4.1 (σ_t of the 100-step edit-friendly grid)
     assert schedule.alpha_bar(0).item() == pytest.approx(0.99915, abs=1e-5)
     assert schedule.alpha_bar(999).item() == pytest.approx(0.00466, abs=1e-5)
     assert schedule.alpha_bar(-19).item() == schedule.alpha_bar(0).item()  # final alpha = ᾱ_0
@@ -167,7 +167,7 @@ def test_img2img_start_and_add_noise_match_diffusers(schedule, name, strength):
 
 def test_start_index_rejects_bad_strength(schedule):
     sampler = make_sampler("ddim", schedule, 50)
-    assert sampler.start_index(0.8) == 10  # METHODS §5: 40 steps from t = 781
+    assert sampler.start_index(0.8) == 10  # docs/methods.md §5: 40 steps from t = 781
     assert int(sampler.timesteps[10]) == 781
     with pytest.raises(ValueError, match="strength"):
         sampler.start_index(1.5)
@@ -192,7 +192,7 @@ def test_log_linear_sigma_grid_against_numpy(schedule):
     assert len(sigmas) == num_steps + 1 and sigmas[-1] == 0
     assert sigmas[0] == schedule.sigmas[999]  # σ_0 = σ at t = 999
     assert (sigmas[:-1].diff() < 0).all()
-    # linear interpolation (diffusers) differs by more than the tolerance above (METHODS §0.2)
+    # linear interpolation (diffusers) differs by more than the tolerance above (docs/methods.md §0.2)
     linear = np.interp(t, np.arange(1000), np.exp(log_sigmas))
     assert np.abs(linear / expected[:-1] - 1).max() > 1e-5
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from editing.instruct_pix2pix.editor import EditConfig, apply_instruction, edit
+from editing.instruct_pix2pix.editor import EditConfig, apply_instruction, edit_by_instruction
 from editing.options import TOY_IP2P_WEIGHTS
 from inversion.visii import VisiiConfig, train_visii, visii_training
 from ldm.model import StableDiffusion
@@ -42,7 +42,8 @@ def reads(model, latents: torch.Tensor) -> list[tuple[str, str]]:
 
 def test_written_instruction_recolours_the_object_and_keeps_its_shape(model):
     square = image_of(ShapeSpec("square", "blue", "white", size=0.42, center=(0.5, 0.5)))
-    latents = edit(model, square.repeat(SEEDS, 1, 1, 1), ["make the square green"] * SEEDS, EDIT, progress=False)
+    latents = edit_by_instruction(model, square.repeat(SEEDS, 1, 1, 1), ["make the square green"] * SEEDS, EDIT,
+                                  progress=False)
     outcomes = reads(model, latents)  # one noise draw per row: SEEDS different edits
     assert sum(o == ("green", "square") for o in outcomes) >= 0.8 * SEEDS, outcomes
 

@@ -1,8 +1,8 @@
 """A VAE round trip on real photographs keeps the image where it was: no shift, no border.
 
 This catches the classic port bug of padding the VAE's stride-2 convolutions symmetrically instead of right and
-bottom only (kjsman/stable-diffusion-pytorch#8: an 8-pixel shift and a brown border at 512 px; STYLE.md §4 bug
-1). Random weights cannot reconstruct anything, so this uses the trained toy VAE (ldm/toy), which learned
+bottom only (kjsman/stable-diffusion-pytorch#8: an 8-pixel shift and a brown border at 512 px; docs/checkpoints.md
+§13). Random weights cannot reconstruct anything, so this uses the trained toy VAE (ldm/toy), which learned
 natural-looking images as well as the toy shapes. Measured with the shipped weights, 128×128 photographs:
 PSNR 19.6-22.5 dB and best shift (0, 0); with symmetric padding the best shift is (-2, -2) and PSNR drops by
 about 5 dB.

@@ -1,4 +1,4 @@
-"""Converters from the checkpoint layouts people have into editlab's own format (CHECKPOINTS.md).
+"""Converters from the checkpoint layouts people have into editlab's own format (docs/checkpoints.md).
 
     convert(src, dst, layout=None, model=None, prediction=None, ema=None, vae=None, config=None) -> ConversionReport
 

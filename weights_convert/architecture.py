@@ -7,8 +7,11 @@ channels, the text encoder's width, depth, vocabulary and positions. So a tiny t
 exactly the path a full one does.
 
 Head counts are not in the weights (q, k, v are C×C whatever the split). They follow from the family
-(CHECKPOINTS.md §3, §7): SD 1 UNets have 8 heads, SD 2 UNets heads of size 64; CLIP-L has 12 heads and
-OpenCLIP-H 16. Any other model needs its ``ModelConfig`` passed explicitly.
+(docs/checkpoints.md §3, §7): SD 1 UNets have 8 heads, SD 2 UNets heads of size 64; CLIP-L has 12 heads and
+OpenCLIP-H 16. A preset (``like``) can stand in for the family rules: its head counts, GroupNorm groups, text
+activation and padding are used, and everything else still comes from the shapes, so a preset follows what the
+file shows (an 8-channel file gets an 8-channel UNet whatever the preset says). Any other model needs its
+config passed explicitly (a config file: weights_convert/config_files.py).
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ def _need(tensors: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor
     return tensors[key]
 
 
-def unet_config(t: dict[str, torch.Tensor], family: str) -> UNetConfig:
-    """UNetConfig from editlab-named UNet tensors (no ``unet.`` prefix)."""
+CONFIG_HINT = ("pass the model's config: --config FILE (its diffusers folder or config.json, an editlab config "
+               "JSON, or the original LDM .yaml) or --config PRESET")
+
+
+def unet_config(t: dict[str, torch.Tensor], family: str, like: UNetConfig | None = None) -> UNetConfig:
+    """UNetConfig from editlab-named UNet tensors (no ``unet.`` prefix); ``like`` supplies what shapes cannot
+    tell (heads, GroupNorm groups, fp32 attention) instead of the family rules."""
     conv_in = _need(t, "conv_in.weight", "UNet")
     model_channels = conv_in.shape[0]
     levels = _count(t, r"down_blocks\.(\d+)\.")
@@ -60,35 +68,47 @@ def unet_config(t: dict[str, torch.Tensor], family: str) -> UNetConfig:
             layers_per_level=_count(t, r"down_blocks\.0\.resnets\.(\d+)\."),
             context_dim=t[attn_key].shape[1],
             linear_projection=t[proj_key].ndim == 2,
-            upcast_attention=family == "sd2",  # editlab: SD 2.x attention scores and softmax always in fp32
+            # editlab: SD 2.x attention scores and softmax always in fp32
+            upcast_attention=like.upcast_attention if like else family == "sd2",
             time_embed_dim_mult=_need(t, "time_embedding.linear_1.weight", "UNet").shape[0] // model_channels,
-            **rules["unet_heads"],
+            **(dict(n_heads=like.n_heads, head_dim=like.head_dim, norm_groups=like.norm_groups) if like
+               else rules["unet_heads"]),
         )
     except AssertionError as err:
-        raise WeightsError(f"the UNet does not fit the {family} family rule for heads ({err}); "
-                           "pass its config explicitly (config=... / --config PRESET)") from None
+        rule = "the preset's heads and groups" if like else f"the {family} family rule for heads"
+        raise WeightsError(f"the UNet does not fit {rule} ({err}); {CONFIG_HINT}") from None
 
 
-def vae_config(t: dict[str, torch.Tensor]) -> VAEConfig:
-    """VAEConfig from editlab-named VAE tensors (no ``vae.`` prefix)."""
+def vae_config(t: dict[str, torch.Tensor], like: VAEConfig | None = None) -> VAEConfig:
+    """VAEConfig from editlab-named VAE tensors (no ``vae.`` prefix); GroupNorm groups and the scaling factor
+    from ``like`` when given (else Stable Diffusion's 32 and 0.18215)."""
     levels = _count(t, r"encoder\.down_blocks\.(\d+)\.")
-    return VAEConfig(
+    config = VAEConfig(
         in_channels=_need(t, "encoder.conv_in.weight", "VAE").shape[1],
         latent_channels=_need(t, "post_quant_conv.weight", "VAE").shape[0],
         block_channels=tuple(_need(t, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", "VAE").shape[0]
                              for i in range(levels)),
         layers_per_level=_count(t, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+        **(dict(norm_groups=like.norm_groups, scaling_factor=like.scaling_factor) if like else {}),
     )
+    odd = [ch for ch in config.block_channels if ch % config.norm_groups]
+    if odd:  # GroupNorm would fail later with "num_channels must be divisible by num_groups"
+        raise WeightsError(f"the VAE's channels {list(config.block_channels)} do not split into "
+                           f"{config.norm_groups} GroupNorm groups, and its group count is not in the weights; "
+                           f"{CONFIG_HINT}")
+    return config
 
 
-def text_config(t: dict[str, torch.Tensor], family: str) -> TextEncoderConfig:
-    """TextEncoderConfig from editlab-named text tensors (no ``text_encoder.`` prefix)."""
+def text_config(t: dict[str, torch.Tensor], family: str, like: TextEncoderConfig | None = None) -> TextEncoderConfig:
+    """TextEncoderConfig from editlab-named text tensors (no ``text_encoder.`` prefix); heads, activation and
+    padding from ``like`` when given, else from the family rules."""
     token = _need(t, "text_model.embeddings.token_embedding.weight", "text encoder")
-    rules = FAMILY_RULES[family]
+    rules = dict(FAMILY_RULES[family])
+    if like is not None:
+        rules.update(text_heads=like.n_heads, activation=like.activation, pad=like.pad_token_id)
     width, heads = token.shape[1], rules["text_heads"]
     if width % heads:
-        raise WeightsError(f"text width {width} is not divisible by the {family} text encoder's {heads} heads; "
-                           "pass its config explicitly (config=... / --config PRESET)")
+        raise WeightsError(f"text width {width} is not divisible by the text encoder's {heads} heads; {CONFIG_HINT}")
     projection = t.get("text_projection.weight")
     return TextEncoderConfig(
         vocab_size=token.shape[0],
@@ -103,9 +123,25 @@ def text_config(t: dict[str, torch.Tensor], family: str) -> TextEncoderConfig:
     )
 
 
-def model_config(tensors: dict[str, torch.Tensor], family: str, prediction_type: str) -> ModelConfig:
-    """The whole ModelConfig from editlab-named tensors (``unet.*``, ``vae.*``, ``text_encoder.*``)."""
-    def part(prefix):
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return ModelConfig(unet=unet_config(part("unet."), family), vae=vae_config(part("vae.")),
-                       text=text_config(part("text_encoder."), family), prediction_type=prediction_type, family=family)
+def part_config(tensors: dict[str, torch.Tensor], part: str, family: str, like: ModelConfig | None = None):
+    """The config of one part ("unet", "vae" or "text") from editlab-named tensors."""
+    prefix = {"unet": "unet.", "vae": "vae.", "text": "text_encoder."}[part]
+    t = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if part == "unet":
+        return unet_config(t, family, like and like.unet)
+    return vae_config(t, like and like.vae) if part == "vae" else text_config(t, family, like and like.text)
+
+
+def model_config(tensors: dict[str, torch.Tensor], family: str, prediction_type: str,
+                 like: ModelConfig | None = None) -> ModelConfig:
+    """The whole ModelConfig from editlab-named tensors (``unet.*``, ``vae.*``, ``text_encoder.*``); ``like``
+    (a preset) supplies what the shapes cannot tell, instead of the family rules."""
+    parts = {}
+    for part in ("unet", "vae", "text"):
+        try:
+            parts[part] = part_config(tensors, part, family, like)
+        except WeightsError:
+            if like is None:
+                raise
+            parts[part] = getattr(like, part)  # unreadable (keys of another family): the strict check will list them
+    return ModelConfig(**parts, prediction_type=prediction_type, family=family)

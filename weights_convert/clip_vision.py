@@ -1,4 +1,4 @@
-"""CLIP image encoder weights -> editlab's ``CLIPVisionModelWithProjection`` (CHECKPOINTS.md §9.2).
+"""CLIP image encoder weights -> editlab's ``CLIPVisionModelWithProjection`` (docs/checkpoints.md §9.2).
 
 transformers layout (IP-Adapter's ``models/image_encoder/``): the identity (``vision_model.…``,
 ``visual_projection.weight``); the ``position_ids`` buffer is ignored.
@@ -10,7 +10,7 @@ open_clip layout (``visual.…``, the prefix optional)::
     positional_embedding (bare parameter)      -> vision_model.embeddings.position_embedding.weight
     ln_pre / ln_post                           -> vision_model.pre_layrnorm / post_layernorm
     transformer.resblocks.{n}.…                -> vision_model.encoder.layers.{n}.…  (in_proj split in thirds
-                                                  q, k, v as the text tower, CHECKPOINTS.md §7.2)
+                                                  q, k, v as the text tower, docs/checkpoints.md §7.2)
     proj [width, proj]                         -> visual_projection.weight [proj, width]  (transposed)
 
 A whole open_clip model file also holds the text tower: its keys are ignored with a reason.
@@ -115,7 +115,12 @@ def load_image_encoder(path: str | Path, config: VisionConfig | None = None,
             n_heads = raw.get("num_attention_heads")
             activation = {"gelu": "gelu", "quick_gelu": "quick_gelu"}.get(raw.get("hidden_act", activation), activation)
         path = files[0]
-    tensors = read_checkpoint(path).tensors
+    checkpoint = read_checkpoint(path)
+    tensors = checkpoint.tensors
+    if "open_clip_config" in checkpoint.metadata:  # a file that names its open_clip config (the toy CLIP)
+        vision = json.loads(checkpoint.metadata["open_clip_config"])
+        n_heads = vision["vision_cfg"]["width"] // vision["vision_cfg"].get("head_width", 64)
+        activation = "quick_gelu" if vision.get("quick_gelu") else "gelu"
     mapping = convert_open_clip_visual(tensors) if is_open_clip(tensors) else convert_transformers_visual(tensors)
     if config is None:
         try:
@@ -132,7 +137,7 @@ def load_image_encoder(path: str | Path, config: VisionConfig | None = None,
 
 
 def load_text_with_projection(path: str | Path) -> tuple[CLIPTextModel, ConversionReport]:
-    """The full CLIP text tower with text_projection (InstantStyle's content embedding, METHODS.md §9.1) from
+    """The full CLIP text tower with text_projection (InstantStyle's content embedding, docs/methods.md §9.1) from
     an open_clip file (``token_embedding.weight``, ..., ``text_projection``; a whole-model file's ``visual.*``
     is ignored) or a transformers CLIPTextModelWithProjection / CLIPModel file. Every block is kept (24 for
     OpenCLIP ViT-H/14, not SD 2's 23); heads = width / 64, GELU, as OpenCLIP."""

@@ -1,4 +1,4 @@
-"""Released ControlNets -> editlab's ControlNet file (CHECKPOINTS.md §10, §5, §3).
+"""Released ControlNets -> editlab's ControlNet file (docs/checkpoints.md §10, §5, §3).
 
 Three sources:
 - original files (lllyasviel/ControlNet): every ControlNet tensor under ``control_model.``. The v1.0 files

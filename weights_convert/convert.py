@@ -6,7 +6,8 @@ editlab's format is one safetensors file holding ``StableDiffusion``'s state dic
 1. read the source safely and detect its layout and family (files.py, detect.py), unless forced;
 2. rename every tensor by the layout's rules (ldm_checkpoint.py or diffusers_folder.py) into a Mapping;
 3. work out the ModelConfig: from the shapes plus family rules (LDM), from config.json files (diffusers),
-   from the file itself (editlab), or the one passed in;
+   from the file itself (editlab), or the one passed in: a ModelConfig, a config file (config_files.py: the
+   parts it describes; the rest from the shapes), or a preset (what the shapes cannot tell);
 4. optionally swap in a standalone VAE (its shapes must fit the model's VAE);
 5. check strictly (report.py) and write atomically, with the source's name, sha256, layout and family.
 """
@@ -28,6 +29,7 @@ from ldm.vae import AutoencoderKL
 from . import architecture
 from .controlnet import convert_controlnet, is_controlnet
 from .detect import LAYOUTS, detect_file_layout, detect_folder_layout, detect_ldm_family, vae_prefix
+from .config_files import FileConfig, read_config
 from .diffusers_folder import read_component, read_diffusers_folder, weight_files
 from .files import Checkpoint, read_checkpoint, sha256_of
 from .ldm_checkpoint import convert_ldm_checkpoint
@@ -52,7 +54,8 @@ class Converted:
 
 def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, model: str | None = None,
             prediction: str | None = None, ema: bool | None = None, vae: str | Path | None = None,
-            config: ModelConfig | None = None, dtype: torch.dtype | None = None) -> ConversionReport:
+            config: ModelConfig | str | Path | None = None, preset: ModelConfig | None = None,
+            dtype: torch.dtype | None = None) -> ConversionReport:
     """Convert ``src`` (LDM single file, diffusers folder or editlab file) into editlab's format at ``dst``.
 
     :param layout: force "ldm", "diffusers" or "editlab" instead of detecting it
@@ -60,7 +63,10 @@ def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, mode
     :param prediction: "epsilon" or "v_prediction"; required for SD 2.x single files
     :param ema: use the UNet's EMA copy (True), the raw weights (False), or the default (None: EMA for IP2P)
     :param vae: a standalone VAE file or diffusers vae/ folder to use instead of the model's own VAE
-    :param config: the ModelConfig to fill (needed for non-standard head counts, e.g. tiny test models)
+    :param config: the ModelConfig to fill (needed for non-standard head counts, e.g. tiny test models), or a
+        config file or folder to read it from (weights_convert/config_files.py)
+    :param preset: a ModelConfig that supplies only what the shapes cannot tell (heads, groups, activation);
+        the architecture follows the file (``editlab convert --config PRESET``)
     :param dtype: cast floating tensors (e.g. torch.float16); None keeps the source's dtypes
     :returns: the report (missing / unexpected / ignored / shape mismatches; the first two are empty)
     """
@@ -68,17 +74,21 @@ def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, mode
     if dst.is_dir():
         raise WeightsError(f"{dst}: is a folder; give the output file name, e.g. {dst / 'model.safetensors'}")
     if layout is None and is_controlnet(src):  # original or diffusers ControlNet -> an editlab ControlNet file
-        return convert_controlnet(src, dst, unet=config and config.unet, dtype=dtype)
-    converted = load_converted(src, layout=layout, model=model, prediction=prediction, ema=ema, vae=vae, config=config)
+        given = read_config(config) if isinstance(config, (str, Path)) else (config or preset)
+        return convert_controlnet(src, dst, unet=given and given.unet, dtype=dtype)
+    converted = load_converted(src, layout=layout, model=model, prediction=prediction, ema=ema, vae=vae, config=config,
+                               preset=preset)
     save(converted, dst, dtype)
     return converted.report
 
 
 def load_converted(src: str | Path, *, layout: str | None = None, model: str | None = None,
                    prediction: str | None = None, ema: bool | None = None, vae: str | Path | None = None,
-                   config: ModelConfig | None = None) -> Converted:
+                   config: ModelConfig | str | Path | None = None, preset: ModelConfig | None = None) -> Converted:
     """Steps 1-5 of ``convert`` without writing: the converted tensors, config, report and metadata."""
     src = Path(src)
+    given = read_config(config) if isinstance(config, (str, Path)) else None
+    config = None if given is not None else config
     if layout is not None and layout not in LAYOUTS:
         raise WeightsError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if model is not None and model not in architecture.FAMILY_RULES:
@@ -98,13 +108,15 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
         raise WeightsError(f"{src}: layout {layout!r} needs a {'folder' if layout == 'diffusers' else 'file'}")
 
     info = {"layout": layout}
+    if layout != "ldm" and config is None and given is None:
+        config = preset  # configs of folders and editlab files are complete: a preset replaces them as a whole
     if layout == "ldm":
-        mapping, config, files = _from_ldm(src, checkpoint.tensors, model, prediction, ema, config, info)
+        mapping, config, files = _from_ldm(src, checkpoint.tensors, model, prediction, ema, config, info, given, preset)
         mapping.ignored.update(checkpoint.skipped)
     elif layout == "diffusers":
-        mapping, config, files = _from_diffusers(src, model, prediction, config)
+        mapping, config, files = _from_diffusers(src, model, prediction, config, given)
     else:
-        mapping, config, files = _from_editlab(src, checkpoint, prediction, config)
+        mapping, config, files = _from_editlab(src, checkpoint, prediction, config, given)
     info.update(family=config.family, prediction=config.prediction_type)
     metadata = {"source": src.name, "source_sha256": sha256_of(files, src if src.is_dir() else None),
                 "source_layout": layout, "source_family": config.family, "source_ema": info.get("ema", "absent")}
@@ -114,8 +126,11 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
     if vae is not None:
         _swap_vae(mapping, Path(vae), config, info, metadata)
 
-    with torch.device("meta"):
-        target = StableDiffusion(config)
+    try:
+        with torch.device("meta"):
+            target = StableDiffusion(config)
+    except (AssertionError, ValueError, RuntimeError) as err:  # e.g. channels that no GroupNorm group count divides
+        raise WeightsError(f"{src}: the model's config does not build ({err}); {architecture.CONFIG_HINT}") from None
     tensors, report = assemble(mapping, target, str(src), info)
     return Converted(config, tensors, report, metadata)
 
@@ -124,7 +139,8 @@ Parts = tuple[Mapping, ModelConfig, list[Path]]  # the renamed tensors, the conf
 
 
 def _from_ldm(src: Path, tensors: dict[str, torch.Tensor], model: str | None, prediction: str | None,
-              ema: bool | None, config: ModelConfig | None, info: dict[str, str]) -> Parts:
+              ema: bool | None, config: ModelConfig | None, info: dict[str, str], given: FileConfig | None = None,
+              preset: ModelConfig | None = None) -> Parts:
     family = model or detect_ldm_family(src, tensors)
     present = has_ema(tensors)
     if ema and not present:
@@ -133,29 +149,38 @@ def _from_ldm(src: Path, tensors: dict[str, torch.Tensor], model: str | None, pr
     if present and not use_ema:
         log.info("%s also holds EMA weights; pass --ema to use them", src.name)
     info["ema"] = "used" if use_ema else ("not used" if present else "absent")
-    text = None if config is None else config.text
+    text = config.text if config is not None else (given and given.text) or (preset and preset.text)
     mapping = convert_ldm_checkpoint(tensors, family, use_ema, text and text.n_layers, bool(text and text.projection_dim))
-    prediction = _prediction(src, family, prediction, None, config)
-    if config is None:
-        try:
-            config = architecture.model_config(mapping.tensors, family, prediction)
-        except WeightsError as err:
-            raise WeightsError(f"{src}: {err}") from None
+    prediction = _prediction(src, family, prediction, given and given.prediction_type, config or preset)
+    try:
+        if given is not None:  # the file's parts; the others from the shapes
+            config = given.complete(lambda part: architecture.part_config(mapping.tensors, part, family))
+        elif config is None:
+            config = architecture.model_config(mapping.tensors, family, prediction, like=preset)
+    except WeightsError as err:
+        raise WeightsError(f"{src}: {err}") from None
     return mapping, config.replace(prediction_type=prediction, family=family), [src]
 
 
-def _from_diffusers(src: Path, model: str | None, prediction: str | None, config: ModelConfig | None) -> Parts:
+def _from_diffusers(src: Path, model: str | None, prediction: str | None, config: ModelConfig | None,
+                    given: FileConfig | None = None) -> Parts:
     source = read_diffusers_folder(src, model)
-    prediction = _prediction(src, source.family, prediction, source.prediction_type, config)
-    if config is None:
+    prediction = _prediction(src, source.family, prediction, (given and given.prediction_type) or source.prediction_type,
+                             config)
+    if given is not None:
+        config = given.complete(lambda part: getattr(source, part))
+    elif config is None:
         config = ModelConfig(unet=source.unet, vae=source.vae, text=source.text)
     return source.mapping, config.replace(prediction_type=prediction, family=source.family), source.files
 
 
-def _from_editlab(src: Path, checkpoint: Checkpoint, prediction: str | None, config: ModelConfig | None) -> Parts:
+def _from_editlab(src: Path, checkpoint: Checkpoint, prediction: str | None, config: ModelConfig | None,
+                  given: FileConfig | None = None) -> Parts:
     if "config" not in checkpoint.metadata:
         raise WeightsError(f"{src}: not an editlab file (no config in its metadata); drop --layout editlab")
-    config = config or ModelConfig.from_json(checkpoint.metadata["config"])
+    own = ModelConfig.from_json(checkpoint.metadata["config"])
+    config = given.complete(lambda part: getattr(own, part), own.prediction_type, own.family) if given is not None \
+        else (config or own)
     mapping = Mapping()
     for key, tensor in checkpoint.tensors.items():
         mapping.add(key, key, tensor)

@@ -1,4 +1,4 @@
-"""What a weights file or folder is: its layout and its model family (CHECKPOINTS.md §3).
+"""What a weights file or folder is: its layout and its model family (docs/checkpoints.md §3).
 
 Layouts: ``ldm`` (one file, every component under its prefix), ``diffusers`` (a folder with
 model_index.json), ``vae`` (a standalone VAE file or diffusers vae/ folder) and ``editlab`` (a file written by

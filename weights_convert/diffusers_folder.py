@@ -1,4 +1,4 @@
-"""A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, ...) -> editlab (CHECKPOINTS.md §8).
+"""A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, ...) -> editlab (docs/checkpoints.md §8).
 
 editlab's parameter names are diffusers' and transformers' names, so the weights map by identity (old VAE
 attention names and transformers >= 5.6's flattened CLIPTextModel keys aside). The work is in the configs:

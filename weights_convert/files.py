@@ -1,4 +1,4 @@
-"""Reading weight files safely, and telling formats apart by their bytes (CHECKPOINTS.md §2).
+"""Reading weight files safely, and telling formats apart by their bytes (docs/checkpoints.md §2).
 
 - safetensors: an 8-byte little-endian header length, then a JSON header starting with ``{"``. Read with
   ``safe_open``: no code runs. Tested first, as the length's first byte can be 0x80.

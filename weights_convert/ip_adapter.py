@@ -1,4 +1,4 @@
-"""IP-Adapter SD 1.5 weights (tencent-ailab/IP-Adapter) -> editlab's ``IPAdapter`` (CHECKPOINTS.md §9.1).
+"""IP-Adapter SD 1.5 weights (tencent-ailab/IP-Adapter) -> editlab's ``IPAdapter`` (docs/checkpoints.md §9.1).
 
 - ``.bin``: a pickle ``{"image_proj": {...}, "ip_adapter": {...}}``, read with ``weights_only=True`` only;
 - ``.safetensors``: the same tensors flat, prefixed ``image_proj.`` / ``ip_adapter.``.
@@ -23,7 +23,7 @@ from ldm.model import WeightsError
 from .files import read_checkpoint
 from .report import ConversionReport, Mapping, assemble
 
-# CHECKPOINTS.md §9.1: processor index k -> (diffusers attention block, width) for SD 1.5
+# docs/checkpoints.md §9.1: processor index k -> (diffusers attention block, width) for SD 1.5
 SD15_PROCESSOR_TABLE = {
     1: ("down_blocks.0.attentions.0", 320), 3: ("down_blocks.0.attentions.1", 320),
     5: ("down_blocks.1.attentions.0", 640), 7: ("down_blocks.1.attentions.1", 640),
@@ -48,7 +48,7 @@ def check_sd15_table(unet: nn.Module) -> None:
     ours = block_table(unet)
     published = {k: name for k, (name, _) in SD15_PROCESSOR_TABLE.items()}
     if sorted(ours.values()) == sorted(published.values()) and ours != published:
-        raise AssertionError(f"processor index table differs from CHECKPOINTS.md §9.1: {ours}")
+        raise AssertionError(f"processor index table differs from docs/checkpoints.md §9.1: {ours}")
 
 
 def read_ip_adapter(path: str | Path) -> dict[str, torch.Tensor]:

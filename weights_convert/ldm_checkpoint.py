@@ -1,6 +1,6 @@
 """An LDM single file (``.ckpt`` / ``.safetensors`` of SD 1.x, SD 2.x, InstructPix2Pix) -> editlab names.
 
-CHECKPOINTS.md §4: one prefix per component, each handed to its rules::
+docs/checkpoints.md §4: one prefix per component, each handed to its rules::
 
     model.diffusion_model.          -> unet.          (ldm_unet; or its EMA copy under model_ema.)
     first_stage_model.              -> vae.           (ldm_vae)

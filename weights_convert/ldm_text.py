@@ -1,4 +1,4 @@
-"""Text encoder names -> editlab's (= transformers' ``CLIPTextModel``) names (CHECKPOINTS.md §7).
+"""Text encoder names -> editlab's (= transformers' ``CLIPTextModel``) names (docs/checkpoints.md §7).
 
 SD 1.x, ``cond_stage_model.transformer.``: OpenAI CLIP-L in transformers' layout already; the keys are kept
 (``text_model.…``). transformers >= 5.6 saves ``CLIPTextModel`` without the ``text_model.`` level; such keys

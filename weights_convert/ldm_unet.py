@@ -1,6 +1,6 @@
 """LDM UNet names (CompVis ``openaimodel.UNetModel``) -> editlab's (= diffusers') UNet names.
 
-CHECKPOINTS.md §5. The LDM model keeps flat block lists; editlab groups them per level. With
+docs/checkpoints.md §5. The LDM model keeps flat block lists; editlab groups them per level. With
 L = ResBlocks per encoder level (the decoder has L + 1), the index arithmetic is::
 
     input_blocks.{i}.0      -> down_blocks.{(i-1)//(L+1)}.resnets.{(i-1)%(L+1)}        i >= 1
@@ -13,7 +13,7 @@ L = ResBlocks per encoder level (the decoder has L + 1), the index arithmetic is
 
 plus a fixed table for the stem and head and six ResBlock leaf renames. The spatial transformers keep their
 leaf names. EMA weights (``model_ema.*``) use the same rules: their names are derived from the raw key
-(CHECKPOINTS.md §4), never parsed back.
+(docs/checkpoints.md §4), never parsed back.
 """
 
 from __future__ import annotations

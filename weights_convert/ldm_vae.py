@@ -1,6 +1,6 @@
 """VAE names: LDM (CompVis ``diffusionmodules/model.py``) and old diffusers -> editlab's (= diffusers') names.
 
-CHECKPOINTS.md §6. With n encoder levels::
+docs/checkpoints.md §6. With n encoder levels::
 
     encoder.down.{i}.block.{j}          -> encoder.down_blocks.{i}.resnets.{j}
     encoder.down.{i}.downsample.conv    -> encoder.down_blocks.{i}.downsamplers.0.conv

@@ -1,4 +1,4 @@
-"""Bookkeeping of a conversion and the strict check at its end (STYLE.md §2.4, CHECKPOINTS.md §14).
+"""Bookkeeping of a conversion and the strict check at its end (docs/checkpoints.md §14).
 
 The rules (``ldm_unet``, ``ldm_vae``, ``ldm_text``, ``diffusers_folder``) fill a ``Mapping``: which source key
 went to which target key, which source keys are ignored and why, and which no rule knows. ``assemble`` then

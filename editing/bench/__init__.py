@@ -1,5 +1,5 @@
 """Side-by-side benchmarks: editlab and diffusers on the same config, weights, dtype and inputs, timed in
-alternation in one run, so that their ratio is meaningful on a noisy machine (PERFORMANCE.md §9)."""
+alternation in one run, so that their ratio is meaningful on a noisy machine (docs/performance.md §3)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Both runs make the same UNet calls (N steps × batch 4: [∅, ∅, P_0, P_1]), so the ratio measures what the
 controller adds: the explicit, query-chunked attention in the cross-attention layers it edits or stores
 (self-attention replacement stays on the fused kernel), the edits, the store and the local blend. Targets
-at SD 1.5 shapes on a GPU (PERFORMANCE.md §5.2, §6.4): ≤ 1.3× time, ≤ 1.2× peak memory. Timed in
+at SD 1.5 shapes on a GPU (docs/performance.md §2, §1): ≤ 1.3× time, ≤ 1.2× peak memory. Timed in
 alternation in one run (editing/bench/__init__.py). Peak memory: on a GPU from the allocator; on the CPU
 (``--cpu-memory``) the peak resident set of each run in a fresh process (memory.py), which needs only a
 step or two (``--steps 2``) to show the peak.
@@ -35,10 +35,10 @@ def contenders(preset: str, size: int, steps: int, dtype: torch.dtype, device: t
     model.to(device)
     model.unet.to(dtype)
     model.text_encoder.to(dtype)
-    cfg = SamplingConfig(steps=steps, guidance=7.5, scheduler=scheduler, seed=0, height=size, width=size)
+    sampling = SamplingConfig(steps=steps, guidance=7.5, scheduler=scheduler, seed=0, height=size, width=size)
     config = P2PConfig(blend_words=("circle", "square"))  # notebook defaults + a local blend + the map store
-    return {"p2p": lambda: prompt_to_prompt(model, SOURCE, TARGET, cfg, config),
-            "plain": lambda: text_to_image(model, [SOURCE, TARGET], cfg, progress=False)}
+    return {"p2p": lambda: prompt_to_prompt(model, SOURCE, TARGET, sampling, config),
+            "plain": lambda: text_to_image(model, [SOURCE, TARGET], sampling, progress=False)}
 
 
 def one_contender(name: str, preset: str, size: int, steps: int, dtype: torch.dtype) -> Callable[[], object]:

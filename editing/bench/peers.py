@@ -54,7 +54,7 @@ def transformers_text_config(cfg: TextEncoderConfig) -> dict:
 
 
 def scheduler_config(prediction_type: str = "epsilon") -> dict:
-    """Stable Diffusion's scheduler_config.json values (CHECKPOINTS.md §8)."""
+    """Stable Diffusion's scheduler_config.json values (docs/checkpoints.md §8)."""
     return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                 steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False,
                 prediction_type=prediction_type, timestep_spacing="leading")
@@ -93,7 +93,7 @@ def make_hf_tokenizer(folder: str | Path, pad_token_id: int = 49407):
 
 
 def diffusers_scheduler(name: str, prediction_type: str, euler_spacing: str = "linspace"):
-    """A diffusers scheduler with SD's training schedule, set explicitly (METHODS.md §0.1)."""
+    """A diffusers scheduler with SD's training schedule, set explicitly (docs/methods.md §0.1)."""
     from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
 
     config = scheduler_config(prediction_type)

@@ -7,6 +7,7 @@ import importlib
 import torch
 
 from ldm.schedulers import SAMPLERS
+from ldm.config import PRESETS
 
 from ..options import DTYPES
 
@@ -21,9 +22,10 @@ TARGETS = ("unet", "sample", "p2p", "gpu", "stream", "checkpointing", "quality")
 
 def add_arguments(parser):
     parser.add_argument("target", choices=TARGETS)
-    parser.add_argument("--preset", default=None, help="model config (default: sd15 for unet; toy on CPU / "
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model config (default: sd15 for unet; toy on CPU / "
                                                        "sd15 on GPU for sample and p2p)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the benchmark runs: cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, fp16 on GPU")
     parser.add_argument("--batch", type=int, default=2, help="unet: batch (2 = one guided step)")
     parser.add_argument("--size", type=int, default=None, help="unet: latent side (64); sample: image side")

@@ -33,12 +33,13 @@ RECOLOURED = "a green circle on a blue background"
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, what="the toy model or any Stable Diffusion model")
+    add_model_arguments(parser, what="the toy model or any Stable Diffusion model", prompts=False)
     parser.add_argument("--out", type=Path, default=Path("editlab-demo"), help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50)
     add_sampler_arguments(parser, "ddim")  # text to image and Prompt-to-Prompt; the DDPM edit keeps its sampler
     parser.add_argument("--force", action="store_true", help="overwrite outputs of another run")
+    parser.set_defaults(out_is_folder=True)
 
 
 def run(args):
@@ -52,16 +53,19 @@ def run(args):
     inversion_cfg, edit_cfg = DDPMInversionConfig(), DDPMEditConfig()  # the paper's settings for SD
     if model.config.family == "toy":  # a small model that follows its prompt loosely: start later, guide less
         inversion_cfg, edit_cfg = DDPMInversionConfig(steps=50), DDPMEditConfig(skip=35, target_guidance=7.5)
+    # the DDPM part runs its own sampler: DDPM with eta, steps and guidance of the inversion and edit configs
+    ddpm_base = {**{k: v for k, v in base.items() if k not in ("guidance",)}, "scheduler": "ddpm",
+                 "eta": inversion_cfg.eta, "steps": inversion_cfg.steps, "seed": args.seed}
     plan = {
         "1-generated.png": {**base, "method": "text-to-image", "prompt": SOURCE},
         "2-p2p-source.png": {**base, "method": "prompt-to-prompt", "prompt": SOURCE, "edit": SWAPPED},
         "2-p2p-swapped.png": {**base, "method": "prompt-to-prompt", "prompt": SOURCE, "edit": SWAPPED},
         "2-p2p-attention-source.png": {**base, "method": "prompt-to-prompt attention", "prompt": SOURCE},
         "2-p2p-attention-swapped.png": {**base, "method": "prompt-to-prompt attention", "prompt": SWAPPED},
-        "3-ddpm-input.png": {"method": "rendered toy image", "caption": SOURCE},
-        "3-ddpm-edited.png": {**base, "method": "edit-friendly DDPM inversion", "prompt": SOURCE,
-                              "edit": RECOLOURED, "inversion_steps": inversion_cfg.steps, "skip": edit_cfg.skip,
-                              "source_guidance": inversion_cfg.source_guidance,
+        "3-ddpm-input.png": {"command": NAME, "method": "rendered toy image", "caption": SOURCE,
+                             "center": [0.4, 0.55], "size": 0.4, "height": side, "width": side},
+        "3-ddpm-edited.png": {**ddpm_base, "method": "edit-friendly DDPM inversion", "prompt": SOURCE,
+                              "edit": RECOLOURED, "skip": edit_cfg.skip, "source_guidance": inversion_cfg.source_guidance,
                               "target_guidance": edit_cfg.target_guidance},
     }
     for name, params in plan.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ldm.images import check_output, save_png
 from ldm.pipeline import decode_latents, text_to_image
 from ldm.speed import CudaGraphUNet
@@ -15,31 +17,43 @@ HELP = "generate images from a prompt (text to image, classifier-free guidance)"
 
 def add_arguments(parser):
     add_model_arguments(parser)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--batch", type=int, default=1, help="images to generate from one seed")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt")
+    prompt.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="a text file with one prompt a line: FILE-LINE.png for each (# starts a comment)")
+    parser.add_argument("--batch", type=int, default=1, help="images to generate from one seed, per prompt")
     add_sampling_arguments(parser)
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay the UNet call from a CUDA graph recorded at the first step (GPU only)")
     add_output_arguments(parser)
 
 
-def output_paths(out, count: int):
-    """FILE.png for one image; FILE-0.png, FILE-1.png, ... for several."""
-    return [out] if count == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(count)]
+def output_paths(out: Path, count: int, prompts: int = 1) -> list[list[Path]]:
+    """[prompt][image]: FILE.png for one image; FILE-0.png, FILE-1.png, ... for a batch; with several prompts
+    FILE-P.png, or FILE-P-0.png, ... (P: the prompt's number, from 1)."""
+    stems = [out.stem] if prompts == 1 else [f"{out.stem}-{p + 1}" for p in range(prompts)]
+    return [[out.with_name(f"{stem}{out.suffix}")] if count == 1 else
+            [out.with_name(f"{stem}-{k}{out.suffix}") for k in range(count)] for stem in stems]
 
 
 def run(args):
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: give at least 1")
+    prompts = getattr(args, "prompt_list", None) or [args.prompt]
     model = load_model(args)
     if args.cuda_graph:
         model.unet = CudaGraphUNet(model.unet)
     cfg = sampling_config(args, model)
-    params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "")
-    outputs = [(path, {**params, "batch_index": k}) for k, path in enumerate(output_paths(args.out, args.batch))]
-    for path, image_params in outputs:
-        check_output(path, image_params, args.force)
-    images = decode_latents(model, text_to_image(model, [args.prompt] * args.batch, cfg, negative=args.negative))
-    for (path, image_params), image in zip(outputs, images):
-        save_png(path, image, image_params, force=args.force)
-        print(path)
+    params = run_parameters(args, cfg, command=NAME, negative=args.negative or "")
+    if args.prompts is not None:
+        params["prompts_file"] = args.prompts.name
+    plan = [[(path, {**params, "prompt": prompt, "batch_index": k}) for k, path in enumerate(paths)]
+            for prompt, paths in zip(prompts, output_paths(args.out, args.batch, len(prompts)))]
+    for outputs in plan:  # every file of every prompt checked before any work
+        for path, image_params in outputs:
+            check_output(path, image_params, args.force)
+    for prompt, outputs in zip(prompts, plan):
+        images = decode_latents(model, text_to_image(model, [prompt] * args.batch, cfg, negative=args.negative))
+        for (path, image_params), image in zip(outputs, images):
+            save_png(path, image, image_params, force=args.force)
+            print(path)

@@ -15,30 +15,33 @@ from ldm.images import file_sha256, save_png, to_pil
 from ldm.pipeline import decode_latents
 from ldm.schedulers import resolve_sampler
 
-from ..instruct_pix2pix.editor import EditConfig, edit, load_instruction_embedding
+from ..instruct_pix2pix.editor import EditConfig, edit_by_instruction, load_instruction_embedding
 from ..instruct_pix2pix.grid import format_scale, labelled_grid, parse_scales
 from ..instruct_pix2pix.sizing import open_rgb, prepare_image, to_tensor
 from ..options import (TOY_IP2P_WEIGHTS, UserError, add_model_arguments, add_output_arguments, add_sampler_arguments,
-                       load_model, native_size, weights_path)
+                       load_model, native_size, run_settings, weights_path, weights_sha256)
 
 NAME = "ip2p"
 HELP = "InstructPix2Pix: edit an image by following a written instruction"
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
+    """Defaults: the Python API's (``EditConfig``)."""
+    defaults = EditConfig()
+    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS, needs="editor")
     parser.add_argument("--image", type=Path, required=True, help="input image")
     parser.add_argument("--instruction", default=None, help='edit instruction, e.g. "make it snowy"')
     parser.add_argument("--instruction-embedding", type=Path, default=None,
                         help="safetensors file with a learned [77, width] instruction (e.g. from Visii), used "
                              "instead of --instruction")
-    parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T: how strongly to follow the instruction")
-    parser.add_argument("--image-guidance", type=float, default=1.5,
+    parser.add_argument("--text-guidance", type=float, default=defaults.text_guidance,
+                        help="s_T: how strongly to follow the instruction")
+    parser.add_argument("--image-guidance", type=float, default=defaults.image_guidance,
                         help="s_I: how closely to keep the input image (values below 1 are honoured)")
-    parser.add_argument("--steps", type=int, default=100)
-    add_sampler_arguments(parser, "euler-a", extra_spacings=("log-linear",))  # euler-a: log-linear (edit_cli.py)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    add_sampler_arguments(parser, defaults.scheduler, extra_spacings=("log-linear",))  # euler-a: log-linear (edit_cli.py)
+    parser.add_argument("--eta", type=float, default=defaults.eta, help="DDIM eta (ddim only)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--resolution", type=int, default=None,
                         help="long side of the edit (default: the model's native size, 512 for SD)")
     parser.add_argument("--keep-size", action="store_true",
@@ -81,7 +84,7 @@ def run(args):
     source = open_rgb(args.image)
     resolution = args.resolution or native_size(model)
     image = prepare_image(source, model.config, resolution, args.keep_size)
-    base = dict(command=NAME, weights=weights_path(args).name, weights_sha256=file_sha256(weights_path(args)),
+    base = dict(command=NAME, weights=weights_path(args).name, weights_sha256=weights_sha256(weights_path(args)), **run_settings(args),
                 dtype=args.dtype, image=args.image.name, image_sha256=file_sha256(args.image),
                 sizing="keep-size" if args.keep_size else f"edit_cli resolution {resolution}", scheduler=scheduler,
                 spacing=args.spacing or ("log-linear" if scheduler == "euler-a" else "default"), karras=karras,
@@ -95,8 +98,9 @@ def run(args):
         for s_text in text_scales:
             cfg = EditConfig(text_guidance=s_text, image_guidance=s_image, steps=args.steps, scheduler=scheduler,
                              spacing=args.spacing, karras=karras, eta=args.eta, seed=args.seed)
-            edited = decode_latents(model, edit(model, image, instructions, cfg, instruction_embedding=embedding,
-                                                negative=args.negative))[0]
+            latents = edit_by_instruction(model, image, instructions, cfg, instruction_embedding=embedding,
+                                          negative=args.negative)
+            edited = decode_latents(model, latents)[0]
             params = {**base, "text_guidance": s_text, "image_guidance": s_image}
             path = cell_path(args.out, s_text, s_image) if grid else args.out
             print(save_png(path, edited, params, force=args.force))

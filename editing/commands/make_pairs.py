@@ -1,4 +1,4 @@
-"""editlab make-pairs: InstructPix2Pix training pairs from caption pairs (the paper's recipe, METHODS.md §6.2).
+"""editlab make-pairs: InstructPix2Pix training pairs from caption pairs (the paper's recipe, docs/methods.md §6.2).
 
     editlab make-pairs --captions captions.jsonl --clip clip-vit-l-14.safetensors --out pairs
     editlab train-ip2p --data pairs --out ip2p.safetensors
@@ -44,8 +44,8 @@ from ldm.images import file_sha256, save_png
 from ldm.interrupt import Interrupted, StopFlag, check_options
 from ldm.training import backend_for, start_processes
 
-from ..options import (add_model_arguments, add_sampler_arguments, check_sampler, load_model, native_size,
-                       sampler_options, weights_path)
+from ..options import (TOY_CLIP_WEIGHTS, add_model_arguments, add_sampler_arguments, check_sampler, load_model,
+                       native_size, run_settings, sampler_options, toy_default, weights_path, weights_sha256)
 from ..instruct_pix2pix.pair_runs import PairRun
 
 NAME = "make-pairs"
@@ -61,8 +61,10 @@ def add_arguments(parser):
     source.add_argument("--toy-captions", type=int, metavar="N",
                         help="N random toy-world caption pairs (colour, shape or background edits; seeded by --seed)")
     parser.add_argument("--filter", choices=("clip", "toy"), default="clip",
-                        help="clip: the paper's CLIP filters (needs --clip); toy: the toy world's attribute readers")
-    parser.add_argument("--clip", type=Path, default=None, help="open_clip CLIP weights (.safetensors/.pt)")
+                        help="clip: the paper's CLIP filters (--clip; the toy CLIP with the toy model); toy: the toy "
+                             "world's attribute readers")
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="open_clip CLIP weights (.safetensors/.pt); default with the toy model: the bundled toy CLIP")
     parser.add_argument("--clip-config", type=Path, default=None,
                         help="JSON open_clip model config (embed_dim, vision_cfg, text_cfg); default ViT-L/14")
     parser.add_argument("--samples", type=int, default=100, help="samples rendered per caption pair (paper: 100)")
@@ -176,8 +178,10 @@ def check_start(args, run_dir: Path, options: dict) -> None:
 def run(args):
     from ..instruct_pix2pix.pairs import PairRecipe, make_caption_pairs  # imported here: the CLI lists every command
 
-    if args.filter == "clip" and args.clip is None:
-        raise ValueError("--filter clip needs --clip CLIP_WEIGHTS (a local open_clip state dict), or use --filter toy")
+    if args.filter == "clip":
+        if args.clip_config is not None and args.clip is None:
+            raise ValueError("--clip-config describes a --clip file; pass --clip too (or neither for the toy CLIP)")
+        args.clip = toy_default(args, args.clip, TOY_CLIP_WEIGHTS, "--clip")
     if args.filter == "clip" and not args.clip.is_file():
         raise FileNotFoundError(f"{args.clip}: no such CLIP weights file (a local open_clip state dict)")
     if args.batch < 1 or args.shard_size < 1:
@@ -203,7 +207,7 @@ def run(args):
     recipe = dataclasses.replace(recipe, height=args.height or side, width=args.width or side)
     check_sampler(model, recipe.sampling(recipe.seed, recipe.guidance_range[0]))
     chosen, filter_info = sample_filter(args, recipe, model.device)
-    run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
+    run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": weights_sha256(weights_path(args)), **run_settings(args),
                 **filter_info, "scheduler": recipe.scheduler, "spacing": recipe.spacing, "karras": recipe.karras,
                 "rescale_zero_snr": recipe.rescale_zero_snr, "guidance_rescale": recipe.guidance_rescale,
                 "negative": recipe.negative or "", "steps": recipe.steps, "height": recipe.height,

@@ -5,9 +5,10 @@ Writes into --out DIR: source.png (the source prompt's image; with --image the r
 cross-attention maps). Every PNG carries the run's parameters; files of another run are refused before any
 work starts, and each file is written atomically.
 
-Defaults follow the Prompt-to-Prompt notebook (cross 0.8, self 0.4, blend threshold 0.3) with DDIM 50 steps
-and guidance 7.5; with --image those of the null-text notebook (self 0.5, self-attention one level higher,
-blending from 20% of the steps).
+Defaults are those of the Python API, read from its configs: the Prompt-to-Prompt notebook's (``P2PConfig``:
+cross 0.8, self 0.4, blend threshold 0.3) with DDIM 50 steps and guidance 7.5 (``SamplingConfig``); with --image
+the null-text notebook's (``REAL_IMAGE_CONFIG``: self 0.5, self-attention one level higher, blending from 20% of
+the steps), so ``editlab p2p --image`` with no options equals ``edit_real_image`` with its defaults.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ldm.images import check_output, file_sha256, load_image, save_png
+from ldm.images import check_output, file_sha256, save_png
 from ldm.pipeline import decode_latents
 
-from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
-                       run_parameters, sampling_config)
+from ..p2p.edit import (MODES, REAL_IMAGE_CONFIG, P2PConfig, edit_real_image, prompt_to_prompt, resolve_map_level,
+                        resolve_self_level)
+
+from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_input_image,
+                       load_model, run_parameters, sampling_config)
 
 NAME = "p2p"
 HELP = "Prompt-to-Prompt: edit an image by swapping, adding or reweighting words of its prompt"
@@ -28,20 +32,26 @@ HELP = "Prompt-to-Prompt: edit an image by swapping, adding or reweighting words
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="source prompt")
-    parser.add_argument("--edit", required=True, action="append", help="edited prompt (repeat for several)")
-    parser.add_argument("--mode", choices=["swap", "refine"], default="swap",
+    parser.add_argument("--edit", action="append", default=None,
+                        help="edited prompt (repeat for several); default: the source prompt itself, for a pure "
+                             "--reweight")
+    parser.add_argument("--mode", choices=MODES, default=P2PConfig.mode,
                         help="swap: words replaced (same word count); refine: words added or removed")
     parser.add_argument("--reweight", nargs="+", default=[], metavar="WORD=VALUE",
                         help="scale a word's cross-attention in the edited prompt (negative allowed)")
     parser.add_argument("--blend", nargs="+", default=[], metavar="WORD",
                         help="local blend: edit only where these words attend (looked up in every prompt)")
-    parser.add_argument("--blend-threshold", type=float, default=0.3)
+    parser.add_argument("--blend-threshold", type=float, default=P2PConfig.blend_threshold)
     parser.add_argument("--blend-start", type=float, default=None,
-                        help="first blended step as a fraction (default 0; 0.2 with --image)")
-    parser.add_argument("--cross-replace", nargs="+", default=["0.8"], metavar="F | WORD=F",
-                        help="fraction of steps with replaced cross-attention: one number and/or per word")
+                        help=f"first blended step as a fraction (default {P2PConfig.blend_start}; "
+                             f"{REAL_IMAGE_CONFIG.blend_start} with --image)")
+    parser.add_argument("--cross-replace", nargs="+", default=[], metavar="F | WORD=F",
+                        help="fraction of steps with replaced cross-attention: one number and/or per word "
+                             f"(default {P2PConfig.cross_replace})")
     parser.add_argument("--self-replace", nargs=2, type=float, default=None, metavar=("A", "B"),
-                        help="self-attention replaced for steps in [A·N, B·N) (default 0 0.4; 0 0.5 with --image)")
+                        help="self-attention replaced for steps in [A·N, B·N) (default "
+                             f"{' '.join(map(str, P2PConfig.self_replace))}; "
+                             f"{' '.join(map(str, REAL_IMAGE_CONFIG.self_replace))} with --image)")
     parser.add_argument("--self-level", type=int, default=None,
                         help="self-attention replaced at UNet levels >= this (default: the map level, SD's ≤16²; "
                              "one less with --image, SD's ≤32²)")
@@ -68,47 +78,77 @@ def parse_word_values(items: list[str], option: str) -> dict[str, float]:
     return values
 
 
-def parse_cross_replace(items: list[str]) -> tuple[float, dict[str, float]]:
-    """'0.8' and/or 'WORD=F' entries -> (default fraction, per-word fractions)."""
+def parse_cross_replace(items: list[str], default: float = P2PConfig.cross_replace) -> tuple[float, dict[str, float]]:
+    """'0.8' and/or 'WORD=F' entries -> (fraction for every word, per-word fractions); ``default`` if no number."""
     plain = [item for item in items if "=" not in item]
     if len(plain) > 1:
         raise ValueError(f"--cross-replace takes one default fraction, got {plain}; give per-word ones as WORD=F")
     try:
-        default = float(plain[0]) if plain else 0.8
+        default = float(plain[0]) if plain else default
     except ValueError:
         raise ValueError(f"--cross-replace {plain[0]!r}: expected a number in [0, 1] or WORD=F") from None
     return default, parse_word_values([item for item in items if "=" in item], "--cross-replace")
 
 
 def p2p_config(args, model, real: bool):
-    """The P2PConfig of the command line, with the map and self-attention levels resolved for the model."""
-    from editing.p2p.edit import P2PConfig, resolve_map_level  # imported here: the CLI lists every command
-
-    cross, cross_words = parse_cross_replace(args.cross_replace)
-    config = P2PConfig(mode=args.mode, cross_replace=cross, cross_replace_words=cross_words,
-                       self_replace=tuple(args.self_replace or ((0.0, 0.5) if real else (0.0, 0.4))),
-                       reweight=parse_word_values(args.reweight, "--reweight"), blend_words=tuple(args.blend),
-                       blend_threshold=args.blend_threshold,
-                       blend_start=args.blend_start if args.blend_start is not None else (0.2 if real else 0.0),
-                       map_level=args.map_level)
+    """The P2PConfig of the command line: the API's defaults (``REAL_IMAGE_CONFIG`` with --image, else
+    ``P2PConfig()``) overridden by the given options, with the map and self-attention levels resolved."""
+    base = REAL_IMAGE_CONFIG if real else P2PConfig()
+    cross, cross_words = parse_cross_replace(args.cross_replace, base.cross_replace)
+    config = dataclasses.replace(
+        base, mode=args.mode, cross_replace=cross, cross_replace_words=cross_words,
+        self_replace=tuple(args.self_replace) if args.self_replace else base.self_replace,
+        reweight=parse_word_values(args.reweight, "--reweight"), blend_words=tuple(args.blend),
+        blend_threshold=args.blend_threshold,
+        blend_start=args.blend_start if args.blend_start is not None else base.blend_start,
+        map_level=args.map_level, self_min_level=args.self_level)
     map_level = resolve_map_level(model, config)
-    self_level = args.self_level if args.self_level is not None else max(0, map_level - 1) if real else map_level
-    return dataclasses.replace(config, map_level=map_level, self_min_level=self_level)
+    return dataclasses.replace(config, map_level=map_level, self_min_level=resolve_self_level(config, map_level))
+
+
+def check_cut_words(tokenizer, prompts: list[str], named: set[str]) -> None:
+    """Words beyond CLIP's 75 tokens are never seen: a word there that the edit changes (or that an option
+    names) would silently not be edited, so it is an error."""
+    tails = []
+    for prompt in prompts:
+        tails.append([word for word, kept in tokenizer.word_positions(prompt) if len(kept) < len(tokenizer.encode(word))])
+    for k, tail in enumerate(tails):
+        option = "--prompt" if k == 0 else "--edit"
+        for word in tail:
+            if word.strip(".,;:!?") in named or any(other != tail for other in tails):
+                raise ValueError(f"{option}: {word!r} lies beyond the {tokenizer.max_length - 2} tokens CLIP reads, "
+                                 "so it cannot be edited; shorten the prompt")
+
+
+def remove_stale_outputs(folder, keep: set[str]) -> None:
+    """With --force: the PNGs an earlier p2p run wrote into the folder that this run does not write (an earlier
+    run with more --edit prompts left edited-3.png, ...) are removed, so the folder shows one run."""
+    from ldm.images import read_parameters
+
+    for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if path.name not in keep and (read_parameters(path) or {}).get("command") == NAME:
+            path.unlink()
 
 
 def run(args):
-    from editing.p2p.edit import edit_real_image, prompt_to_prompt
     from editing.p2p.visualize import attention_grid
 
+    if args.edit is None:
+        if not args.reweight:
+            raise ValueError("give --edit PROMPT (the edited prompt), or --reweight WORD=VALUE to reweight words of "
+                             "--prompt itself")
+        args.edit = [args.prompt]
     model = load_model(args)
+    named = set(parse_word_values(args.reweight, "--reweight")) | set(args.blend) | \
+        set(parse_cross_replace(args.cross_replace)[1])
+    check_cut_words(model.tokenizer, [args.prompt] + args.edit, named)
     image = None
     if args.image:
-        size = (args.width, args.height) if args.width and args.height else None
-        image = load_image(args.image, size)
+        image = load_input_image(args, model, args.image)
         args.height, args.width = image.shape[-2], image.shape[-1]
-    cfg = sampling_config(args, model)
+    sampling = sampling_config(args, model)
     config = p2p_config(args, model, real=image is not None)
-    params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
+    params = run_parameters(args, sampling, command=NAME, prompt=args.prompt, negative=args.negative or "",
                             edits=args.edit, mode=config.mode,
                             cross_replace=config.cross_replace, cross_replace_words=dict(config.cross_replace_words),
                             self_replace=list(config.self_replace), self_level=config.self_min_level,
@@ -125,11 +165,13 @@ def run(args):
         outputs.append((args.out / f"attention-{name}.png", "attention", row))
     for path, kind, row in outputs:  # refuse another run's files before any work
         check_output(path, {**params, "output": kind, "row": row}, args.force)
+    if args.force:
+        remove_stale_outputs(args.out, {path.name for path, _, _ in outputs})
 
     if image is None:
-        result = prompt_to_prompt(model, args.prompt, args.edit, cfg, config, negative=args.negative, progress=True)
+        result = prompt_to_prompt(model, args.prompt, args.edit, sampling, config, negative=args.negative, progress=True)
     else:
-        result, _ = edit_real_image(model, image, args.prompt, args.edit, cfg, config, args.inversion,
+        result, _ = edit_real_image(model, image, args.prompt, args.edit, sampling, config, args.inversion,
                                     args.inversion_guidance, negative=args.negative, progress=True)
     images = decode_latents(model, result.latents)
     for path, kind, row in outputs:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ldm.images import check_output, file_sha256, load_image, save_png
+from ldm.images import check_output, file_sha256, save_png
 from ldm.pipeline import decode_latents, sdedit
 
-from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
-                       run_parameters, sampling_config)
+from ..options import (add_model_arguments, add_output_arguments, add_sampling_arguments, load_input_image,
+                       load_model, run_parameters, sampling_config)
 
 NAME = "sdedit"
 HELP = "SDEdit: re-draw an image under a prompt from an intermediate noise level"
@@ -23,8 +23,7 @@ def add_arguments(parser):
 
 def run(args):
     model = load_model(args)
-    size = (args.width, args.height) if args.width and args.height else None
-    image = load_image(args.image, size)
+    image = load_input_image(args, model, args.image)
     args.height, args.width = image.shape[-2], image.shape[-1]
     cfg = sampling_config(args, model)
     params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",

@@ -1,4 +1,10 @@
-"""editlab style: IP-Adapter image prompts and InstantStyle block selection / content subtraction."""
+"""editlab style: IP-Adapter image prompts and InstantStyle block selection / content subtraction.
+
+With the toy model and no --ip-adapter / --image-encoder, the bundled toy adapter and its encoder (the toy
+CLIP's image tower) are used:
+
+    editlab style --style-image green-square.png --prompt "a red circle on a blue background" --out o.png
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,14 @@ from PIL import Image
 
 from controls.ip_adapter import generate_with_image_prompt
 from ldm.clip_vision import preprocess
-from ldm.images import check_output, file_sha256, save_png
+from ldm.images import check_output, file_sha256, read_rgb, save_png
 from ldm.pipeline import decode_latents
 from ldm.tokenizer import Tokenizer
 
-from ..instant_style import CONTENT_SCALE, PRESETS, content_embedding, layer_scales, preset_scales, subtract_content
-from ..options import (UserError, add_model_arguments, add_output_arguments, add_sampling_arguments, load_model,
-                       run_parameters, sampling_config)
+from ..instant_style import (CONTENT_SCALE, STYLE_PRESETS, block_scales, content_embedding, preset_scales,
+                             subtract_content)
+from ..options import (TOY_CLIP_WEIGHTS, TOY_IP_ADAPTER_WEIGHTS, UserError, add_model_arguments, add_output_arguments,
+                       add_sampling_arguments, load_model, run_parameters, sampling_config, toy_default)
 
 NAME = "style"
 HELP = "generate with an image prompt (IP-Adapter), optionally InstantStyle's block selection"
@@ -25,14 +32,17 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser):
     add_model_arguments(parser, "an SD 1.5 model")
-    parser.add_argument("--ip-adapter", type=Path, required=True, help="ip-adapter_sd15 .bin or .safetensors")
-    parser.add_argument("--image-encoder", type=Path, required=True,
-                        help="its CLIP image encoder (transformers folder/file or open_clip weights)")
+    parser.add_argument("--ip-adapter", type=Path, default=None,
+                        help="ip-adapter_sd15 .bin or .safetensors; default with the toy model: the bundled toy "
+                             "IP-Adapter (ldm/toy/weights/toy-ip-adapter.safetensors)")
+    parser.add_argument("--image-encoder", type=Path, default=None,
+                        help="its CLIP image encoder (transformers folder/file or open_clip weights); default with "
+                             "the toy model: the toy CLIP's image tower (toy-clip.safetensors)")
     parser.add_argument("--style-image", type=Path, required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--scale", type=float, default=1.0, help="image-branch scale λ (all layers or the preset's)")
     blocks = parser.add_mutually_exclusive_group()
-    blocks.add_argument("--preset", choices=sorted(PRESETS),
+    blocks.add_argument("--preset", choices=sorted(STYLE_PRESETS),
                         help="InstantStyle SD 1.5 block selection (experimental): style = up_blocks.1; "
                              "style+layout = + down_blocks.2 and mid_block")
     blocks.add_argument("--block", action="append", default=[], metavar="NAME=SCALE",
@@ -63,9 +73,9 @@ def read_style_image(path: Path) -> Image.Image:
     if not path.is_file():
         raise UserError(f"--style-image {path}: no such image file")
     try:
-        return Image.open(path).convert("RGB")
-    except Exception as err:
-        raise UserError(f"--style-image {path}: not an image PIL can read ({err.__class__.__name__})") from None
+        return read_rgb(path)
+    except ValueError as err:
+        raise UserError(f"--style-image {err}") from None
 
 
 def run(args):
@@ -77,6 +87,8 @@ def run(args):
                         "image encoder's model (24-layer OpenCLIP ViT-H/14 for IP-Adapter SD 1.5; SD 2's text "
                         "encoder lacks its last layer and the projection)")
     blocks = parse_blocks(args.block)
+    args.ip_adapter = toy_default(args, args.ip_adapter, TOY_IP_ADAPTER_WEIGHTS, "--ip-adapter")
+    args.image_encoder = toy_default(args, args.image_encoder, TOY_CLIP_WEIGHTS, "--image-encoder")
     for path, what in ((args.ip_adapter, "--ip-adapter"), (args.image_encoder, "--image-encoder")):
         if not path.exists():
             raise UserError(f"{what} {path}: not found")
@@ -85,11 +97,13 @@ def run(args):
     if args.preset:
         scales = preset_scales(model.unet, args.preset, args.scale)
     elif blocks:
-        scales = layer_scales(model.unet, blocks)
+        scales = block_scales(model.unet, blocks)
     else:
         scales = args.scale
     params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
-                            ip_adapter=args.ip_adapter.name, style_image_sha256=file_sha256(args.style_image)
+                            ip_adapter=args.ip_adapter.name, ip_adapter_sha256=file_sha256(args.ip_adapter),
+                            image_encoder=args.image_encoder.name,
+                            style_image_sha256=file_sha256(args.style_image)
                             if args.style_image.is_file() else "", scale=args.scale, preset=args.preset or "",
                             blocks=blocks, content_prompt=args.content_prompt or "",
                             content_scale=args.content_scale if args.content_prompt else 0.0)

@@ -1,10 +1,13 @@
-"""editlab textual-inversion: learn a new word for a concept from a few images (Gal et al., METHODS.md §11).
+"""editlab textual-inversion: learn a new word for a concept from a few images (Gal et al., ICLR 2023;
+docs/methods.md §11).
 
     editlab textual-inversion --weights sd15.safetensors --images cat_toy/ --token "<cat-toy>" \\
         --init-word toy --out cat-toy.safetensors
 
 OUT is diffusers' learned_embeds format ({token: [d] or [k, d]}): diffusers' ``load_textual_inversion``
-reads it, and so does editlab (``inversion.textual_inversion.load_textual_inversion``). OUT.ckpt.pt holds the
+reads it, and so does every editlab command that reads a prompt (``--embedding OUT``). --template gives the
+captions (default: the paper's "a photo of a {}" and nine more; on the toy model, toy captions such as
+"a red {} on a blue background"). OUT.ckpt.pt holds the
 resumable training state (--resume continues an interrupted run exactly).
 """
 
@@ -27,7 +30,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "a text-to-image model")
+    add_model_arguments(parser, "a text-to-image model", prompts=False)
     parser.add_argument("--images", type=Path, required=True, help="folder with 3-5 images of the concept")
     parser.add_argument("--token", required=True, help='the new placeholder, e.g. "<cat-toy>"')
     parser.add_argument("--init-word", required=True, help="a single-token word to start from, e.g. toy")
@@ -37,6 +40,9 @@ def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-3, help="constant learning rate (original: 5e-3 base)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", action="append", default=None, metavar="TEXT",
+                        help='caption template with {} for the token, e.g. "a red {} on a blue background" '
+                             '(repeatable; default: the paper\'s "a photo of a {}" and nine more)')
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt")
     parser.add_argument("--out", type=Path, required=True, help="output learned_embeds .safetensors file")
     parser.add_argument("--force", action="store_true",
@@ -55,7 +61,7 @@ def load_images(folder: Path, size: int) -> torch.Tensor:
 
 def run(args):
     from inversion.embedding_optimiser import EmbeddingConfig
-    from inversion.textual_inversion import save_learned_embeds, train_textual_inversion
+    from inversion.textual_inversion import TEMPLATES, save_learned_embeds, train_textual_inversion
 
     if args.out.suffix != ".safetensors":
         raise ValueError(f"{args.out}: the output must be a .safetensors file")
@@ -70,10 +76,11 @@ def run(args):
     cfg = EmbeddingConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
                           checkpoint_every=max(1, min(500, args.steps // 4)))
     image_files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    options = recorded_options(args, ["token", "init_word", "vectors", "steps", "lr", "seed"], 1,
+    options = recorded_options(args, ["token", "init_word", "vectors", "steps", "lr", "seed", "template"], 1,
                                weights_sha256=file_sha256(weights_path(args)), size=images.shape[-1],
                                images={p.name: file_sha256(p) for p in image_files})
     result = train_textual_inversion(model, images, args.token, args.init_word, args.vectors, cfg,
-                                     checkpoint=checkpoint, resume=args.resume, options=options, force=args.force)
+                                     checkpoint=checkpoint, resume=args.resume, options=options, force=args.force,
+                                     templates=tuple(args.template or TEMPLATES))
     save_learned_embeds(args.out, args.token, result.best)
     print(args.out)

@@ -43,7 +43,7 @@ RECIPE = "editlab-controlnet-v1"
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "the locked base model")
+    add_model_arguments(parser, "the locked base model", prompts=False)
     parser.add_argument("--data", default="toy", metavar="toy|DIR",
                         help="toy shapes with Canny hints, a folder with prompts.jsonl (or metadata.jsonl) of "
                              '{"target", "prompt", "source"} lines, or a folder of WebDataset .tar shards '

@@ -31,7 +31,7 @@ RECIPE = "editlab-ip2p-v1"
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "the text-to-image model to start from")
+    add_model_arguments(parser, "the text-to-image model to start from", needs="any-model", prompts=False)
     parser.add_argument("--data", default="toy",
                         help="'toy' (rendered toy edit pairs), a folder with pairs.jsonl (before, after, instruction), "
                              "or a folder of WebDataset .tar shards (KEY.before.png, KEY.after.png, KEY.txt)")

@@ -1,7 +1,8 @@
-"""editlab visii: learn an InstructPix2Pix instruction from one before/after example (Visii, METHODS.md §10).
+"""editlab visii: learn an InstructPix2Pix instruction from one before/after example (Visii, docs/methods.md §10).
 
     editlab visii --weights ip2p.safetensors --clip clip-vit-l-14.safetensors \\
         --before before.png --after after.png --out visii-run
+    editlab visii --before before.png --after after.png --out visii-run     # the toy model and toy CLIP
     editlab ip2p --weights ip2p.safetensors --instruction-embedding visii-run/instruction.safetensors \\
         --image test.png --out edited.png
 
@@ -15,6 +16,7 @@ with --search-clip (default --clip); the text is stored as "init" in the instruc
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,7 +27,8 @@ from ldm.clip_models import load_clip
 from ldm.files import file_sha256
 
 from ..instruct_pix2pix.sizing import open_rgb, to_tensor
-from ..options import TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size, weights_path
+from ..options import (TOY_CLIP_WEIGHTS, TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size,
+                       toy_default, weights_path, weights_sha256)
 from ..training_cli import recorded_options, start_checks
 
 NAME = "visii"
@@ -33,8 +36,11 @@ HELP = "Visii: learn an InstructPix2Pix instruction from a before/after image pa
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS)
-    parser.add_argument("--clip", type=Path, required=True, help="open_clip CLIP ViT-L/14 weights (.safetensors/.pt)")
+    add_model_arguments(parser, "an InstructPix2Pix model (8-channel UNet)", TOY_IP2P_WEIGHTS, needs="editor",
+                        prompts=False)
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="open_clip CLIP ViT-L/14 weights (.safetensors/.pt); default with a toy model: the "
+                             "bundled toy CLIP (ldm/toy/weights/toy-clip.safetensors)")
     parser.add_argument("--clip-config", type=Path, default=None,
                         help="JSON open_clip model config (embed_dim, vision_cfg, text_cfg); default ViT-L/14")
     parser.add_argument("--before", type=Path, required=True, help="the example's input image")
@@ -54,6 +60,9 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip-weight", type=float, default=None,
+                        help="λ_clip, weight of the CLIP direction term of the loss (default: VisiiConfig's, the "
+                             "paper's 0.1; 0 turns the term off)")
     parser.add_argument("--clip-gradients", action="store_true",
                         help="clip gradient values to the initial states' maximum (as the reference)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -69,12 +78,12 @@ def _image(path: Path, size: int) -> torch.Tensor:
     return to_tensor(open_rgb(path).resize((size, size), Image.LANCZOS))
 
 
-def visii_options(args, size: int) -> dict:
+def visii_options(args, size: int, clip_path) -> dict:
     """The inputs that change the learned instruction (recorded in the checkpoint, checked on --resume)."""
-    files = {"weights": weights_path(args), "before": args.before, "after": args.after, "clip": args.clip,
+    files = {"weights": weights_path(args), "before": args.before, "after": args.after, "clip": clip_path,
              "search_clip": args.search_clip}
     return recorded_options(args, ["init", "init_search", "search_steps", "search_length", "steps", "lr", "seed",
-                                   "clip_gradients"], 1, size=size,
+                                   "clip_gradients", "clip_weight"], 1, size=size,
                             **{f"{k}_sha256": file_sha256(v) for k, v in files.items() if v is not None})
 
 
@@ -87,10 +96,13 @@ def run(args):
     if args.dtype != "fp32":
         raise ValueError(f"--dtype {args.dtype}: Visii learns in fp32; leave --dtype at fp32")
     start_checks(args.out / "checkpoint.pt", args)
+    if args.clip_config is not None and args.clip is None:
+        raise ValueError("--clip-config describes a --clip file; pass --clip too (or neither for the toy CLIP)")
+    clip_path = toy_default(args, args.clip, TOY_CLIP_WEIGHTS, "--clip")
     model = load_model(args)
     check_ip2p_model(model)
     searches_with_clip = args.init_search and args.search_clip is None  # PEZ then encodes text with --clip
-    clip = load_clip(args.clip, args.clip_config, text_tower=searches_with_clip).to(model.device)
+    clip = load_clip(clip_path, args.clip_config, text_tower=searches_with_clip).to(model.device)
     size = args.size or native_size(model)
     before, after = _image(args.before, size), _image(args.after, size)
     search, search_clip = None, None
@@ -102,21 +114,26 @@ def run(args):
             search_clip = load_clip(args.search_clip, args.search_clip_config, text_tower=True).to(model.device)
     elif args.search_clip is not None:
         raise ValueError("--search-clip is only used with --init-search; add --init-search or drop --search-clip")
+    loss_config = VisiiConfig(clip_gradients=args.clip_gradients)
+    if args.clip_weight is not None:
+        loss_config = dataclasses.replace(loss_config, clip_weight=args.clip_weight)
     train = visii_training(steps=args.steps, lr=args.lr, seed=args.seed,
                            checkpoint_every=max(1, min(100, args.steps // 4)))
     result = train_visii(model, clip, before, after, None if search else args.init,
-                         VisiiConfig(clip_gradients=args.clip_gradients), train, checkpoint=args.out / "checkpoint.pt",
+                         loss_config, train, checkpoint=args.out / "checkpoint.pt",
                          resume=args.resume, init_search=search, search_clip=search_clip,
-                         options=visii_options(args, size), force=args.force)
-    metadata = {"weights": weights_path(args).name, "weights_sha256": file_sha256(weights_path(args)),
+                         options=visii_options(args, size, clip_path), force=args.force)
+    metadata = {"weights": weights_path(args).name, "weights_sha256": weights_sha256(weights_path(args)),
+                "threads": str(torch.get_num_threads()),
                 "before_sha256": file_sha256(args.before), "after_sha256": file_sha256(args.after),
+                "clip": clip_path.name, "clip_sha256": file_sha256(clip_path), "clip_weight": str(loss_config.clip_weight),
                 "init": result.init_prompt, "size": str(size), "steps": str(args.steps), "lr": str(args.lr),
                 "seed": str(args.seed), "best_step": str(result.run.best_step)}
     if result.search is not None:
         metadata.update({"init_search": "pez", "search_steps": str(args.search_steps),
                          "search_length": str(args.search_length),
                          "search_similarity": f"{result.search.similarity:.6f}",
-                         "search_clip": (args.search_clip or args.clip).name})
+                         "search_clip": (args.search_clip or clip_path).name})
         print(f"PEZ init prompt: {result.init_prompt!r} (CLIP similarity {result.search.similarity:.4f})",
               file=sys.stderr)
     save_instruction(out, result.instruction, result.eos, metadata)

@@ -1,7 +1,8 @@
 """Text-guided editing of real images from edit-friendly DDPM noise maps.
 
 Paper: *An Edit Friendly DDPM Noise Space: Inversion and Manipulations* (Huberman-Spiegelglas, Kulikov &
-Michaeli, CVPR 2024), text-guided editing of real images. Reference code: inbarhub/DDPM_inversion main_run.py (METHODS.md §4.1).
+Michaeli, CVPR 2024), text-guided editing of real images. Reference code:
+inbarhub/DDPM_inversion main_run.py (docs/methods.md §4.1).
 
 1. Invert the image under the source prompt at w_src (``inversion.ddpm_noise.invert``): latents x_t and
    noise maps z_t that regenerate it exactly.
@@ -58,8 +59,9 @@ def _prompts(prompts: str | Sequence[str], count: int) -> list[str]:
 
 
 @torch.no_grad()
-def edit(model, inversion: DDPMInversion, target_prompts: str | Sequence[str], cfg: DDPMEditConfig = DDPMEditConfig(),
-         hooks: Sequence = (), progress: bool = False) -> torch.Tensor:
+def edit_inversion(model, inversion: DDPMInversion, target_prompts: str | Sequence[str],
+                   cfg: DDPMEditConfig = DDPMEditConfig(), hooks: Sequence = (),
+                   progress: bool = False) -> torch.Tensor:
     """Regenerate from step ``cfg.skip`` with the stored noise maps under the target prompt(s) at
     ``cfg.target_guidance``; returns the final latents [B, C, h, w].
 
@@ -77,7 +79,7 @@ def edit(model, inversion: DDPMInversion, target_prompts: str | Sequence[str], c
 def reconstruct(model, inversion: DDPMInversion, progress: bool = False) -> torch.Tensor:
     """Regenerate the inverted latents x0 (source prompts, source guidance, no skip): exact up to rounding."""
     cfg = DDPMEditConfig(skip=0, target_guidance=inversion.source_guidance)
-    return edit(model, inversion, list(inversion.source_prompts), cfg, progress=progress)
+    return edit_inversion(model, inversion, list(inversion.source_prompts), cfg, progress=progress)
 
 
 def sample_generators(seed: int, samples: int) -> list[torch.Generator]:
@@ -88,8 +90,9 @@ def sample_generators(seed: int, samples: int) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def invert_image(model, images: torch.Tensor, source_prompt: str, cfg: DDPMInversionConfig = DDPMInversionConfig(),
-                 seed: int = 0, samples: int = 1, progress: bool = False) -> DDPMInversion:
+def ddpm_invert_image(model, images: torch.Tensor, source_prompt: str,
+                      cfg: DDPMInversionConfig = DDPMInversionConfig(), seed: int = 0, samples: int = 1,
+                      progress: bool = False) -> DDPMInversion:
     """Invert one image [1, 3, H, W] in [0, 1] ``samples`` times (a batch of independent auxiliary paths).
 
     The image is encoded with the posterior mode, 0.18215-scaled (both references)."""
@@ -105,8 +108,8 @@ def invert_and_edit(model, images: torch.Tensor, source_prompt: str, target_prom
                     edit_cfg: DDPMEditConfig = DDPMEditConfig(), seed: int = 0, samples: int = 1,
                     progress: bool = False) -> tuple[torch.Tensor, DDPMInversion]:
     """``samples`` diverse edits of one image: (latents [samples, C, h, w], the batched inversion)."""
-    inversion = invert_image(model, images, source_prompt, inversion_cfg, seed, samples, progress)
-    return edit(model, inversion, target_prompt, edit_cfg, progress=progress), inversion
+    inversion = ddpm_invert_image(model, images, source_prompt, inversion_cfg, seed, samples, progress)
+    return edit_inversion(model, inversion, target_prompt, edit_cfg, progress=progress), inversion
 
 
 class ExecutedSteps(StepHook):
@@ -156,9 +159,9 @@ def p2p_controller(model, source_prompt: str, target_prompt: str, num_steps: int
     Refine; cross-attention replaced in the first ⌊N·cross⌋ executed steps, self-attention in the first
     ⌊N·self⌋ (N = all inversion steps, as the reference), no local blend, no attention store."""
     words = [len(model.tokenizer.word_positions(prompt)) for prompt in (source_prompt, target_prompt)]
-    config = P2PConfig(mode="swap" if words[0] == words[1] else "refine", cross_replace=cfg.cross_replace,
-                       self_replace=(0.0, cfg.self_replace), store=False)
-    return build_controller(model, [source_prompt, target_prompt], num_steps, latent_hw, config).to(model.device)
+    p2p = P2PConfig(mode="swap" if words[0] == words[1] else "refine", cross_replace=cfg.cross_replace,
+                    self_replace=(0.0, cfg.self_replace), store=False)
+    return build_controller(model, [source_prompt, target_prompt], num_steps, latent_hw, p2p).to(model.device)
 
 
 def edit_with_p2p(model, inversion: DDPMInversion, source_prompt: str, target_prompt: str,

@@ -1,6 +1,6 @@
 """Paired training data for InstructPix2Pix: (input image, instruction, edited image) triples.
 
-Paper recipe (*InstructPix2Pix*, §3.1; METHODS.md §6.2), for real images: a fine-tuned GPT-3 writes an
+Paper recipe (*InstructPix2Pix*, §3.1; docs/methods.md §6.2), for real images: a fine-tuned GPT-3 writes an
 instruction and an edited caption for each LAION caption; SD 1.5 renders both captions with the same noise,
 100 Euler-ancestral steps, Prompt-to-Prompt replacing **self**-attention only for the first p ~ U(0.1, 0.9)
 of the steps and cfg ~ U(7.5, 15); of 100 samples per caption pair at most 4 survive CLIP ViT-L/14 filters

@@ -2,7 +2,7 @@
 
 Paper: *InstructPix2Pix: Learning to Follow Image Editing Instructions* (Brooks, Holynski, Efros, CVPR 2023).
 Code followed: timothybrooks/instruct-pix2pix edit_cli.py (the reference sampler) and diffusers
-pipeline_stable_diffusion_instruct_pix2pix.py (the parity peer). METHODS.md §6.
+pipeline_stable_diffusion_instruct_pix2pix.py (the parity peer). docs/methods.md §6.
 
 The model is SD 1.5 whose UNet takes 8 input channels: [noisy latent z_t (4) ‖ image latent c_I (4)], and
 cross-attends to the CLIP hidden states c_T of the instruction.
@@ -19,7 +19,7 @@ cross-attends to the CLIP hidden states c_T of the instruction.
   s_T (text, default 7.5) pulls towards the instruction, s_I (image, default 1.5) towards the input image.
   The guidance is linear, so it is applied to the raw UNet output (ε, or v for v-models) as the references do.
 - Sampler: Euler ancestral, 100 steps, on k-diffusion's grid (t = linspace(999, 0, N), σ by log-linear
-  interpolation; METHODS §0.2), starting from z = σ_0·N(0, I), as edit_cli.py. Any sampler of the stack can
+  interpolation; docs/methods.md §0.2), starting from z = σ_0·N(0, I), as edit_cli.py. Any sampler of the stack can
   be chosen instead (``EditConfig.scheduler`` / ``spacing``).
 
 editlab vs diffusers: both scales are used as given. diffusers switches *all* guidance off (one conditional
@@ -68,7 +68,7 @@ def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon", scheduler_co
 
 
 @torch.no_grad()
-def edit(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
+def edit_by_instruction(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
          cfg: EditConfig = EditConfig(), instruction_embedding: torch.Tensor | None = None,
          hooks: Sequence = (), negative: str | None = None, progress: bool = True) -> torch.Tensor:
     """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see sizing.py) by one instruction each.
@@ -98,7 +98,7 @@ def apply_instruction(model: StableDiffusion, images: torch.Tensor, instruction:
         if eos is None:
             raise ValueError("a hybrid instruction needs the learned instruction's end position (eos)")
         instruction = hybrid_instruction(model, instruction, eos, extra_text)
-    return edit(model, images, None, cfg, instruction_embedding=instruction, progress=progress)
+    return edit_by_instruction(model, images, None, cfg, instruction_embedding=instruction, progress=progress)
 
 
 def load_instruction_embedding(path: str | Path) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """InstructPix2Pix's paired-data recipe: render a caption pair before and after, keep the samples CLIP likes.
 
 Paper: *InstructPix2Pix: Learning to Follow Image Editing Instructions* (Brooks, Holynski, Efros, CVPR 2023),
-§3.1.2; the public script is dataset_creation/generate_img_dataset.py (METHODS.md §6.2). For each caption pair
+§3.1.2; the public script is dataset_creation/generate_img_dataset.py (docs/methods.md §6.2). For each caption pair
 (input caption c_0, edited caption c_1, instruction) and each of N samples:
 
     seed, u_p, u_w  from the pair's generator (seeded by (recipe seed, pair index))
@@ -51,7 +51,7 @@ SCORES = ("image_text_before", "image_text_after", "image_image", "direction")
 
 @dataclass(frozen=True)
 class PairRecipe:
-    """The recipe of METHODS §6.2 (defaults: the paper's; the script keeps image-image ≥ 0.7)."""
+    """The recipe of docs/methods.md §6.2 (defaults: the paper's; the script keeps image-image ≥ 0.7)."""
 
     samples: int = 100  # N samples rendered per caption pair
     keep: int = 4  # at most K kept per caption pair

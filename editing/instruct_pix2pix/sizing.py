@@ -1,4 +1,4 @@
-"""Input sizing for InstructPix2Pix, as timothybrooks/instruct-pix2pix edit_cli.py does it (METHODS.md §6.1).
+"""Input sizing for InstructPix2Pix, as timothybrooks/instruct-pix2pix edit_cli.py does it (docs/methods.md §6.1).
 
 With R the target resolution (512 for SD, the model's native size otherwise) and m the size multiple:
 
@@ -13,7 +13,7 @@ editlab derives m from the model the same way (``size_multiple``): 64 for SD 1.x
 editlab adds one check: a result whose long side exceeds 2R is refused (aspect ratios beyond 2R/m = 16 for SD,
 where rounding a short side below m up to m blows the long side up: 2000×10 -> 12800×64 in edit_cli.py).
 diffusers instead keeps the input size floored to a multiple of 8; reference tests feed both a pre-sized image
-(METHODS §6.3.5). ``keep_size`` keeps the input size, floored to multiples of m (centre crop).
+(docs/methods.md §6.3 item 4). ``keep_size`` keeps the input size, floored to multiples of m (centre crop).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.config import ModelConfig
+from ldm.images import read_rgb
 
 
 def size_multiple(config: ModelConfig) -> int:
@@ -79,14 +80,8 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as err:
-        raise ValueError(f"{path}: not an image PIL can read ({err.__class__.__name__}); give a PNG or JPEG") from None
+    """The image file as upright 8-bit RGB (ldm.images.read_rgb: EXIF orientation, 16-bit scaled)."""
+    return read_rgb(path)
 
 
 def prepare_image(image: Image.Image, config: ModelConfig, resolution: int, keep_size: bool = False) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """InstructPix2Pix's paired-data recipe in the toy world: toy caption pairs, and the toy readers as the filter.
 
-The paper (*InstructPix2Pix*, Brooks et al., CVPR 2023, §3.1; METHODS.md §6.2) writes caption pairs with a
+The paper (*InstructPix2Pix*, Brooks et al., CVPR 2023, §3.1; docs/methods.md §6.2) writes caption pairs with a
 language model and filters the rendered pairs with CLIP. The toy world needs neither:
 
 - caption pairs: a random toy spec and one random edit of it (data.sample_edit: object colour, shape

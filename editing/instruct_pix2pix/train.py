@@ -2,10 +2,10 @@
 
 Paper: *InstructPix2Pix: Learning to Follow Image Editing Instructions* (Brooks et al., CVPR 2023), §3.2 and
 §3.3; code: timothybrooks/instruct-pix2pix ddpm_edit.py, diffusers examples/instruct_pix2pix/
-train_instruct_pix2pix.py (METHODS.md §6.2).
+train_instruct_pix2pix.py (docs/methods.md §6.2).
 
 1. Widen the UNet's conv_in from 4 to 8 input channels: the new weights [:, 4:] are zero, so at initialisation
-   the model is exactly the text-to-image model, whatever the image latent is (CHECKPOINTS.md §11).
+   the model is exactly the text-to-image model, whatever the image latent is (docs/checkpoints.md §11).
 2. For each pair (x_before, instruction, x_after), with the text encoder and the VAE frozen:
 
        z0  = s·z,  z ~ q(z | x_after)                 target latent (posterior sample, scaled)

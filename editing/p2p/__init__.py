@@ -11,15 +11,15 @@
 
 from .alignment import equalizer, needleman_wunsch, refinement_mapper, replacement_mapper, token_ids
 from .controllers import P2PController, Refine, Replace, Reweight
-from .edit import (MODES, Inversion, P2PConfig, P2PResult, build_controller, edit_real_image, invert_image,
-                   prompt_to_prompt)
+from .edit import (MODES, REAL_IMAGE_CONFIG, Inversion, P2PConfig, P2PResult, build_controller, edit_real_image,
+                   invert_image, prompt_to_prompt, resolve_self_level)
 from .local_blend import LocalBlend
 from .schedules import cross_replace_alphas, default_map_level, level_shape, self_replace_calls
 from .store import AttentionStore
 from .visualize import attention_grid, token_labels
 
-__all__ = ["AttentionStore", "Inversion", "LocalBlend", "MODES", "P2PConfig", "P2PController", "P2PResult",
-           "Refine", "Replace", "Reweight", "attention_grid", "build_controller", "cross_replace_alphas",
+__all__ = ["AttentionStore", "Inversion", "LocalBlend", "MODES", "REAL_IMAGE_CONFIG", "P2PConfig", "P2PController",
+           "P2PResult", "Refine", "Replace", "Reweight", "attention_grid", "build_controller", "cross_replace_alphas",
            "default_map_level", "edit_real_image", "equalizer", "invert_image", "level_shape",
            "needleman_wunsch", "prompt_to_prompt", "refinement_mapper", "replacement_mapper",
-           "self_replace_calls", "token_ids", "token_labels"]
+           "resolve_self_level", "self_replace_calls", "token_ids", "token_labels"]

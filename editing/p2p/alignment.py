@@ -1,15 +1,15 @@
 """Token alignment between a source prompt and its edits.
 
 Paper: *Prompt-to-Prompt Image Editing with Cross Attention Control* (Hertz et al., ICLR 2023), §3.2; the
-public code is google/prompt-to-prompt seq_aligner.py (METHODS.md §1.3). Cross-attention maps are indexed by
+public code is google/prompt-to-prompt seq_aligner.py (docs/methods.md §1.3). Cross-attention maps are indexed by
 token position, so an edit that keeps the source's maps needs, for every target token, its source token:
 
 - word swap (Replace): both prompts have the same number of words; some differ. A mapper M [77, 77] with
       E[:, :, n] = Σ_w A_0[:, :, w] · M[w, n].
   Words of equal token count map one-to-one; a swapped word with source span S and target span T,
   |S| ≠ |T|, spreads: M[s, t] = 1/|T| for s ∈ S, t ∈ T. Every later token keeps the accumulated offset
-  Σ(|T| − |S|) of the swaps before it (the public code drops that offset after the last swap: METHODS
-  §1.6.1), and target positions left without a source map to themselves.
+  Σ(|T| − |S|) of the swaps before it (the public code drops that offset after the last swap: docs/methods.md
+  §1.6 item 1), and target positions left without a source map to themselves.
 - refinement (Refine): words are added (or removed). Needleman–Wunsch global alignment of the token ids,
   start and end tokens included, with match +1, mismatch −1, gap 0; m(n) = the source position aligned to
   target token n, or none (a new token).

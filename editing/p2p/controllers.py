@@ -1,5 +1,5 @@
 """Prompt-to-Prompt attention controllers (Hertz et al., *Prompt-to-Prompt Image Editing with Cross Attention
-Control*, ICLR 2023, §3.2; METHODS.md §1.1).
+Control*, ICLR 2023, §3.2; docs/methods.md §1.1).
 
 The UNet runs on [∅ × B; P_0 … P_{B−1}] (row 0 of the conditional half is the source). In each layer the
 controller edits the conditional rows only; the unconditional rows and the source row pass unchanged:
@@ -15,10 +15,11 @@ with the edit function E one of (A_0: [heads, Q, K], A_j: [heads, Q, K]):
                            no renormalisation, negative weights allowed
 
 Only the layers whose maps are edited or stored per token (cross-attention, K = 77) run the explicit
-(query-chunked) attention path. Self-attention replacement keeps the fused kernel: the edited rows' output
-A_0 V_j = softmax(q_0 k_0ᵀ/√d) V_j is scaled_dot_product_attention(q_0, k_0, V_j) (``map_sources``), so
-the 4096×4096 maps of a 64² layer are never formed. Every layer the controller is attached to must run once
-per step (the layer-count contract of ldm.hooks): a hook that silently reaches no layer edits nothing.
+(query-chunked) attention path (docs/performance.md §1). Self-attention replacement keeps the fused kernel: the
+edited rows' output A_0 V_j = softmax(q_0 k_0ᵀ/√d) V_j is scaled_dot_product_attention(q_0, k_0, V_j)
+(``map_sources``), so the 4096×4096 maps of a 64² layer are never formed. Every layer the controller is attached
+to must run once per step (the layer-count contract of ldm.hooks): a hook that silently reaches no layer edits
+nothing, which is how the public code broke (docs/methods.md §1.6 item 3).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ real image inverted first (DDIM or null-text inversion) and then edited.
 
 Papers: *Prompt-to-Prompt Image Editing with Cross Attention Control* (Hertz et al., ICLR 2023) and
 *Null-text Inversion for Editing Real Images using Guided Diffusion Models* (Mokady et al., CVPR 2023).
-Algorithm: METHODS.md §1.1 (controllers.py has the formulas). Every row starts from the same noise x_T and,
+Algorithm: docs/methods.md §1.1 (controllers.py has the formulas). Every row starts from the same noise x_T and,
 for the stochastic samplers, draws the same per-step noise (one generator per row, all seeded alike), so the
 rows differ only by their prompts and the edits; row 0 is then exactly what the same batch would give
 without any controller.
@@ -37,7 +37,7 @@ MODES = ("swap", "refine")
 @dataclass(frozen=True)
 class P2PConfig:
     """What to edit and when. Defaults: the Prompt-to-Prompt notebook (squirrel -> lion: cross 0.8, self 0.4;
-    LocalBlend threshold 0.3 from the first step)."""
+    LocalBlend threshold 0.3 from the first step); ``REAL_IMAGE_CONFIG`` holds the null-text notebook's."""
 
     mode: str = "swap"  # "swap" (Replace: same word count) or "refine" (Refine: words added/removed)
     cross_replace: float = 0.8  # fraction of steps whose cross-attention is replaced
@@ -48,12 +48,18 @@ class P2PConfig:
     blend_threshold: float = 0.3
     blend_start: float = 0.0  # first blended step as a fraction of N (null-text notebook: 0.2)
     map_level: int | None = None  # UNet level of stored / blended / shown maps (None: schedules.default_map_level)
-    self_min_level: int | None = None  # self-attention replaced at levels >= this (None: the map level)
+    self_min_level: int | None = None  # self-attention replaced at levels >= this (None: see self_above_map)
+    self_above_map: int = 0  # with self_min_level None: from this many levels above the map level (0: the map level)
     store: bool = True  # keep the maps for visualisation
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+
+
+# Editing a real image: the null-text notebook's settings (self 0.5, self-attention also one level above the
+# map level, i.e. SD's 32² maps, blending from 20% of the steps). edit_real_image and `editlab p2p --image` use it.
+REAL_IMAGE_CONFIG = P2PConfig(self_replace=(0.0, 0.5), blend_start=0.2, self_above_map=1)
 
 
 @dataclass
@@ -73,6 +79,13 @@ def resolve_map_level(model: StableDiffusion, config: P2PConfig) -> int:
     return map_level
 
 
+def resolve_self_level(config: P2PConfig, map_level: int) -> int:
+    """The lowest UNet level whose self-attention is replaced."""
+    if config.self_min_level is not None:
+        return config.self_min_level
+    return max(0, map_level - config.self_above_map)
+
+
 def build_controller(model: StableDiffusion, prompts: Sequence[str], steps: int, latent_hw: tuple[int, int],
                      config: P2PConfig = P2PConfig()) -> P2PController:
     """The controller for ``prompts`` (row 0 = source) over ``steps`` UNet calls."""
@@ -80,7 +93,7 @@ def build_controller(model: StableDiffusion, prompts: Sequence[str], steps: int,
         raise ValueError("Prompt-to-Prompt needs a source prompt and at least one edited prompt")
     tokenizer, source, edits = model.tokenizer, prompts[0], list(prompts[1:])
     map_level = resolve_map_level(model, config)
-    self_min_level = map_level if config.self_min_level is None else config.self_min_level
+    self_min_level = resolve_self_level(config, map_level)
     if config.mode == "swap":
         cross_edit = Replace(torch.stack([replacement_mapper(tokenizer, source, e) for e in edits]))
     else:
@@ -103,7 +116,7 @@ def build_controller(model: StableDiffusion, prompts: Sequence[str], steps: int,
 
 @torch.no_grad()
 def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[str],
-                     cfg: SamplingConfig = SamplingConfig(), config: P2PConfig = P2PConfig(), *,
+                     sampling: SamplingConfig = SamplingConfig(), config: P2PConfig = P2PConfig(), *,
                      noise: torch.Tensor | None = None, null_embeddings: Sequence[torch.Tensor] | None = None,
                      attention_hooks: Sequence = (), negative: str | None = None, progress: bool = False) -> P2PResult:
     """Sample the source prompt and its edits together under a Prompt-to-Prompt controller.
@@ -114,24 +127,24 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
     :param negative: negative prompt of every row (not with null-text embeddings, which replace it)
     """
     prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
-    sampler = sampler_for(model, cfg)
-    generators = [torch.Generator("cpu").manual_seed(cfg.seed) for _ in prompts]  # same noise in every row
+    sampler = sampler_for(model, sampling)
+    generators = [torch.Generator("cpu").manual_seed(sampling.seed) for _ in prompts]  # same noise in every row
     if null_embeddings is None:
-        context = text_context(model, prompts, negative, cfg.guidance)  # [∅ × B; P_0 … P_{B−1}]
-        predict = guided_unet(model.unet, context, cfg.guidance, cfg.guidance_rescale)
+        context = text_context(model, prompts, negative, sampling.guidance)  # [∅ × B; P_0 … P_{B−1}]
+        predict = guided_unet(model.unet, context, sampling.guidance, sampling.guidance_rescale)
     else:
         if negative:
             raise ValueError("null-text inversion learns the unconditional embedding that a negative prompt "
                              "would set; drop --negative or invert with --inversion ddim")
-        if len(null_embeddings) != cfg.steps:
-            raise ValueError(f"{len(null_embeddings)} null embeddings for {cfg.steps} steps; invert with the same "
+        if len(null_embeddings) != sampling.steps:
+            raise ValueError(f"{len(null_embeddings)} null embeddings for {sampling.steps} steps; invert with the same "
                              "number of steps")
         context = model.encode_prompt(prompts)
-        predict = null_text_predictor(model.unet, list(null_embeddings), context, cfg.guidance, sampler)
+        predict = null_text_predictor(model.unet, list(null_embeddings), context, sampling.guidance, sampler)
     if noise is None:
-        check_image_size(cfg.height, cfg.width, model.config.vae.downsample_factor)
+        check_image_size(sampling.height, sampling.width, model.config.vae.downsample_factor)
         f, channels = model.config.vae.downsample_factor, model.config.vae.latent_channels
-        shape = (len(prompts), channels, cfg.height // f, cfg.width // f)
+        shape = (len(prompts), channels, sampling.height // f, sampling.width // f)
         latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma
     else:
         latents = noise.to(model.device, context.dtype).expand(len(prompts), -1, -1, -1)
@@ -154,43 +167,45 @@ class Inversion:
     details: object  # pivots (ddim) or the NullTextInversion
 
 
-def invert_image(model: StableDiffusion, image: torch.Tensor, prompt: str, cfg: SamplingConfig,
+def invert_image(model: StableDiffusion, image: torch.Tensor, prompt: str, sampling: SamplingConfig = SamplingConfig(),
                  method: str = "null-text", inversion_guidance: float = 1.0, batch: int = 1,
                  null_config: NullTextConfig | None = None, progress: bool = False) -> Inversion:
-    """Encode ``image`` [1, 3, H, W] in [0, 1] (posterior mean, METHODS §0.4) and invert it on the DDIM grid
-    of ``cfg`` (which must be ddim with eta 0). ``batch``: the editing batch the null-text advance step uses."""
-    if cfg.scheduler != "ddim" or cfg.eta != 0:
+    """Encode ``image`` [1, 3, H, W] in [0, 1] (posterior mean, docs/methods.md §0.4) and invert it on the DDIM grid
+    of ``sampling`` (which must be ddim with eta 0). ``batch``: the editing batch the null-text advance step uses."""
+    if sampling.scheduler != "ddim" or sampling.eta != 0:
         raise ValueError(f"real-image editing inverts with deterministic DDIM; use scheduler 'ddim' with eta 0 "
-                         f"(got {cfg.scheduler!r}, eta {cfg.eta})")
-    if cfg.spacing not in (None, "leading") or cfg.karras or cfg.rescale_zero_snr:
+                         f"(got {sampling.scheduler!r}, eta {sampling.eta})")
+    if sampling.spacing not in (None, "leading") or sampling.karras or sampling.rescale_zero_snr:
         raise ValueError("real-image editing inverts on SD's DDIM grid (leading spacing, standard betas); drop "
                          "--spacing, --karras and --rescale-zero-snr")
     check_image_size(image.shape[-2], image.shape[-1], model.config.vae.downsample_factor)
     latents = encode_images(model, image)
-    sampler = inversion_sampler(model, cfg.steps)
+    sampler = inversion_sampler(model, sampling.steps)
     if method == "ddim":
         pivots = ddim_invert(model, latents, prompt, sampler, inversion_guidance, progress=progress)
         return Inversion(method, pivots[-1], None, pivots)
     if method == "null-text":
-        null_config = null_config or NullTextConfig(guidance=cfg.guidance)
+        null_config = null_config or NullTextConfig(guidance=sampling.guidance)
         result = null_text_inversion(model, latents, prompt, sampler, null_config, inversion_guidance, batch, progress)
         return Inversion(method, result.noise, result.null_embeddings, result)
     raise ValueError(f"inversion method {method!r} is not one of ('ddim', 'null-text')")
 
 
 def edit_real_image(model: StableDiffusion, image: torch.Tensor, source: str, edits: str | Sequence[str],
-                    cfg: SamplingConfig, config: P2PConfig = P2PConfig(), method: str = "null-text",
-                    inversion_guidance: float = 1.0, negative: str | None = None,
+                    sampling: SamplingConfig = SamplingConfig(), config: P2PConfig = REAL_IMAGE_CONFIG,
+                    method: str = "null-text", inversion_guidance: float = 1.0, negative: str | None = None,
                     progress: bool = False) -> tuple[P2PResult, Inversion]:
-    """Invert ``image`` under the source prompt, then edit it; row 0 of the result is the reconstruction."""
+    """Invert ``image`` under the source prompt, then edit it; row 0 of the result is the reconstruction.
+    The defaults are ``editlab p2p --image``'s: null-text inversion on DDIM 50 steps at guidance 7.5 and the
+    null-text notebook's edit settings (``REAL_IMAGE_CONFIG``)."""
     prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
     f = model.config.vae.downsample_factor
     latent_hw = (image.shape[-2] // f, image.shape[-1] // f)
-    build_controller(model, prompts, cfg.steps, latent_hw, config)  # check words and prompts before inverting
+    build_controller(model, prompts, sampling.steps, latent_hw, config)  # check words and prompts before inverting
     if negative and method == "null-text":
         raise ValueError("null-text inversion learns the unconditional embedding that a negative prompt would "
                          "set; drop --negative or invert with --inversion ddim")
-    inverted = invert_image(model, image, source, cfg, method, inversion_guidance, len(prompts), progress=progress)
-    result = prompt_to_prompt(model, source, edits, cfg, config, noise=inverted.noise,
+    inverted = invert_image(model, image, source, sampling, method, inversion_guidance, len(prompts), progress=progress)
+    result = prompt_to_prompt(model, source, edits, sampling, config, noise=inverted.noise,
                               null_embeddings=inverted.null_embeddings, negative=negative, progress=progress)
     return result, inverted

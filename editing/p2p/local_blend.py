@@ -1,5 +1,5 @@
 """Local blending: edit only where the chosen words attend (Prompt-to-Prompt, Hertz et al., §3.2 "local
-editing"; google/prompt-to-prompt ``LocalBlend``, METHODS.md §1.4).
+editing"; google/prompt-to-prompt ``LocalBlend``, docs/methods.md §1.4).
 
 After every sampler step i (from ``start_step`` on), with M_b the running sum of prompt b's cross-attention
 maps at the blend level (heads and layers averaged) and w_b the tokens of its blend words:
@@ -10,7 +10,7 @@ maps at the blend level (heads and layers averaged) and w_b the tokens of its bl
     x_j  ← x_0 + (mask_0 ∨ mask_j)·(x_j − x_0)                 for every edited row j
 
 The union is a logical OR: in the overlap the factor is 1, never 2 (adding the masks as numbers would
-extrapolate past x_j: METHODS §1.4). A prompt without any blend word contributes an empty mask.
+extrapolate past x_j: docs/methods.md §1.4). A prompt without any blend word contributes an empty mask.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """When and where Prompt-to-Prompt edits attention: step schedules and UNet levels.
 
-Paper: *Prompt-to-Prompt Image Editing with Cross Attention Control* (Hertz et al.), §3.2 and METHODS.md §1.1.
+Paper: *Prompt-to-Prompt Image Editing with Cross Attention Control* (Hertz et al.), §3.2 and docs/methods.md §1.1.
 N is the number of UNet calls (one per step for editlab's DDIM / DDPM / Euler samplers; no PNDM).
 
 - cross-attention: A_j[n] ← α_j(i)[n]·E(A_0, A_j)[n] + (1 − α_j(i)[n])·A_j[n], with α_j(i)[n] = 1 for the
@@ -8,7 +8,8 @@ N is the number of UNet calls (one per step for editlab's DDIM / DDPM / Euler sa
   each edited prompt (the notebook's {"default_": b, "word": b_w}).
 - self-attention: A_j ← A_0 for calls ⌊N·s_0⌋ ≤ i < ⌊N·s_1⌋, only in layers at or below a resolution.
 
-Resolutions are UNet levels, not query counts (METHODS §0.6): level ℓ has maps of side ⌈latent side / 2^ℓ⌉.
+Resolutions are UNet levels, not query counts (docs/methods.md §0.6): level ℓ has maps of side
+⌈latent side / 2^ℓ⌉.
 The default "map level" is min(2, deepest down/up level with attention): level 2 is 16² for SD at 512 px
 (24² at 768), the maps the paper's code stores, blends and shows; the toy model's deepest is level 1 (8²).
 """

@@ -1,7 +1,7 @@
 """Attention store: running sums of cross-attention maps for visualisation and local blending.
 
-As google/prompt-to-prompt's ``AttentionStore``, reduced before storing (the reference keeps every map of
-every step; at 64² a self-attention map alone is 4096×4096): only cross-attention, only the conditional rows, averaged over heads, at the chosen
+As google/prompt-to-prompt's ``AttentionStore`` (docs/methods.md §1.5), reduced before storing
+(docs/performance.md §1): only cross-attention, only the conditional rows, averaged over heads, at the chosen
 UNet levels, summed over steps. Self-attention maps (up to 4096×4096 at 64²) are never stored; a stored layer
 costs B·Q·77 numbers however many steps run.
 
