@@ -12,7 +12,7 @@ Paper: *Adding Conditional Control to Text-to-Image Diffusion Models* (Zhang, Ra
 - Several ControlNets: their residuals add up, r_k = Σ_n s_{n,k}·r_{n,k} (diffusers MultiControlNetModel).
 - A ControlNet acts only on the steps i with start ≤ i/N and (i+1)/N ≤ end (diffusers control_guidance_start
   / _end): keep_i = 1 − [i/N < start or (i+1)/N > end].
-- CFG as usual: ε̂ = ε_u + w·(ε_c − ε_u), ε = UNet(x, t, c, skips + r, mid + r_mid).
+- CFG as usual (ldm.pipeline.classifier_free_guidance), ε = UNet(x, t, c, skips + r, mid + r_mid).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 
 from ldm.hooks import guidance_batch, join_guidance, split_guidance
 from ldm.model import StableDiffusion
-from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, denoise, initial_noise, prompt_conditioning,
-                          sampler_for)
+from ldm.pipeline import (Predictor, SamplingConfig, check_image_size, classifier_free_guidance, denoise, guided,
+                          initial_noise, prompt_conditioning, sampler_for)
 from ldm.sdxl import MicroConditioning
 from ldm.unet import TextTime
 
@@ -89,10 +89,13 @@ def control_residuals(controls: Sequence[Control], x: torch.Tensor, t, context: 
     return down_sum, mid_sum
 
 
-def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, guidance: float, sampler,
-                    guess_mode: bool = False, guess_rule: str = "diffusers",
-                    control_uncond: bool | None = None, added: TextTime | None = None) -> Predictor:
-    """predict(x, i, t) for ``ldm.pipeline.denoise``: CFG over the UNet with ControlNet residuals.
+def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, guidance: float | Sequence[float],
+                    sampler, guess_mode: bool = False, guess_rule: str = "diffusers",
+                    control_uncond: bool | None = None, rescale: float = 0.0,
+                    added: TextTime | None = None) -> Predictor:
+    """predict(x_in, t) for ``ldm.pipeline.denoise``: CFG over the UNet with ControlNet residuals; the
+    ControlNet sees the same scaled input as the UNet (diffusers PR #3571). ``guidance`` is one scale or one
+    per row; ``sampler`` gives the step index of t (a ControlNet acts on a window of steps).
 
     :param context: [uncond; cond] text states under guidance (``text_context``), else cond only
     :param control_uncond: whether the unconditional half gets control; default: yes, except in guess mode
@@ -101,28 +104,31 @@ def controlled_unet(unet, controls: Sequence[Control], context: torch.Tensor, gu
     control_uncond = (not guess_mode) if control_uncond is None else control_uncond
     extra = {} if added is None else {"added": added}  # SD 1.x/2.x UNets (and wrappers of them) take no added
     n_steps = len(sampler.timesteps)
+    step_of = {}
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        step_of.setdefault(t, i)
     if guess_rule not in GUESS_RULES:
         raise ValueError(f"unknown guess-mode rule {guess_rule!r}; choose one of {', '.join(GUESS_RULES)}")
 
     def residuals(x_in, t, ctx, i, rows_added=added):
         return control_residuals(controls, x_in, t, ctx, i, n_steps, guess_mode, guess_rule, rows_added)
 
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        x_in = sampler.scale_model_input(x, i)  # the ControlNet sees the same scaled input (diffusers PR #3571)
-        if guidance <= 1.0:
+    def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        i = step_of[t.item()]
+        if not guided(guidance):
             down, mid = residuals(x_in, t, context, i)
             return unet(x_in, t, context, down, mid, **extra)
         x_both = guidance_batch(x_in)  # [B, ...] -> [2B, ...]: [uncond × B; cond × B]
         if control_uncond:
             down, mid = residuals(x_both, t, context, i)
         else:  # guess mode: control only the conditional half, zeros for the unconditional one
-            cond_added = None if added is None else added.rows(slice(x.shape[0], None))
+            cond_added = None if added is None else added.rows(slice(x_in.shape[0], None))
             down, mid = residuals(x_in, t, split_guidance(context)[1], i, cond_added)
             down = [join_guidance(torch.zeros_like(r), r) for r in down]
             mid = join_guidance(torch.zeros_like(mid), mid)
         # y = F(x) + Z(F'(x + Z(c))): the locked UNet adds the residuals to its skips and middle block
         uncond, cond = split_guidance(unet(x_both, t, context, down, mid, **extra))  # [2B, ...] -> 2 × [B, ...]
-        return uncond + guidance * (cond - uncond)  # ε̂ = ε_u + w(ε_c − ε_u)
+        return classifier_free_guidance(uncond, cond, guidance, rescale)
 
     return predict
 
@@ -158,5 +164,5 @@ def controlnet_to_image(model: StableDiffusion, controls: Sequence[Control], pro
     latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma
     predict = controlled_unet(model.unet, controls, context, cfg.guidance, sampler, guess_mode, guess_rule,
-                              control_uncond, added)
+                              control_uncond, cfg.guidance_rescale, added)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)

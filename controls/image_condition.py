@@ -46,8 +46,9 @@ def image_condition(model: StableDiffusion, images: torch.Tensor) -> torch.Tenso
 
 
 def instruction_context(model: StableDiffusion, instructions: Sequence[str] | None, batch: int,
-                        instruction_embedding: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-attention context of the three rows, [c_T; ∅_T; ∅_T] ([3B, 77, C]).
+                        instruction_embedding: torch.Tensor | None = None, negative: str | None = None) -> torch.Tensor:
+    """Cross-attention context of the three rows, [c_T; ∅_T; ∅_T] ([3B, 77, C]); ∅_T is the empty prompt, or
+    the ``negative`` prompt (as diffusers' InstructPix2Pix pipeline).
 
     c_T is CLIP(instruction), or ``instruction_embedding`` ([77, C] or [B, 77, C]) used as it is: the hook for
     a learned instruction (Visii, docs/methods.md §10) that replaces the encoded text; gradients flow back to it.
@@ -57,7 +58,7 @@ def instruction_context(model: StableDiffusion, instructions: Sequence[str] | No
     if instructions is not None and len(instructions) != batch:
         raise ValueError(f"{len(instructions)} instructions for {batch} images; give one instruction per image")
     with torch.no_grad():
-        null = model.encode_prompt([""] * batch)  # ∅_T
+        null = model.encode_prompt([negative or ""] * batch)  # ∅_T
         cond = model.encode_prompt(list(instructions)) if instructions is not None else None
     if cond is None:
         cond = _embedding_batch(instruction_embedding, batch, tuple(null.shape[1:])).to(null.device, null.dtype)
@@ -91,15 +92,15 @@ def sdxl_instruction_conditioning(model: StableDiffusion, instructions: Sequence
 
 
 def three_way_guidance(unet, context: torch.Tensor, image_latents: torch.Tensor, text_scale: float,
-                       image_scale: float, sampler, added: TextTime | None = None) -> Predictor:
-    """predict(x, i, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
+                       image_scale: float, added: TextTime | None = None) -> Predictor:
+    """predict(x_in, t) = row2 + s_I(row1 − row2) + s_T(row0 − row1) over the rows
     [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]; ``context`` is [c_T; ∅_T; ∅_T], ``image_latents`` c_I ([B, 4, h, w])."""
     extra = {} if added is None else {"added": added}  # SD 1.x UNets (and wrappers of them) take three inputs
     image_rows = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [c_I; c_I; ∅_I]
 
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        x_in = sampler.scale_model_input(torch.cat([x, x, x]), i)  # [B, 4, h, w] -> [3B, 4, h, w]
-        unet_in = torch.cat([x_in, image_rows.to(x_in.dtype)], dim=1)  # -> [3B, 8, h, w]
+    def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rows = torch.cat([x_in, x_in, x_in])  # [B, 4, h, w] -> [3B, 4, h, w]
+        unet_in = torch.cat([rows, image_rows.to(rows.dtype)], dim=1)  # -> [3B, 8, h, w]
         full, image_only, unconditional = unet(unet_in, t, context, **extra).chunk(3)  # -> 3 × [B, 4, h, w]
         return (unconditional
                 + text_scale * (full - image_only)  # s_T (ε(c_T, c_I) − ε(∅_T, c_I))

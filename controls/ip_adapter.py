@@ -25,7 +25,7 @@ from torch import nn
 
 from ldm.attention import Attention, attached, attention_layers
 from ldm.hooks import AttentionHook, join_guidance
-from ldm.pipeline import SamplingConfig, text_to_image
+from ldm.pipeline import SamplingConfig, guided, text_to_image
 
 
 def diffusers_block(layer_name: str) -> str:
@@ -87,7 +87,7 @@ class IPAdapter(nn.Module):
         """Image tokens for a sampling batch: [c_ip^∅; c_ip] ([2B, T, C]) under guidance, else c_ip."""
         image_embeds = image_embeds.to(self.image_proj.proj.weight.dtype)
         positive = self.image_proj(image_embeds)
-        if guidance <= 1.0:
+        if not guided(guidance):
             return positive
         return join_guidance(self.image_proj(torch.zeros_like(image_embeds)), positive)  # c_ip^∅ = proj(0)
 

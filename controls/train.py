@@ -48,7 +48,7 @@ from PIL import Image
 
 from ldm.images import load_image
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, velocity
+from ldm.schedulers import NoiseSchedule, q_sample, training_target
 from ldm.shards import index_shards, list_shards, read_parts
 from ldm.stream import CorruptSample, StreamLoader
 from ldm.training import LossFn, Part, TrainConfig, Trainer, data_parallel, enable_gradient_checkpointing
@@ -256,7 +256,6 @@ def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, loader: StreamLo
     """The per-step loss (module docstring) on the step's streamed triples (``loader``: ldm.stream). Every
     draw is of the global batch, then sliced to this part's rows."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
-    v_model = model.config.prediction_type == "v_prediction"
     device = model.device
     with torch.no_grad():
         null_context = model.encode_prompt([""])
@@ -275,10 +274,10 @@ def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, loader: StreamLo
         noise_z, noise, t, drop = (v[mine].to(device) for v in (noise_z, noise, t, drop))
         z0 = model.vae.scale_latents(posterior.mean + posterior.std * noise_z)  # s·z
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
-        x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
+        x_t = q_sample(z0, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
         context = torch.where(drop.view(-1, 1, 1), null_context, contexts)
         output = wrapper(x_t, t, context, to_hint(batch["hint"], *batch["hint"].shape[-2:]).to(device))
-        target = velocity(noise, z0, alpha_bar) if v_model else noise
+        target = training_target(z0, noise, alpha_bar, model.config.prediction_type)  # ε or v
         return F.mse_loss(output.float(), target.float())  # ‖ε − ε_θ(x_t, t, c_t, c_f)‖²
 
     return loss_fn

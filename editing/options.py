@@ -14,8 +14,8 @@ from PIL import Image
 import ldm
 from ldm.files import file_sha256
 from ldm.model import StableDiffusion, metadata_of
-from ldm.pipeline import SamplingConfig
-from ldm.schedulers import SAMPLERS
+from ldm.pipeline import SamplingConfig, sampler_for
+from ldm.schedulers import SAMPLERS, SPACINGS, resolve_sampler
 from ldm.speed import apply_backend_settings
 
 from .checks import check_converted, check_weights, native_side, weights_kind
@@ -48,13 +48,43 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str = "a Stable D
                                  "AUTOMATIC1111 .pt/.safetensors); its token may then appear in prompts; repeatable")
 
 
+def _sampler_name(name: str) -> str:
+    try:
+        resolve_sampler(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, scheduler: str = "ddim",
+                          extra_spacings: tuple[str, ...] = ()) -> None:
+    """The sampling options every sampling command shares, in one group: sampler, grid, Karras σ, zero-SNR
+    betas, guidance rescale and the negative prompt."""
+    group = parser.add_argument_group("sampling options")
+    group.add_argument("--scheduler", type=_sampler_name, default=scheduler, metavar="NAME",
+                       help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111 names work too "
+                            f"(e.g. 'DPM++ 2M Karras', 'Euler a') (default: {scheduler})")
+    group.add_argument("--spacing", choices=SPACINGS + extra_spacings, default=None,
+                       help="timestep grid (default: the model's scheduler config, else the sampler's own: leading "
+                            "for ddim/ddpm/pndm, linspace for the others)")
+    group.add_argument("--karras", action="store_true", default=None,
+                       help="Karras σ spacing, ρ = 7 (euler, heun, lms, dpm++2m, dpm++2m-sde, unipc)")
+    group.add_argument("--rescale-zero-snr", action="store_true", default=None,
+                       help="rescale the betas to zero terminal SNR (Lin et al.; v-prediction models, with "
+                            "--spacing trailing and --guidance-rescale 0.7)")
+    group.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                       help="rescale the guided output towards the conditional one's std (Lin et al.: 0.7); 0: off")
+    group.add_argument("--negative", default=None,
+                       help="negative prompt (default: empty; SDXL: zero conditioning, as diffusers)")
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, steps: int = SamplingConfig.steps,
                            guidance: float = SamplingConfig.guidance, scheduler: str = SamplingConfig.scheduler,
                            size: int | None = None) -> None:
     """Defaults: ``SamplingConfig``'s (the Python API's), unless a command passes its own."""
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance scale w")
-    parser.add_argument("--scheduler", choices=SAMPLERS, default=scheduler)
+    add_sampler_arguments(parser, scheduler)
     parser.add_argument("--eta", type=float, default=SamplingConfig.eta,
                         help="DDIM eta (0 deterministic, 1 stochastic)")
     parser.add_argument("--seed", type=int, default=SamplingConfig.seed)
@@ -154,17 +184,37 @@ def native_size(model: StableDiffusion) -> int:
     return native_side(model.config)
 
 
+def sampler_options(args) -> dict:
+    """The shared sampling options as SamplingConfig fields (an AUTOMATIC1111 name resolved to sampler + Karras)."""
+    name, karras = resolve_sampler(args.scheduler)
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise UserError(f"--guidance-rescale {args.guidance_rescale}: give a value in [0, 1] (Lin et al.: 0.7)")
+    return dict(scheduler=name, spacing=args.spacing, karras=True if (karras or args.karras) else None,
+                rescale_zero_snr=args.rescale_zero_snr, guidance_rescale=args.guidance_rescale)
+
+
+def check_sampler(model: StableDiffusion, cfg: SamplingConfig) -> None:
+    """Build the sampler once, so an unsupported combination is a one-line error before any work."""
+    try:
+        sampler_for(model, cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def sampling_config(args, model: StableDiffusion) -> SamplingConfig:
     side = native_size(model)
-    return SamplingConfig(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, eta=args.eta,
-                          seed=args.seed, height=args.height or side, width=args.width or side)
+    cfg = SamplingConfig(steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
+                         height=args.height or side, width=args.width or side, **sampler_options(args))
+    check_sampler(model, cfg)
+    return cfg
 
 
 def run_parameters(args, cfg: SamplingConfig, **extra) -> dict:
     """What a PNG records about the run that made it."""
     path = weights_path(args)
     return {"weights": path.name, "weights_sha256": weights_sha256(path), **run_settings(args),
-            "scheduler": cfg.scheduler,
+            "scheduler": cfg.scheduler, "spacing": cfg.spacing, "karras": cfg.karras,
+            "rescale_zero_snr": cfg.rescale_zero_snr, "guidance_rescale": cfg.guidance_rescale,
             "steps": cfg.steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
             "height": cfg.height, "width": cfg.width, "dtype": args.dtype, **extra}
 

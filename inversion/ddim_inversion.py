@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ldm.model import StableDiffusion
 from ldm.pipeline import denoise, guided_unet, text_context
-from ldm.schedulers import DDIMSampler, NoiseSchedule, predict_eps_x0
+from ldm.schedulers import DDIMSampler, NoiseSchedule, ddim_update, predict_eps_x0
 
 
 def inversion_sampler(model: StableDiffusion, steps: int) -> DDIMSampler:
@@ -37,9 +37,10 @@ def check_deterministic(sampler) -> None:
 
 
 def ddim_inversion_step(eps: torch.Tensor, z: torch.Tensor, alpha_bar_current, alpha_bar_next) -> torch.Tensor:
-    """z_n = √ᾱ_n·x̂0 + √(1−ᾱ_n)·ε with x̂0 = (z_c − √(1−ᾱ_c)·ε)/√ᾱ_c."""
-    x0 = (z - (1 - alpha_bar_current) ** 0.5 * eps) / alpha_bar_current**0.5
-    return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps
+    """z_n = √ᾱ_n·x̂0 + √(1−ᾱ_n)·ε with x̂0 = (z_c − √(1−ᾱ_c)·ε)/√ᾱ_c: the DDIM η = 0 step run towards
+    the larger t (with ε taken at t_n, the inversion's approximation)."""
+    _, x0 = predict_eps_x0(eps, z, alpha_bar_current, "epsilon")
+    return ddim_update(x0, eps, alpha_bar_next)
 
 
 @torch.no_grad()
@@ -53,7 +54,7 @@ def ddim_invert(model: StableDiffusion, latents: torch.Tensor, prompt: str, samp
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"invert one latent [1, C, h, w] at a time, got {tuple(latents.shape)}")
     context = text_context(model, [prompt], negative, guidance)
-    predict = guided_unet(model.unet, context, guidance, sampler)
+    predict = guided_unet(model.unet, context, guidance)
     schedule = sampler.schedule
     z = latents.to(model.device, context.dtype)
     pivots = [z]
@@ -62,7 +63,8 @@ def ddim_invert(model: StableDiffusion, latents: torch.Tensor, prompt: str, samp
         t_next = sampler.timesteps[k]
         alpha_bar_next = schedule.alpha_bar(t_next).to(z)
         alpha_bar_current = schedule.alpha_bar(sampler.previous_timestep(k)).to(z)  # ᾱ_0 before the first
-        eps, _ = predict_eps_x0(predict(z, k, t_next), z, alpha_bar_next, sampler.prediction_type)
+        output = predict(sampler.scale_model_input(z, k), t_next)
+        eps, _ = predict_eps_x0(output, z, alpha_bar_next, sampler.prediction_type)
         z = ddim_inversion_step(eps, z, alpha_bar_current, alpha_bar_next)
         pivots.append(z)
     return pivots
@@ -74,4 +76,4 @@ def ddim_reconstruct(model: StableDiffusion, noise: torch.Tensor, prompt: str, s
     """Sample from ``noise`` (e.g. the last pivot) with DDIM under the prompt: the plain reconstruction."""
     check_deterministic(sampler)
     context = text_context(model, [prompt], negative, guidance)
-    return denoise(sampler, guided_unet(model.unet, context, guidance, sampler), noise, None, progress=progress)
+    return denoise(sampler, guided_unet(model.unet, context, guidance), noise, None, progress=progress)

@@ -8,7 +8,7 @@ A DDPM sampler (DDIM with η > 0, *Denoising Diffusion Implicit Models* eq. 12 a
 per step:
 
     x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t                                  ε̂ from CFG: ε_u + w(ε_c − ε_u)
-    σ_t = η √((1−ᾱ_p)/(1−ᾱ_t) · (1−ᾱ_t/ᾱ_p))                       p = t − 1000//N; ᾱ_p = ᾱ_0 if p < 0
+    σ_t = η √((1−ᾱ_p)/(1−ᾱ_t) · (1−ᾱ_t/ᾱ_p))                       p = the next grid t; ᾱ_p = ᾱ_0 past it
     μ_t = √ᾱ_p x̂0 + √(1−ᾱ_p−σ_t²) ε̂
     x_p = μ_t + σ_t z_t
 
@@ -19,6 +19,10 @@ The edit-friendly noise space inverts this for a given x0 in two passes:
 2. for t = t_0 (largest) → t_{N−1} = 1: z_t = (x_p − μ_t(x_t)) / σ_t, and then the stored x_p is rewritten as
    μ_t + σ_t z_t, the sampler's own arithmetic. Regenerating with the same prompt, guidance, η and z_t
    therefore repeats every operation and returns x0 up to float rounding (no optimisation).
+
+Both passes are the DDIM sampler run by the one sampling loop (``ldm.pipeline.denoise``): ``NoiseMapSampler``
+wraps it so that step i takes z_t from the stored maps (regeneration) or solves for it first (extraction),
+using the sampler's ``step_mean`` (μ_t, σ_t) and its step with an explicit z.
 
 editlab conventions (docs/methods.md §4.3):
 - η²σ² under the root, as DDIM and LEDITS++. inbarhub/DDPM_inversion puts ησ² there; the two agree at η = 1.
@@ -40,15 +44,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ldm.pipeline import denoise, guided_unet, text_context
-from ldm.schedulers import DDIMSampler, NoiseSchedule, ddim_sigma, ddim_step, gaussian_noise, predict_eps_x0
-
-Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+from ldm.hooks import StepHook
+from ldm.pipeline import Predictor, denoise, guided_unet, text_context
+from ldm.schedulers import DDIMSampler, NoiseSchedule, gaussian_noise
 
 
 @dataclass(frozen=True)
@@ -105,22 +107,6 @@ def edit_friendly_sampler(num_steps: int, eta: float, prediction_type: str = "ep
     return DDIMSampler(NoiseSchedule.scaled_linear(), num_steps, eta, prediction_type)
 
 
-def step_terms(sampler: DDIMSampler, model_output: torch.Tensor, i: int, x: torch.Tensor):
-    """(x̂0, ε̂, ᾱ_p, σ_t) of step i; the model output is converted to ε first (v-prediction too)."""
-    alpha_bar_t = sampler.schedule.alpha_bar(sampler.timesteps[i])
-    alpha_bar_prev = sampler.schedule.alpha_bar(sampler.previous_timestep(i))  # ᾱ_0 past the end
-    eps, x0 = predict_eps_x0(model_output, x, alpha_bar_t, sampler.prediction_type)
-    return x0, eps, alpha_bar_prev, ddim_sigma(alpha_bar_t, alpha_bar_prev, sampler.eta)
-
-
-def noise_step(sampler: DDIMSampler, model_output: torch.Tensor, i: int, x: torch.Tensor,
-               noise: torch.Tensor) -> torch.Tensor:
-    """x_p = √ᾱ_p x̂0 + √(1−ᾱ_p−σ_t²) ε̂ + σ_t z_t with a given z_t: the one update both inversion and
-    regeneration use (DDIM eq. 12)."""
-    x0, eps, alpha_bar_prev, sigma = step_terms(sampler, model_output, i, x)
-    return ddim_step(x0, eps, alpha_bar_prev, sigma, noise)
-
-
 def auxiliary_path(x0: torch.Tensor, sampler: DDIMSampler, generator: torch.Generator | Sequence[torch.Generator]
                    ) -> torch.Tensor:
     """[N+1, B, C, h, w]: x_{t_i} = √ᾱ_{t_i} x0 + √(1−ᾱ_{t_i}) ε̃_i with independent ε̃_i, and x0 last.
@@ -134,40 +120,23 @@ def auxiliary_path(x0: torch.Tensor, sampler: DDIMSampler, generator: torch.Gene
     return torch.stack(path[::-1])  # N+1 × [B, C, h, w] -> [N+1, B, C, h, w], index i = step i
 
 
-@torch.no_grad()
-def extract_noise_maps(predict: Predictor, sampler: DDIMSampler, path: torch.Tensor, progress: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, noise_maps) from an auxiliary path [N+1, B, ...] (``auxiliary_path``).
-
-    Step i: z_i = (x_{i+1} − μ_i(x_i)) / σ_i, then x_{i+1} ← μ_i + σ_i z_i, so step i+1 starts from exactly
-    what the sampler will produce. The caller's ``path`` is not modified."""
-    if path.shape[0] != sampler.num_steps + 1:
-        raise ValueError(f"path has {path.shape[0]} latents; a {sampler.num_steps}-step sampler needs "
-                         f"{sampler.num_steps + 1} (one per grid step, then x0)")
-    latents = [path[0]]
-    noise_maps = []
-    for i in tqdm(range(sampler.num_steps), disable=not progress, leave=False, desc="inverting"):
-        x = latents[i]
-        output = predict(x, i, sampler.timesteps[i])
-        x0, eps, alpha_bar_prev, sigma = step_terms(sampler, output, i, x)
-        mean = ddim_step(x0, eps, alpha_bar_prev, sigma)  # μ_t
-        z = (path[i + 1] - mean) / sigma  # z_t = (x_p − μ_t) / σ_t
-        noise_maps.append(z)
-        latents.append(ddim_step(x0, eps, alpha_bar_prev, sigma, z))  # x_p ← μ_t + σ_t z_t
-    return torch.stack(latents), torch.stack(noise_maps)  # lists -> [N+1, B, ...], [N, B, ...]
-
-
 class NoiseMapSampler:
-    """A sampler whose step i adds σ_t·noise_maps[i] instead of fresh noise; plugs into ``ldm.pipeline.denoise``.
-
-    A map of batch 1 is shared by every row (several prompts, Prompt-to-Prompt)."""
+    """DDIM(η) whose step i adds σ_t·z_i with z_i from ``noise_maps`` (regeneration), or, given the target
+    ``path`` [N+1, B, ...], first solves x_{i+1} = μ_i + σ_i z_i for z_i and stores it (extraction). Plugs into
+    ``ldm.pipeline.denoise``. A map of batch 1 is shared by every row (several prompts, Prompt-to-Prompt)."""
 
     name = "edit-friendly"
 
-    def __init__(self, sampler: DDIMSampler, noise_maps: torch.Tensor):
-        if noise_maps.shape[0] != sampler.num_steps:
+    def __init__(self, sampler: DDIMSampler, noise_maps: torch.Tensor | None = None, path: torch.Tensor | None = None):
+        if (noise_maps is None) == (path is None):
+            raise ValueError("give the noise maps to regenerate with, or the path to extract them from")
+        if noise_maps is not None and noise_maps.shape[0] != sampler.num_steps:
             raise ValueError(f"{noise_maps.shape[0]} noise maps for a {sampler.num_steps}-step sampler")
-        self.sampler, self.noise_maps = sampler, noise_maps
+        if path is not None and path.shape[0] != sampler.num_steps + 1:
+            raise ValueError(f"path has {path.shape[0]} latents; a {sampler.num_steps}-step sampler needs "
+                             f"{sampler.num_steps + 1} (one per grid step, then x0)")
+        self.sampler, self.path = sampler, path
+        self.noise_maps = list(noise_maps) if noise_maps is not None else [None] * sampler.num_steps
         self.timesteps = sampler.timesteps
 
     def __len__(self) -> int:
@@ -177,7 +146,34 @@ class NoiseMapSampler:
         return self.sampler.scale_model_input(x, i)
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator=None) -> torch.Tensor:
-        return noise_step(self.sampler, model_output, i, x, self.noise_maps[i])
+        if self.path is not None:
+            mean, sigma = self.sampler.step_mean(model_output, i, x)  # μ_t, σ_t
+            self.noise_maps[i] = (self.path[i + 1] - mean) / sigma  # z_t = (x_p − μ_t) / σ_t
+        return self.sampler.step(model_output, i, x, noise=self.noise_maps[i])  # x_p = μ_t + σ_t z_t
+
+
+class Trajectory(StepHook):
+    """Step hook that keeps every latent of a run: [x at step 0, after step 0, …]."""
+
+    def __init__(self, start: torch.Tensor):
+        self.latents = [start]
+
+    def end_step(self, i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        self.latents.append(latents)
+        return latents
+
+
+@torch.no_grad()
+def extract_noise_maps(predict: Predictor, sampler: DDIMSampler, path: torch.Tensor, progress: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, noise_maps) from an auxiliary path [N+1, B, ...] (``auxiliary_path``).
+
+    Step i: z_i = (x_{i+1} − μ_i(x_i)) / σ_i, then x_{i+1} ← μ_i + σ_i z_i, so step i+1 starts from exactly
+    what the sampler will produce. The caller's ``path`` is not modified."""
+    extractor = NoiseMapSampler(sampler, path=path)
+    trajectory = Trajectory(path[0])
+    denoise(extractor, predict, path[0], None, hooks=[trajectory], progress=progress)
+    return torch.stack(trajectory.latents), torch.stack(extractor.noise_maps)  # -> [N+1, B, ...], [N, B, ...]
 
 
 @torch.no_grad()
@@ -212,11 +208,9 @@ def sample_native(model, prompts: Sequence[str], latent_shape: tuple[int, int], 
     x_T = gaussian_noise(shape, generator, model.device, context.dtype)
     noise_maps = gaussian_noise((cfg.steps, *shape), generator, model.device, context.dtype)
     predict = guided_unet(model.unet, context, cfg.source_guidance)
-    trajectory = [x_T]
-    for i in range(cfg.steps):
-        trajectory.append(noise_step(sampler, predict(trajectory[i], i, sampler.timesteps[i]), i, trajectory[i],
-                                     noise_maps[i]))
-    return DDPMInversion(torch.stack(trajectory), noise_maps, sampler.timesteps, cfg.eta, sampler.prediction_type,
+    trajectory = Trajectory(x_T)
+    denoise(NoiseMapSampler(sampler, noise_maps), predict, x_T, None, hooks=[trajectory], progress=False)
+    return DDPMInversion(torch.stack(trajectory.latents), noise_maps, sampler.timesteps, cfg.eta, sampler.prediction_type,
                          tuple(prompts), cfg.source_guidance)
 
 

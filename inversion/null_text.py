@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ldm.hooks import join_guidance
 from ldm.model import StableDiffusion
-from ldm.pipeline import guided_unet
+from ldm.pipeline import classifier_free_guidance, guided, guided_unet
 from ldm.schedulers import DDIMSampler
 
 from .ddim_inversion import check_deterministic, ddim_invert
@@ -92,7 +92,7 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
                         batch: int = 1, progress: bool = False) -> NullTextInversion:
     """Null-text inversion of one latent [1, C, h, w] under ``prompt`` (see the module docstring)."""
     check_deterministic(sampler)
-    if config.guidance <= 1.0:
+    if not guided(config.guidance):
         raise ValueError(f"null-text inversion fits the unconditional branch of guidance, which guidance "
                          f"{config.guidance} does not use; plain DDIM inversion reconstructs at w <= 1")
     if len(sampler.timesteps) > 100:
@@ -113,7 +113,7 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
 
         def loss_of(embedding: torch.Tensor) -> torch.Tensor:
             out_uncond = unet(sampler.scale_model_input(z, i), t, embedding.to(cond.dtype))
-            guided = out_uncond + w * (out_cond - out_uncond)  # ε̂ = ε_u + w(ε_c − ε_u)
+            guided = classifier_free_guidance(out_uncond, out_cond, w)
             previous = sampler.step(guided, i, z)  # DDIM η = 0 (v output is converted to ε inside)
             return torch.nn.functional.mse_loss(previous.float(), target.float())
 
@@ -124,17 +124,19 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
         with torch.no_grad():  # advance along the optimised trajectory, on the editing batch layout
             context = join_guidance(null.to(cond.dtype).expand(batch, -1, -1), cond.expand(batch, -1, -1))
             rows = z.expand(batch, -1, -1, -1)
-            z = sampler.step(guided_unet(unet, context, w, sampler)(rows, i, t), i, rows)[:1]
+            z = sampler.step(guided_unet(unet, context, w)(sampler.scale_model_input(rows, i), t), i, rows)[:1]
     return NullTextInversion(pivots, embeddings, all_losses, z)
 
 
 def null_text_predictor(unet, null_embeddings: list[torch.Tensor], cond: torch.Tensor, guidance: float, sampler):
-    """predict(x, i, t) for B rows with context [∅_i × B; cond] at step i (editing an inverted image)."""
+    """predict(x_in, t) for B rows with context [∅_i × B; cond] at the step i of timestep t (editing an
+    inverted image)."""
+    step_of = {int(t): i for i, t in enumerate(sampler.timesteps)}
 
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        if guidance <= 1.0:  # no unconditional branch to replace
-            return guided_unet(unet, cond, guidance, sampler)(x, i, t)
-        null = null_embeddings[i].to(cond.dtype).expand(cond.shape[0], -1, -1)
-        return guided_unet(unet, join_guidance(null, cond), guidance, sampler)(x, i, t)
+    def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not guided(guidance):  # no unconditional branch to replace
+            return guided_unet(unet, cond, guidance)(x_in, t)
+        null = null_embeddings[step_of[int(t)]].to(cond.dtype).expand(cond.shape[0], -1, -1)
+        return guided_unet(unet, join_guidance(null, cond), guidance)(x_in, t)
 
     return predict

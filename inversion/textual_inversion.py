@@ -33,7 +33,7 @@ from torch import nn
 
 from ldm.files import save_safetensors
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, velocity
+from ldm.schedulers import NoiseSchedule, q_sample, training_target
 from ldm.tokenizer import Tokenizer
 
 from .embedding_optimiser import EmbeddingConfig, EmbeddingResult, optimise_embedding
@@ -152,7 +152,6 @@ def prepare_data(model: StableDiffusion, images: torch.Tensor, token: str, vecto
 def inversion_loss(model: StableDiffusion, data: InversionData):
     """The per-step loss of the module docstring; its draws come from the step's generator."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
-    v_model = model.config.prediction_type == "v_prediction"
 
     def loss_fn(rows: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch = len(t)
@@ -162,10 +161,10 @@ def inversion_loss(model: StableDiffusion, data: InversionData):
         z0 = model.vae.scale_latents(mean + std * torch.randn(mean.shape, generator=generator).to(mean))  # s·z
         noise = torch.randn(z0.shape, generator=generator).to(z0)
         alpha_bar = alphas_cumprod[t.to(model.device)].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
-        x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
+        x_t = q_sample(z0, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
         context = encode_with_rows(model, data.caption_ids[caption].to(model.device), rows)
         output = model.unet(x_t, t.to(model.device), context)
-        target = velocity(noise, z0, alpha_bar) if v_model else noise
+        target = training_target(z0, noise, alpha_bar, model.config.prediction_type)  # ε or v
         return F.mse_loss(output.float(), target.float())
 
     return loss_fn

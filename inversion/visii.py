@@ -45,7 +45,7 @@ from ldm.clip_models import clip_image_features
 from ldm.files import save_safetensors
 from ldm.model import StableDiffusion
 from ldm.pipeline import encode_images
-from ldm.schedulers import NoiseSchedule, velocity
+from ldm.schedulers import NoiseSchedule, q_sample, training_target
 from ldm.tokenizer import EOS
 
 from .embedding_optimiser import EmbeddingConfig, EmbeddingResult, optimise_embedding
@@ -92,14 +92,6 @@ def visii_loss(eps_hat: torch.Tensor, eps: torch.Tensor, image_dir: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------- training
-
-
-class _NoInputScaling:
-    """Training feeds the UNet x_t itself (VP form): no sampler input scaling."""
-
-    @staticmethod
-    def scale_model_input(x: torch.Tensor, i: int) -> torch.Tensor:
-        return x
 
 
 def end_position(model: StableDiffusion, prompt: str) -> int:
@@ -166,20 +158,18 @@ def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after:
     trainable = torch.zeros(len(initial), dtype=torch.bool)
     trainable[1:eos] = True
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
-    v_model = model.config.prediction_type == "v_prediction"
 
     def loss_fn(hidden: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         pick = torch.randint(len(z0), (len(t),), generator=generator) if len(z0) > 1 else torch.zeros(len(t), dtype=torch.long)
         target = z0[pick]
         noise = torch.randn(target.shape, generator=generator).to(target)
         alpha_bar = alphas_cumprod[t.to(model.device)].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
-        x_t = alpha_bar.sqrt() * target + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
+        x_t = q_sample(target, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
         cond = hidden.to(null.dtype).expand(len(t), *hidden.shape)  # [77, C] -> [B, 77, C]
         context = torch.cat([cond, null.expand_as(cond), null.expand_as(cond)])  # [c; ∅; ∅]
-        predict = three_way_guidance(model.unet, context, c_image[pick], cfg.text_guidance, cfg.image_guidance,
-                                     _NoInputScaling)
-        eps_hat = predict(x_t, 0, t.to(model.device))
-        goal = velocity(noise, target, alpha_bar) if v_model else noise
+        predict = three_way_guidance(model.unet, context, c_image[pick], cfg.text_guidance, cfg.image_guidance)
+        eps_hat = predict(x_t, t.to(model.device))  # training feeds x_t itself (VP form)
+        goal = training_target(target, noise, alpha_bar, model.config.prediction_type)  # ε or v
         return visii_loss(eps_hat, goal, image_dir, text_direction(hidden, projection), cfg)
 
     run = optimise_embedding(initial, trainable, loss_fn, train, checkpoint, resume, stop_at, progress, "Visii",

@@ -11,6 +11,7 @@ text encoder from there.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from .clip import CLIPTextModel
 from .config import ModelConfig
 from .files import file_sha256
 from .safetensors_io import SafetensorsError, read_header, read_tensors, write_tensors
+from .schedulers.from_config import scheduler_config_json, standard_scheduler_config
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -43,6 +45,9 @@ class StableDiffusion(nn.Module):
         if config.text_2 is not None:  # SDXL: OpenCLIP ViT-bigG beside CLIP-L (ldm/sdxl.py reads both)
             self.text_encoder_2 = CLIPTextModel(config.text_2)
             self.tokenizer_2 = Tokenizer(config.text_2.pad_token_id, config.text_2.max_length)
+        # the noise schedule the weights were trained with (metadata "scheduler_config", see
+        # ldm.schedulers.from_config); SD's standard one unless the file carries its folder's config
+        self.scheduler_config = standard_scheduler_config(config.prediction_type)
 
     @property
     def device(self) -> torch.device:
@@ -65,7 +70,8 @@ class StableDiffusion(nn.Module):
              base: str | Path | None = None) -> None:
         """Write the editlab file; with ``base`` (an editlab file in the same folder whose VAE and text
         encoder this model shares), write only the UNet and a reference to ``base``."""
-        metadata = {"format_version": FORMAT_VERSION, **(extra_metadata or {})}
+        metadata = {"format_version": FORMAT_VERSION, "scheduler_config": scheduler_config_json(self.scheduler_config),
+                    **(extra_metadata or {})}
         if base is None:
             return save_weights(path, self, FORMAT, self.config.to_json(), metadata)
         base = Path(base)
@@ -91,12 +97,15 @@ class StableDiffusion(nn.Module):
                 return torch.float32  # also when the file stores it in fp16
             return dtype
 
-        config = ModelConfig.from_json(read_weights_metadata(path, FORMAT, "editlab model")["config"])
+        metadata = read_weights_metadata(path, FORMAT, "editlab model")
+        config = ModelConfig.from_json(metadata["config"])
         config, tensors = read_editlab_file(path, dtype_for)
         with torch.device("meta"):
             model = cls(config)
         load_strict(model, tensors, path, assign=True)
         del tensors  # the model holds the only references now: channels_last below converts one at a time
+        if "scheduler_config" in metadata:
+            model.scheduler_config = json.loads(metadata["scheduler_config"])
         model.to(device)
         model.unet.use_channels_last().fuse_projections()
         return model.eval()

@@ -1,13 +1,18 @@
 """Sampling: text to image with classifier-free guidance, and SDEdit (image to image).
 
-Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans):
+Classifier-free guidance (*Classifier-Free Diffusion Guidance*, Ho & Salimans), with optional guidance rescale
+(*Common Diffusion Noise Schedules and Sample Steps are Flawed*, Lin et al., §3.4):
 
-    ε̂ = ε_u + w·(ε_c − ε_u)        one UNet call on the rows [uncond × B; cond × B], as diffusers
+    ε̂ = ε_u + w_b·(ε_c − ε_u)        per row b, one UNet call on the rows [uncond × B; cond × B], as diffusers
                                    (ldm.hooks.guidance_rows names this layout for every hook)
+    ε̂ ← φ·ε̂·std(ε_c)/std(ε̂) + (1 − φ)·ε̂      (guidance rescale φ; std per sample)
+
+Guidance runs when any row's scale w_b is above 1; otherwise the conditional rows run alone.
 
 SDEdit (*SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations*, Meng et al.):
-encode the image, z0 = s·E(x).sample() (s = 0.18215, SDXL 0.13025); noise it to the first kept step,
-x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε; then sample as usual from there (docs/methods.md §5).
+encode the image, z0 = s·E(x).sample() (s = 0.18215, SDXL 0.13025); noise it to the first kept step
+(``Sampler.add_noise``, e.g. x_{t0} = √ᾱ_{t0} z0 + √(1−ᾱ_{t0}) ε), then sample as usual from there, with any
+sampler, as diffusers' img2img (docs/methods.md §5).
 
 Random draws follow diffusers exactly, on one CPU ``torch.Generator``: the initial latents
 ``randn((B, 4, H/8, W/8))`` (SDEdit: the posterior sample, then the noise), then each step's noise in the
@@ -16,10 +21,11 @@ sampler. So the same seed, scheduler and weights give the same image in both.
 SDXL takes the same path: ``prompt_conditioning`` adds its pooled text embedding and size/crop numbers
 (ldm/sdxl.py), which travel beside the context to every UNet call.
 
-Every editing method reuses ``denoise``: it takes a ``predict(x, i, t)`` function (here CFG over the
-UNet; InstructPix2Pix and ControlNet bring their own) and optional step hooks (``ldm.hooks.StepHook``:
-``begin_step(i, t)`` and ``end_step(i, t, latents) -> latents``; Prompt-to-Prompt counts steps and blends
-latents there).
+Every method samples with ``denoise``, the one sampling loop: it scales the input for the sampler once
+(``scale_model_input``) and calls a predictor ``predict(x_in, t)``, a function of the model input and timestep
+only (here CFG over the UNet; InstructPix2Pix and ControlNet bring their own), then ``sampler.step``. Optional
+step hooks (``ldm.hooks.StepHook``: ``begin_step(i, t)`` and ``end_step(i, t, latents) -> latents``;
+Prompt-to-Prompt counts steps and blends latents there).
 """
 
 from __future__ import annotations
@@ -32,23 +38,27 @@ from tqdm.auto import tqdm
 
 from .hooks import StepHook, guidance_batch, join_guidance, split_guidance
 from .model import StableDiffusion
-from .schedulers import NoiseSchedule, gaussian_noise, make_sampler
+from .schedulers import gaussian_noise, sampler_from_config, standard_scheduler_config
 from .sdxl import MicroConditioning
 from .sdxl import conditioning as sdxl_conditioning
 from .unet import TextTime
 
-Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # predict(x_in, t) -> model output
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     steps: int = 50
     guidance: float = 7.5  # w; CFG runs only when w > 1 (as diffusers)
-    scheduler: str = "ddim"  # "ddim", "ddpm" or "euler-a"
+    scheduler: str = "ddim"  # any name of ldm.schedulers.SAMPLERS, or an AUTOMATIC1111 name
     eta: float = 0.0  # DDIM stochasticity (0: deterministic DDIM, 1: DDPM-like)
     seed: int = 0
     height: int = 512
     width: int = 512
+    spacing: str | None = None  # "leading", "linspace", "trailing"; None: the model's config, else the sampler's
+    karras: bool | None = None  # Karras σ; None: the model's config
+    rescale_zero_snr: bool | None = None  # zero-terminal-SNR betas; None: the model's config
+    guidance_rescale: float = 0.0  # φ of Lin et al. (0.7 recommended with zero-SNR v models); 0: off
 
 
 def check_image_size(height: int, width: int, factor: int) -> None:
@@ -58,10 +68,26 @@ def check_image_size(height: int, width: int, factor: int) -> None:
                          f"{max(factor, height // factor * factor)}")
 
 
-def guided(guidance: float | Sequence[float]) -> bool:
+def guided(guidance: float | Sequence[float] | torch.Tensor) -> bool:
     """Classifier-free guidance runs when any scale is above 1 (as diffusers); w ≤ 1 everywhere runs the
     conditional rows alone."""
     return max(torch.as_tensor(guidance, dtype=torch.float32).flatten().tolist()) > 1.0
+
+
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance: float | Sequence[float] | torch.Tensor,
+                             rescale: float = 0.0) -> torch.Tensor:
+    """ε̂ = ε_u + w_b(ε_c − ε_u) with one scale or one per row b, then guidance rescale φ (Lin et al. §3.4):
+    ε̂ ← φ·ε̂·std(ε_c)/std(ε̂) + (1 − φ)·ε̂. Works on ε or v outputs alike."""
+    scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+    if len(scales) not in (1, cond.shape[0]):
+        raise ValueError(f"{len(scales)} guidance scales for a batch of {cond.shape[0]}; give one or one per row")
+    w = scales.to(cond.device, cond.dtype).view(-1, *[1] * (cond.ndim - 1)) if len(scales) > 1 else float(scales)
+    out = uncond + w * (cond - uncond)
+    if rescale > 0:
+        dims = list(range(1, cond.ndim))
+        rescaled = out * (cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+        out = rescale * rescaled + (1 - rescale) * out
+    return out
 
 
 def text_context(model: StableDiffusion, prompts: Sequence[str], negative: str | Sequence[str] | None,
@@ -90,25 +116,19 @@ def prompt_conditioning(model: StableDiffusion, prompts: Sequence[str], negative
     return text_context(model, prompts, negative, guidance), None
 
 
-def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], sampler=None,
+def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], rescale: float = 0.0,
                 added: TextTime | None = None) -> Predictor:
-    """predict(x, i, t) = ε_u + w_b(ε_c − ε_u) per row b, from one UNet call on [uncond; cond] (or the plain
+    """predict(x_in, t): classifier-free guidance over one UNet call on [uncond; cond] (or the plain
     conditional output when every w ≤ 1). ``guidance`` is one scale or one per row (Prompt-to-Prompt batches
-    run the source at w_src and the edit at w_tar). ``sampler`` scales the input (Euler's c_in); None for
-    samplers whose input needs no scaling (DDIM, DDPM). ``added``: SDXL's pooled embedding and
-    micro-conditioning, rows matching ``context``."""
-    scales = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+    run the source at w_src and the edit at w_tar); ``rescale``: guidance rescale φ. ``added``: SDXL's pooled
+    embedding and micro-conditioning, rows matching ``context``."""
     extra = {} if added is None else {"added": added}  # SD 1.x/2.x UNets (and wrappers of them) take three inputs
 
-    def predict(x: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        x_in = x if sampler is None else sampler.scale_model_input(x, i)
+    def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not guided(guidance):
             return unet(x_in, t, context, **extra)
-        if len(scales) not in (1, x.shape[0]):
-            raise ValueError(f"{len(scales)} guidance scales for a batch of {x.shape[0]}; give one or one per row")
-        w = scales.to(x.device, x.dtype).view(-1, 1, 1, 1) if len(scales) > 1 else float(scales)
         uncond, cond = split_guidance(unet(guidance_batch(x_in), t, context, **extra))  # [uncond × B; cond × B]
-        return uncond + w * (cond - uncond)
+        return classifier_free_guidance(uncond, cond, guidance, rescale)
 
     return predict
 
@@ -124,7 +144,8 @@ def denoise(sampler, predict: Predictor, latents: torch.Tensor, generator: torch
         t = sampler.timesteps[i]
         for hook in hooks:
             hook.begin_step(i, t)
-        latents = sampler.step(predict(latents, i, t), i, latents, generator)
+        x_in = sampler.scale_model_input(latents, i)  # the model's input scaling, once, here
+        latents = sampler.step(predict(x_in, t), i, latents, generator)
         for hook in hooks:
             latents = hook.end_step(i, t, latents)
     return latents
@@ -157,10 +178,18 @@ def encode_images(model: StableDiffusion, images: torch.Tensor, generator: torch
     return vae.scale_latents(z)
 
 
-def sampler_for(model: StableDiffusion, cfg: SamplingConfig):
-    """The sampler ``cfg`` names, on SD's noise schedule, reading the model's prediction type."""
-    return make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
-                        prediction_type=model.config.prediction_type)
+def scheduler_config_of(model: StableDiffusion) -> dict:
+    """The schedule the model's weights carry (see ldm.schedulers.from_config); SD's standard one if none."""
+    return getattr(model, "scheduler_config", None) or standard_scheduler_config(model.config.prediction_type)
+
+
+def sampler_for(model: StableDiffusion, cfg: SamplingConfig, scheduler: str | None = None, spacing: str | None = None):
+    """The sampler ``cfg`` names, on the model's own schedule (its weights' scheduler config) and prediction
+    type; ``cfg``'s spacing, Karras and zero-SNR choices override the model's. ``scheduler``/``spacing``
+    replace cfg's (methods with their own defaults, e.g. InstructPix2Pix's log-linear Euler grid)."""
+    return sampler_from_config(scheduler or cfg.scheduler, scheduler_config_of(model), cfg.steps, eta=cfg.eta,
+                               prediction_type=model.config.prediction_type, spacing=spacing or cfg.spacing,
+                               karras=cfg.karras, zero_terminal_snr=cfg.rescale_zero_snr)
 
 
 @torch.no_grad()
@@ -175,7 +204,7 @@ def text_to_image(model: StableDiffusion, prompts: Sequence[str], cfg: SamplingC
     context, added = prompt_conditioning(model, prompts, negative, cfg.guidance, cfg.height, cfg.width, micro)
     latents = initial_noise(model, len(prompts), cfg.height, cfg.width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma
-    predict = guided_unet(model.unet, context, cfg.guidance, sampler, added)
+    predict = guided_unet(model.unet, context, cfg.guidance, cfg.guidance_rescale, added)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
 
 
@@ -199,6 +228,6 @@ def sdedit(model: StableDiffusion, images: torch.Tensor, prompts: Sequence[str],
         raise ValueError(f"strength {strength} with {cfg.steps} steps leaves no step to run; raise either")
     z0 = encode_images(model, images, generator).to(context.dtype)
     noise = gaussian_noise(z0.shape, generator, z0.device, z0.dtype)
-    latents = sampler.add_noise(z0, noise, start)  # x_t0 = √ᾱ_t0 z0 + √(1−ᾱ_t0) ε
-    predict = guided_unet(model.unet, context, cfg.guidance, sampler, added)
+    latents = sampler.add_noise(z0, noise, start)  # x_t0 = √ᾱ_t0 z0 + √(1−ᾱ_t0) ε (σ samplers: z0 + σ ε)
+    predict = guided_unet(model.unet, context, cfg.guidance, cfg.guidance_rescale, added)
     return denoise(sampler, predict, latents, generator, start=start, hooks=hooks, progress=progress)

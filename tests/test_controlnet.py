@@ -111,7 +111,7 @@ def test_guess_mode_leaves_the_unconditional_half_uncontrolled():
     g = torch.Generator().manual_seed(5)
     both = torch.cat([torch.randn(1, 77, CFG.context_dim, generator=g), context])
     predict = controlled_unet(unet, [Control(net, hint)], both, 3.0, sampler, guess_mode=True)
-    guided = predict(x, 0, sampler.timesteps[0])
+    guided = predict(sampler.scale_model_input(x, 0), sampler.timesteps[0])
     down, mid = net(x, sampler.timesteps[0], context, hint, guess_mode_scales(10))
     uncond = unet(x, sampler.timesteps[0], both[:1])
     cond = unet(x, sampler.timesteps[0], both[1:], down, mid)

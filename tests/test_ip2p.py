@@ -88,8 +88,8 @@ def test_conditioning_is_the_raw_posterior_mode_and_the_null_image_is_zero(model
     cfg = EditConfig(steps=2, scheduler="ddim")
     sampler = edit_sampler(cfg)
     context = instruction_context(model, INSTRUCTIONS[:1], 1)
-    predict = three_way_guidance(recorder, context, c_image, 7.5, 1.5, sampler)
-    predict(torch.randn(1, 4, 8, 12), 0, sampler.timesteps[0])
+    predict = three_way_guidance(recorder, context, c_image, 7.5, 1.5)
+    predict(sampler.scale_model_input(torch.randn(1, 4, 8, 12), 0), sampler.timesteps[0])
     unet_in = recorder.inputs[0]  # [3, 8, h, w]: rows [(c_T, c_I), (∅_T, c_I), (∅_T, ∅_I)]
     assert torch.equal(unet_in[0, 4:], raw_mode[0]) and torch.equal(unet_in[1, 4:], raw_mode[0])
     assert torch.equal(unet_in[2, 4:], torch.zeros_like(raw_mode[0]))
@@ -111,7 +111,7 @@ def test_guidance_formula_from_three_separate_calls(model, text_scale, image_sca
         eps = lambda ctx, img: model.unet(torch.cat([x_in, img], 1), t, ctx)
         full, image_only = eps(context[:1], c_image), eps(context[1:2], c_image)
         unconditional = eps(context[2:], torch.zeros_like(c_image))
-        predicted = three_way_guidance(model.unet, context, c_image, text_scale, image_scale, sampler)(x, 1, t)
+        predicted = three_way_guidance(model.unet, context, c_image, text_scale, image_scale)(x_in, t)
     expected = unconditional + image_scale * (image_only - unconditional) + text_scale * (full - image_only)
     assert relative_error(expected, predicted) <= 1e-5
     assert relative_error(expected, full) > 0.01  # the guidance does change the prediction

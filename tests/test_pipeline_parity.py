@@ -1,10 +1,12 @@
 """Text to image and SDEdit agree with diffusers' pipelines: same weights (a random diffusers folder converted
-with weights_convert), same seed, scheduler, steps, guidance and negative prompt -> the same final latents."""
+with weights_convert), same seed, scheduler, steps, guidance and negative prompt -> the same final latents.
+diffusers' scheduler is what its users build: ``X.from_config(folder scheduler config)``; editlab reads the same
+config from the converted file's metadata."""
 
 import pytest
 import torch
 
-from editing.bench.peers import diffusers_scheduler
+from editing.bench.peers import diffusers_scheduler_from_config
 from ldm.config import tiny_sd1, tiny_sd2
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig, check_image_size, sdedit, text_to_image
@@ -21,6 +23,7 @@ def _converted(tmp_path_factory, cfg, name):
     convert(folder / "diffusers", folder / "model.safetensors", config=cfg)
     model = StableDiffusion.load(folder / "model.safetensors")
     pipe.set_progress_bar_config(disable=True)
+    pipe.folder_config = dict(pipe.scheduler.config)  # what the folder's scheduler_config.json holds
     return model, pipe
 
 
@@ -35,7 +38,8 @@ def sd2(tmp_path_factory):
 
 
 def _diffusers_latents(pipe, scheduler, cfg: SamplingConfig, prediction_type, **kwargs):
-    pipe.scheduler = diffusers_scheduler(scheduler, prediction_type)
+    pipe.scheduler = diffusers_scheduler_from_config(scheduler, pipe.folder_config)
+    assert pipe.scheduler.config.prediction_type == prediction_type
     return pipe(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, eta=cfg.eta,
                 generator=torch.Generator("cpu").manual_seed(cfg.seed), output_type="latent", **kwargs).images
 
@@ -77,6 +81,7 @@ def test_sdedit_matches_diffusers_img2img(sd1, strength, scheduler):
     model, pipe = sd1
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
+    img2img.folder_config = pipe.folder_config
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cfg = SamplingConfig(steps=10, guidance=7.5, scheduler=scheduler, seed=5)
     before = image.clone()

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from ldm.schedulers import (
-    SAMPLERS,
     NoiseSchedule,
     ddim_sigma,
     leading_timesteps,
@@ -137,7 +136,7 @@ def test_scale_model_input_matches_diffusers(schedule):
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.8, 1.0])
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler-a"])  # the others: tests/test_sampler_parity.py
 def test_img2img_start_and_add_noise_match_diffusers(schedule, name, strength):
     num_steps = 20
     ref = reference_scheduler(name)
@@ -235,7 +234,7 @@ def test_v_prediction_round_trip(schedule):
 
 def test_bad_inputs_raise_value_errors(schedule):
     with pytest.raises(ValueError, match="unknown sampler"):
-        make_sampler("plms", schedule)
+        make_sampler("k_dpm_fast", schedule)
     with pytest.raises(ValueError, match="prediction_type"):
         make_sampler("ddim", schedule, prediction_type="sample")
     with pytest.raises(ValueError, match="num_steps"):
@@ -243,7 +242,7 @@ def test_bad_inputs_raise_value_errors(schedule):
     with pytest.raises(ValueError, match="eta"):
         make_sampler("euler-a", schedule, eta=1.0)
     with pytest.raises(ValueError, match="spacing"):
-        make_sampler("euler-a", schedule, spacing="trailing")
+        make_sampler("ddim", schedule, spacing="log-linear")
     sampler = make_sampler("ddpm", schedule, 10)
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="Generator"):

@@ -14,6 +14,7 @@ editlab's format is one safetensors file holding ``StableDiffusion``'s state dic
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from ldm.config import ModelConfig
 from ldm.model import FORMAT, FORMAT_VERSION, StableDiffusion, WeightsError, write_weights
+from ldm.schedulers import scheduler_config_json, source_scheduler_config, standard_scheduler_config
 from ldm.vae import AutoencoderKL
 
 from . import architecture
@@ -120,6 +122,7 @@ def load_converted(src: str | Path, *, layout: str | None = None, model: str | N
                 "source_layout": layout, "source_family": config.family, "source_ema": info.get("ema", "absent")}
     if layout == "editlab":  # keep the provenance of the checkpoint the editlab file was converted from
         metadata.update({k: v for k, v in checkpoint.metadata.items() if k.startswith("source")})
+    metadata["scheduler_config"] = scheduler_config_json(_scheduler_config(src, layout, checkpoint, config))
     if vae is not None:
         _swap_vae(mapping, Path(vae), config, info, metadata)
 
@@ -182,6 +185,19 @@ def _from_editlab(src: Path, checkpoint: Checkpoint, prediction: str | None, con
     for key, tensor in checkpoint.tensors.items():
         mapping.add(key, key, tensor)
     return mapping, config.replace(prediction_type=prediction or config.prediction_type), [src]
+
+
+def _scheduler_config(src: Path, layout: str, checkpoint: Checkpoint | None, config: ModelConfig) -> dict:
+    """The schedule the samplers will use: a diffusers folder's scheduler/scheduler_config.json (the keys it
+    sets), an editlab file's own, else the family's standard one; the prediction type is the converted one."""
+    scheduler = src / "scheduler" / "scheduler_config.json"
+    if layout == "diffusers" and scheduler.is_file():
+        source = source_scheduler_config(json.loads(scheduler.read_text()))
+    elif layout == "editlab" and "scheduler_config" in checkpoint.metadata:
+        source = json.loads(checkpoint.metadata["scheduler_config"])
+    else:
+        source = standard_scheduler_config()
+    return {**source, "prediction_type": config.prediction_type}
 
 
 def _prediction(src: Path, family: str, user: str | None, from_source: str | None, config: ModelConfig | None) -> str:

@@ -119,6 +119,30 @@ def diffusers_scheduler(name: str, prediction_type: str, euler_spacing: str = "l
     raise ValueError(f"no diffusers peer for scheduler {name!r}")
 
 
+DIFFUSERS_SCHEDULERS = {  # editlab sampler -> (diffusers class, the config keys that make it that sampler)
+    "ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small"}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}), "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+}
+
+
+def diffusers_scheduler_from_config(name: str, config: dict, **overrides):
+    """diffusers' ``X.from_config(config, **overrides)`` for editlab's sampler ``name`` (its A1111 names too):
+    what a diffusers user gets by swapping the scheduler of a pipeline."""
+    import diffusers
+    from ldm.schedulers import resolve_sampler
+
+    name, karras = resolve_sampler(name)
+    cls, keys = DIFFUSERS_SCHEDULERS[name]
+    if karras:
+        overrides.setdefault("use_karras_sigmas", True)
+    return getattr(diffusers, cls).from_config(config, **keys, **overrides)
+
+
 def diffusers_components(model: StableDiffusion):
     """(unet, vae, text_encoder, tokenizer) in diffusers/transformers, holding the same weights as ``model``."""
     require_peers()
@@ -148,12 +172,14 @@ def _tokenizer(pad_token_id: int):
 
 
 def diffusers_pipeline(model: StableDiffusion, scheduler: str = "ddim", img2img: bool = False):
+    """diffusers' pipeline holding ``model``'s weights, its scheduler built as a diffusers user would:
+    ``X.from_config`` of the model's scheduler config (the one editlab samples with)."""
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     unet, vae, text, tokenizer = diffusers_components(model)
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
     pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-               scheduler=diffusers_scheduler(scheduler, model.config.prediction_type),
+               scheduler=diffusers_scheduler_from_config(scheduler, model.scheduler_config),
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -6,6 +6,7 @@ import importlib
 
 import torch
 
+from ldm.schedulers import SAMPLERS
 from ldm.config import PRESETS
 
 from ..options import DTYPES
@@ -16,8 +17,8 @@ HELP = ("benchmark editlab against diffusers side by side (unet: one UNet forwar
         "whole GPU table (UNet, generation, P2P, ControlNet, DDPM inversion) as Markdown; stream: peak memory of "
         "streaming 100 vs 2000 packed 512 px pairs; checkpointing: UNet training memory with and without "
         "gradient checkpointing; weights: peak memory of convert and load of a full-size random checkpoint "
-        "(SDXL presets)")
-TARGETS = ("unet", "sample", "p2p", "gpu", "stream", "checkpointing", "weights")
+        "(SDXL presets); quality: the toy model's caption accuracy per sampler")
+TARGETS = ("unet", "sample", "p2p", "gpu", "stream", "checkpointing", "weights", "quality")
 
 
 def add_arguments(parser):
@@ -30,6 +31,9 @@ def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=2, help="unet: batch (2 = one guided step)")
     parser.add_argument("--size", type=int, default=None, help="unet: latent side (64); sample: image side")
     parser.add_argument("--steps", type=int, default=None, help="sample, p2p: steps (20 on CPU, 50 on GPU)")
+    parser.add_argument("--scheduler", default="ddim", metavar="NAME",
+                        help=f"sample: any editlab sampler ({', '.join(SAMPLERS)}) or AUTOMATIC1111 name, run "
+                             "beside the diffusers scheduler of the same name (default: ddim)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cpu-memory", action="store_true",
@@ -53,6 +57,11 @@ def run(args):
               scale.run_checkpointing(args.preset or "toy", args.size or 64, args.batch if args.batch != 2 else 8))
         return
     bench = importlib.import_module(f"editing.bench.{args.target}")
+    if args.target == "quality":
+        from ..options import TOY_WEIGHTS
+
+        print(bench.run(TOY_WEIGHTS))
+        return
     if args.target == "weights":
         text = bench.run(args.preset or "sdxl-base", DTYPES[args.dtype or "fp16"], args.work)
     elif args.target == "gpu":
@@ -71,6 +80,6 @@ def run(args):
         preset = args.preset or ("sd15" if gpu else "toy")
         size = args.size or (512 if preset.startswith("sd") else 64)
         steps = args.steps or (50 if gpu else 20)
-        extra = {"cpu_memory": args.cpu_memory} if args.target == "p2p" else {}
+        extra = {"cpu_memory": args.cpu_memory} if args.target == "p2p" else {"scheduler": args.scheduler}
         text = bench.run(preset, size, steps, dtype, device, args.repeats, args.warmup, **extra)
     print(text)

@@ -39,7 +39,6 @@ def add_arguments(parser):
     parser.add_argument("--canny-low", type=float, default=100.0, help="Canny low threshold (annotator default)")
     parser.add_argument("--canny-high", type=float, default=200.0, help="Canny high threshold (annotator default)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative", default=None)
     parser.add_argument("--guess-mode", action="store_true",
                         help="no control on the unconditional half, scales ramped shallow -> deep")
     parser.add_argument("--guess-rule", choices=GUESS_RULES, default="diffusers",

@@ -20,7 +20,8 @@ from ldm.pipeline import SamplingConfig, decode_latents, text_to_image
 from ldm.toy.shapes import render, spec_from_caption
 
 from ..ddpm_edit.editor import DDPMEditConfig, invert_and_edit
-from ..options import add_model_arguments, load_model, run_parameters
+from ..options import (add_model_arguments, add_sampler_arguments, check_sampler, load_model, run_parameters,
+                       sampler_options)
 from ..p2p import P2PConfig, attention_grid, prompt_to_prompt
 
 NAME = "demo"
@@ -36,6 +37,7 @@ def add_arguments(parser):
     parser.add_argument("--out", type=Path, default=Path("editlab-demo"), help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50)
+    add_sampler_arguments(parser, "ddim")  # text to image and Prompt-to-Prompt; the DDPM edit keeps its sampler
     parser.add_argument("--force", action="store_true", help="overwrite outputs of another run")
     parser.set_defaults(out_is_folder=True)
 
@@ -44,8 +46,10 @@ def run(args):
     started = time.perf_counter()
     model = load_model(args)
     side = 64 if model.config.family == "toy" else 512
-    cfg = SamplingConfig(steps=args.steps, guidance=7.5, scheduler="ddim", seed=args.seed, height=side, width=side)
-    base = run_parameters(args, cfg, command=NAME)
+    cfg = SamplingConfig(steps=args.steps, guidance=7.5, seed=args.seed, height=side, width=side,
+                         **sampler_options(args))
+    check_sampler(model, cfg)
+    base = run_parameters(args, cfg, command=NAME, negative=args.negative or "")
     inversion_cfg, edit_cfg = DDPMInversionConfig(), DDPMEditConfig()  # the paper's settings for SD
     if model.config.family == "toy":  # a small model that follows its prompt loosely: start later, guide less
         inversion_cfg, edit_cfg = DDPMInversionConfig(steps=50), DDPMEditConfig(skip=35, target_guidance=7.5)
@@ -68,10 +72,10 @@ def run(args):
         check_output(args.out / name, params, args.force)
     images = {}
 
-    images["1-generated.png"] = decode_latents(model, text_to_image(model, [SOURCE], cfg))[0]
+    images["1-generated.png"] = decode_latents(model, text_to_image(model, [SOURCE], cfg, negative=args.negative))[0]
 
     p2p = prompt_to_prompt(model, SOURCE, SWAPPED, cfg, P2PConfig(cross_replace=0.8, self_replace=(0.0, 0.4)),
-                           progress=True)
+                           negative=args.negative, progress=True)
     source, swapped = decode_latents(model, p2p.latents)
     images["2-p2p-source.png"], images["2-p2p-swapped.png"] = source, swapped
     images["2-p2p-attention-source.png"] = attention_grid(model.tokenizer, SOURCE, p2p.maps[0])

@@ -22,8 +22,6 @@ def add_arguments(parser):
     prompt.add_argument("--prompt", help="the prompt")
     prompt.add_argument("--prompts", type=Path, metavar="FILE",
                         help="a text file with one prompt a line: FILE-LINE.png for each (# starts a comment)")
-    parser.add_argument("--negative", default=None,
-                        help="negative prompt (default: empty; SDXL: zero conditioning, as diffusers)")
     parser.add_argument("--batch", type=int, default=1, help="images to generate from one seed, per prompt")
     add_sampling_arguments(parser)
     add_micro_conditioning_arguments(parser)

@@ -13,13 +13,13 @@ from pathlib import Path
 from controls.image_condition import check_ip2p_model
 from ldm.images import file_sha256, save_png, to_pil
 from ldm.pipeline import decode_latents
-from ldm.schedulers import EULER_SPACINGS, SAMPLERS
+from ldm.schedulers import resolve_sampler
 
 from ..instruct_pix2pix.editor import EditConfig, edit_by_instruction, load_instruction_embedding
 from ..instruct_pix2pix.grid import format_scale, labelled_grid, parse_scales
 from ..instruct_pix2pix.sizing import open_rgb, prepare_image, to_tensor
-from ..options import (TOY_IP2P_WEIGHTS, add_model_arguments, add_output_arguments, load_model, native_size, run_settings,
-                       weights_path, weights_sha256)
+from ..options import (TOY_IP2P_WEIGHTS, UserError, add_model_arguments, add_output_arguments, add_sampler_arguments,
+                       load_model, native_size, run_settings, weights_path, weights_sha256)
 
 NAME = "ip2p"
 HELP = "InstructPix2Pix: edit an image by following a written instruction"
@@ -39,9 +39,7 @@ def add_arguments(parser):
     parser.add_argument("--image-guidance", type=float, default=defaults.image_guidance,
                         help="s_I: how closely to keep the input image (values below 1 are honoured)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--scheduler", choices=SAMPLERS, default=defaults.scheduler)
-    parser.add_argument("--spacing", choices=EULER_SPACINGS, default=defaults.spacing,
-                        help="euler-a timestep grid (default log-linear, as the original edit_cli.py)")
+    add_sampler_arguments(parser, defaults.scheduler, extra_spacings=("log-linear",))  # euler-a: log-linear (edit_cli.py)
     parser.add_argument("--eta", type=float, default=defaults.eta, help="DDIM eta (ddim only)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--resolution", type=int, default=None,
@@ -75,8 +73,11 @@ def run(args):
     grid = args.grid_text is not None or args.grid_image is not None
     text_scales = parse_scales(args.grid_text, "--grid-text") if args.grid_text else [args.text_guidance]
     image_scales = parse_scales(args.grid_image, "--grid-image") if args.grid_image else [args.image_guidance]
-    if args.spacing is not None and args.scheduler != "euler-a":
-        raise ValueError(f"--spacing applies to euler-a only; {args.scheduler} uses its 'leading' grid")
+    scheduler, karras = resolve_sampler(args.scheduler)
+    if args.rescale_zero_snr or args.guidance_rescale:
+        raise UserError("InstructPix2Pix's three-way guidance samples SD's betas without guidance rescale; drop "
+                        "--rescale-zero-snr and --guidance-rescale")
+    karras = True if (karras or args.karras) else None
     instructions, embedding, recorded = _instruction(args)
     model = load_model(args)
     check_ip2p_model(model)
@@ -85,8 +86,9 @@ def run(args):
     image = prepare_image(source, model.config, resolution, args.keep_size)
     base = dict(command=NAME, weights=weights_path(args).name, weights_sha256=weights_sha256(weights_path(args)), **run_settings(args),
                 dtype=args.dtype, image=args.image.name, image_sha256=file_sha256(args.image),
-                sizing="keep-size" if args.keep_size else f"edit_cli resolution {resolution}", scheduler=args.scheduler,
-                spacing=args.spacing or ("log-linear" if args.scheduler == "euler-a" else "leading"),
+                sizing="keep-size" if args.keep_size else f"edit_cli resolution {resolution}", scheduler=scheduler,
+                spacing=args.spacing or ("log-linear" if scheduler == "euler-a" else "default"), karras=karras,
+                negative=args.negative or "",
                 steps=args.steps, eta=args.eta, seed=args.seed, height=image.shape[-2], width=image.shape[-1],
                 **recorded)
 
@@ -94,9 +96,10 @@ def run(args):
     for s_image in image_scales:
         row = []
         for s_text in text_scales:
-            cfg = EditConfig(text_guidance=s_text, image_guidance=s_image, steps=args.steps, scheduler=args.scheduler,
-                             spacing=args.spacing, eta=args.eta, seed=args.seed)
-            latents = edit_by_instruction(model, image, instructions, cfg, instruction_embedding=embedding)
+            cfg = EditConfig(text_guidance=s_text, image_guidance=s_image, steps=args.steps, scheduler=scheduler,
+                             spacing=args.spacing, karras=karras, eta=args.eta, seed=args.seed)
+            latents = edit_by_instruction(model, image, instructions, cfg, instruction_embedding=embedding,
+                                          negative=args.negative)
             edited = decode_latents(model, latents)[0]
             params = {**base, "text_guidance": s_text, "image_guidance": s_image}
             path = cell_path(args.out, s_text, s_image) if grid else args.out

@@ -42,11 +42,10 @@ from ldm.clip_models import load_clip
 from ldm.files import atomic_path
 from ldm.images import file_sha256, save_png
 from ldm.interrupt import Interrupted, StopFlag, check_options
-from ldm.schedulers import SAMPLERS
 from ldm.training import backend_for, start_processes
 
-from ..options import (TOY_CLIP_WEIGHTS, add_model_arguments, load_model, native_size, run_settings, toy_default,
-                       weights_path, weights_sha256)
+from ..options import (TOY_CLIP_WEIGHTS, add_model_arguments, add_sampler_arguments, check_sampler, load_model,
+                       native_size, run_settings, sampler_options, toy_default, weights_path, weights_sha256)
 from ..instruct_pix2pix.pair_runs import PairRun
 
 NAME = "make-pairs"
@@ -71,7 +70,7 @@ def add_arguments(parser):
     parser.add_argument("--samples", type=int, default=100, help="samples rendered per caption pair (paper: 100)")
     parser.add_argument("--keep", type=int, default=4, help="at most this many kept per caption pair (paper: 4)")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--scheduler", choices=SAMPLERS, default="euler-a")
+    add_sampler_arguments(parser, "euler-a")
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw (p, guidance, noise)")
     parser.add_argument("--height", type=int, default=None, help="default: the model's native size")
     parser.add_argument("--width", type=int, default=None, help="default: the model's native size")
@@ -197,8 +196,8 @@ def run(args):
     if processes > 1:
         dist.barrier()
     recipe = PairRecipe(samples=args.samples, keep=args.keep, p_range=tuple(args.p_range),
-                        guidance_range=tuple(args.guidance_range), steps=args.steps, scheduler=args.scheduler,
-                        seed=args.seed, min_image_text=args.min_image_text, min_image_image=args.min_image_image,
+                        guidance_range=tuple(args.guidance_range), steps=args.steps, negative=args.negative,
+                        **sampler_options(args), seed=args.seed, min_image_text=args.min_image_text, min_image_image=args.min_image_image,
                         min_direction=args.min_direction)
     model = load_model(args)
     if model.config.unet.in_channels != model.config.vae.latent_channels:
@@ -206,9 +205,12 @@ def run(args):
                          "with a text-to-image model (SD 1.x/2.x or the bundled toy model), not an InstructPix2Pix one")
     side = native_size(model)
     recipe = dataclasses.replace(recipe, height=args.height or side, width=args.width or side)
+    check_sampler(model, recipe.sampling(recipe.seed, recipe.guidance_range[0]))
     chosen, filter_info = sample_filter(args, recipe, model.device)
     run_info = {"command": NAME, "weights": weights_path(args).name, "weights_sha256": weights_sha256(weights_path(args)), **run_settings(args),
-                **filter_info, "scheduler": recipe.scheduler, "steps": recipe.steps, "height": recipe.height,
+                **filter_info, "scheduler": recipe.scheduler, "spacing": recipe.spacing, "karras": recipe.karras,
+                "rescale_zero_snr": recipe.rescale_zero_snr, "guidance_rescale": recipe.guidance_rescale,
+                "negative": recipe.negative or "", "steps": recipe.steps, "height": recipe.height,
                 "width": recipe.width, "recipe_seed": recipe.seed, "dtype": args.dtype}
     layout.progress.mkdir(parents=True, exist_ok=True)
     with atomic_path(layout.progress / "run.json") as tmp:  # the same content from every process

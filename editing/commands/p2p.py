@@ -148,7 +148,8 @@ def run(args):
         args.height, args.width = image.shape[-2], image.shape[-1]
     sampling = sampling_config(args, model)
     config = p2p_config(args, model, real=image is not None)
-    params = run_parameters(args, sampling, command=NAME, prompt=args.prompt, edits=args.edit, mode=config.mode,
+    params = run_parameters(args, sampling, command=NAME, prompt=args.prompt, negative=args.negative or "",
+                            edits=args.edit, mode=config.mode,
                             cross_replace=config.cross_replace, cross_replace_words=dict(config.cross_replace_words),
                             self_replace=list(config.self_replace), self_level=config.self_min_level,
                             map_level=config.map_level, reweight=dict(config.reweight), blend=list(config.blend_words),
@@ -168,10 +169,10 @@ def run(args):
         remove_stale_outputs(args.out, {path.name for path, _, _ in outputs})
 
     if image is None:
-        result = prompt_to_prompt(model, args.prompt, args.edit, sampling, config, progress=True)
+        result = prompt_to_prompt(model, args.prompt, args.edit, sampling, config, negative=args.negative, progress=True)
     else:
         result, _ = edit_real_image(model, image, args.prompt, args.edit, sampling, config, args.inversion,
-                                    args.inversion_guidance, progress=True)
+                                    args.inversion_guidance, negative=args.negative, progress=True)
     images = decode_latents(model, result.latents)
     for path, kind, row in outputs:
         picture = images[row] if kind == "image" else attention_grid(model.tokenizer, prompts[row],

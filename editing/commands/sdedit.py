@@ -17,7 +17,6 @@ def add_arguments(parser):
     add_model_arguments(parser)
     parser.add_argument("--image", required=True, help="input image; its size is kept unless --width/--height")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative", default=None)
     parser.add_argument("--strength", type=float, default=0.8, help="noise level to start from, in (0, 1]")
     add_sampling_arguments(parser)
     add_micro_conditioning_arguments(parser)

@@ -40,7 +40,6 @@ def add_arguments(parser):
                              "the toy model: the toy CLIP's image tower (toy-clip.safetensors)")
     parser.add_argument("--style-image", type=Path, required=True)
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     parser.add_argument("--scale", type=float, default=1.0, help="image-branch scale λ (all layers or the preset's)")
     blocks = parser.add_mutually_exclusive_group()
     blocks.add_argument("--preset", choices=sorted(STYLE_PRESETS),

@@ -42,8 +42,8 @@ from controls.image_condition import (check_ip2p_model, image_condition, instruc
                                      sdxl_instruction_conditioning, three_way_guidance)
 from inversion.visii import hybrid_instruction
 from ldm.model import StableDiffusion
-from ldm.pipeline import denoise, initial_noise
-from ldm.schedulers import NoiseSchedule, make_sampler
+from ldm.pipeline import denoise, initial_noise, scheduler_config_of
+from ldm.schedulers import resolve_sampler, sampler_from_config, standard_scheduler_config
 
 from .sizing import check_edit_size
 
@@ -53,23 +53,25 @@ class EditConfig:
     text_guidance: float = 7.5  # s_T, towards the instruction (paper and edit_cli.py default)
     image_guidance: float = 1.5  # s_I, towards the input image (edit_cli.py default; the paper sweeps 1.0-2.2)
     steps: int = 100  # edit_cli.py default
-    scheduler: str = "euler-a"  # "euler-a" (reference), "ddim" or "ddpm"
-    spacing: str | None = None  # timestep grid; None: "log-linear" for euler-a (k-diffusion), else the sampler's
+    scheduler: str = "euler-a"  # "euler-a" (reference) or any other sampler of ldm.schedulers
+    spacing: str | None = None  # timestep grid; None: "log-linear" for euler-a (k-diffusion), else the model's
+    karras: bool | None = None  # Karras σ (σ samplers and solvers); None: the model's config
     eta: float = 0.0  # DDIM stochasticity (ddim only)
     seed: int = 0
 
 
-def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon"):
-    """The sampler of ``cfg``; Euler ancestral defaults to the log-linear grid of edit_cli.py."""
-    spacing = cfg.spacing or ("log-linear" if cfg.scheduler == "euler-a" else None)
-    return make_sampler(cfg.scheduler, NoiseSchedule.scaled_linear(), cfg.steps, eta=cfg.eta,
-                        prediction_type=prediction_type, spacing=spacing)
+def edit_sampler(cfg: EditConfig, prediction_type: str = "epsilon", scheduler_config: dict | None = None):
+    """The sampler of ``cfg`` on the model's schedule (``scheduler_config``, SD's standard one by default);
+    Euler ancestral defaults to the log-linear grid of edit_cli.py."""
+    spacing = cfg.spacing or ("log-linear" if resolve_sampler(cfg.scheduler)[0] == "euler-a" else None)
+    return sampler_from_config(cfg.scheduler, scheduler_config or standard_scheduler_config(), cfg.steps,
+                               eta=cfg.eta, prediction_type=prediction_type, spacing=spacing, karras=cfg.karras)
 
 
 @torch.no_grad()
 def edit_by_instruction(model: StableDiffusion, images: torch.Tensor, instructions: Sequence[str] | None,
          cfg: EditConfig = EditConfig(), instruction_embedding: torch.Tensor | None = None,
-         hooks: Sequence = (), progress: bool = True) -> torch.Tensor:
+         hooks: Sequence = (), negative: str | None = None, progress: bool = True) -> torch.Tensor:
     """Edit ``images`` [B, 3, H, W] in [0, 1] (sized already: see sizing.py) by one instruction each.
     Returns the final latents [B, 4, H/f, W/f]; ``ldm.pipeline.decode_latents`` turns them into images."""
     check_ip2p_model(model)
@@ -78,20 +80,21 @@ def edit_by_instruction(model: StableDiffusion, images: torch.Tensor, instructio
     height, width = images.shape[-2:]
     check_edit_size(width, height, model.config)
     batch = images.shape[0]
-    sampler = edit_sampler(cfg, model.config.prediction_type)
+    sampler = edit_sampler(cfg, model.config.prediction_type, scheduler_config_of(model))
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     added = None
     if model.is_sdxl:
         if instruction_embedding is not None:
             raise ValueError("a learned instruction embedding is not supported on SDXL yet; give an instruction")
+        if negative:
+            raise ValueError("a negative prompt is not supported for SDXL InstructPix2Pix yet; leave it empty")
         context, added = sdxl_instruction_conditioning(model, instructions, batch, height, width)
     else:
-        context = instruction_context(model, instructions, batch, instruction_embedding)
+        context = instruction_context(model, instructions, batch, instruction_embedding, negative)
     image_latents = image_condition(model, images).to(context.dtype)
     latents = initial_noise(model, batch, height, width, generator, context.dtype)
     latents = latents * sampler.init_noise_sigma  # z = σ_0·N(0, I) for Euler, N(0, I) for DDIM/DDPM
-    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, sampler,
-                                 added)
+    predict = three_way_guidance(model.unet, context, image_latents, cfg.text_guidance, cfg.image_guidance, added)
     return denoise(sampler, predict, latents, generator, hooks=hooks, progress=progress)
 
 

@@ -59,6 +59,11 @@ class PairRecipe:
     guidance_range: tuple[float, float] = (7.5, 15.0)  # CFG scale w ~ U(w_lo, w_hi)
     steps: int = 100
     scheduler: str = "euler-a"
+    spacing: str | None = None  # the shared sampling options (ldm.pipeline.SamplingConfig)
+    karras: bool | None = None
+    rescale_zero_snr: bool | None = None
+    guidance_rescale: float = 0.0
+    negative: str | None = None  # negative prompt of every sample
     seed: int = 0
     height: int = 512
     width: int = 512
@@ -79,7 +84,8 @@ class PairRecipe:
 
     def sampling(self, seed: int, guidance: float) -> SamplingConfig:
         return SamplingConfig(steps=self.steps, guidance=guidance, scheduler=self.scheduler, seed=seed,
-                              height=self.height, width=self.width)
+                              height=self.height, width=self.width, spacing=self.spacing, karras=self.karras,
+                              rescale_zero_snr=self.rescale_zero_snr, guidance_rescale=self.guidance_rescale)
 
 
 @dataclass(frozen=True)
@@ -173,12 +179,12 @@ def render_pairs(model: StableDiffusion, items: list[PairItem], recipe: PairReci
     generators = [torch.Generator("cpu").manual_seed(item.draw.seed) for item in items for _ in range(2)]
     prompts = [caption for item in items for caption in (item.before, item.after)]
     guidance = [item.draw.guidance for item in items for _ in range(2)]  # w_j on both rows of item j
-    context = text_context(model, prompts, None, guidance)  # [∅ × 2B; c_0, c'_0, c_1, c'_1, …]
-    predict = guided_unet(model.unet, context, guidance, sampler)
+    context = text_context(model, prompts, recipe.negative, guidance)  # [∅ × 2B; c_0, c'_0, c_1, c'_1, …]
+    predict = guided_unet(model.unet, context, guidance, recipe.guidance_rescale)
     f, channels = model.config.vae.downsample_factor, model.config.vae.latent_channels
     shape = (2 * len(items), channels, cfg.height // f, cfg.width // f)
     latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma
-    hook = PairInjection([len(injected_steps(item.draw.p, cfg.steps)) for item in items])
+    hook = PairInjection([len(injected_steps(item.draw.p, len(sampler))) for item in items])
     with attached(model.unet, hook):
         return denoise(sampler, predict, latents, generators, hooks=[hook], progress=progress)
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from controls.image_condition import check_ip2p_model
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, velocity
+from ldm.schedulers import NoiseSchedule, q_sample, training_target
 from ldm.stream import StreamLoader
 from ldm.training import LossFn, Part, TrainConfig, Trainer, data_parallel, enable_gradient_checkpointing
 
@@ -94,7 +94,6 @@ def ip2p_loss(model: StableDiffusion, loader: StreamLoader, cfg: IP2PTrainConfig
     draw comes from the step's generator at the global batch size, then this part keeps its rows.
     ``unet``: what to call (DDP); None: ``model.unet``."""
     alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
-    v_model = model.config.prediction_type == "v_prediction"
     device = model.device
     with torch.no_grad():
         null_context = model.encode_prompt([""])  # ∅_T = CLIP("")
@@ -112,12 +111,12 @@ def ip2p_loss(model: StableDiffusion, loader: StreamLoader, cfg: IP2PTrainConfig
             v[mine].to(device) for v in (noise_z, noise, t, drop_text, drop_image))
         z0 = model.vae.scale_latents(posterior.mean + posterior.std * noise_z)  # s·z, z ~ q(z | after)
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
-        x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
+        x_t = q_sample(z0, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
         context = torch.where(drop_text.view(-1, 1, 1), null_context, contexts)
         image = image_latents * (~drop_image).view(-1, 1, 1, 1)  # c_I, or ∅_I = 0
         forward = unet if unet is not None else model.unet
         output = forward(torch.cat([x_t, image], dim=1), t, context)  # [B, 8, h, w] in
-        target = velocity(noise, z0, alpha_bar) if v_model else noise
+        target = training_target(z0, noise, alpha_bar, model.config.prediction_type)  # ε or v
         return F.mse_loss(output.float(), target.float())
 
     return loss_fn

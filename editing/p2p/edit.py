@@ -118,22 +118,27 @@ def build_controller(model: StableDiffusion, prompts: Sequence[str], steps: int,
 def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[str],
                      sampling: SamplingConfig = SamplingConfig(), config: P2PConfig = P2PConfig(), *,
                      noise: torch.Tensor | None = None, null_embeddings: Sequence[torch.Tensor] | None = None,
-                     attention_hooks: Sequence = (), progress: bool = False) -> P2PResult:
+                     attention_hooks: Sequence = (), negative: str | None = None, progress: bool = False) -> P2PResult:
     """Sample the source prompt and its edits together under a Prompt-to-Prompt controller.
 
     :param noise: x_T [1, C, h, w] shared by all rows (an inversion's last pivot); default: drawn from the seed
     :param null_embeddings: per-step unconditional embeddings [1, L, C] (null-text inversion)
     :param attention_hooks: extra attention hooks attached after the controller (they see the edited maps)
+    :param negative: negative prompt of every row (not with null-text embeddings, which replace it)
     """
     prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
     sampler = sampler_for(model, sampling)
     generators = [torch.Generator("cpu").manual_seed(sampling.seed) for _ in prompts]  # same noise in every row
     if null_embeddings is None:  # SDXL: both encoders share the 77 token positions, so one alignment serves
-        context, added = prompt_conditioning(model, prompts, None, sampling.guidance, sampling.height, sampling.width)
-        predict = guided_unet(model.unet, context, sampling.guidance, sampler, added)  # [∅ × B; P_0 … P_{B−1}]
-    else:
+        context, added = prompt_conditioning(model, prompts, negative, sampling.guidance, sampling.height,
+                                             sampling.width)
+        predict = guided_unet(model.unet, context, sampling.guidance, sampling.guidance_rescale, added)
+    else:  # [∅ × B; P_0 … P_{B−1}] above; here ∅ is the learned embedding of each step
         if model.is_sdxl:
             raise ValueError("null-text inversion is not available for SDXL models yet; edit a generated image")
+        if negative:
+            raise ValueError("null-text inversion learns the unconditional embedding that a negative prompt "
+                             "would set; drop --negative or invert with --inversion ddim")
         if len(null_embeddings) != sampling.steps:
             raise ValueError(f"{len(null_embeddings)} null embeddings for {sampling.steps} steps; invert with the same "
                              "number of steps")
@@ -146,7 +151,7 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
         latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma
     else:
         latents = noise.to(model.device, context.dtype).expand(len(prompts), -1, -1, -1)
-    controller = build_controller(model, prompts, sampling.steps, tuple(latents.shape[-2:]), config).to(model.device)
+    controller = build_controller(model, prompts, len(sampler), tuple(latents.shape[-2:]), config).to(model.device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(attached(model.unet, controller))
         for hook in attention_hooks:
@@ -173,6 +178,9 @@ def invert_image(model: StableDiffusion, image: torch.Tensor, prompt: str, sampl
     if sampling.scheduler != "ddim" or sampling.eta != 0:
         raise ValueError(f"real-image editing inverts with deterministic DDIM; use scheduler 'ddim' with eta 0 "
                          f"(got {sampling.scheduler!r}, eta {sampling.eta})")
+    if sampling.spacing not in (None, "leading") or sampling.karras or sampling.rescale_zero_snr:
+        raise ValueError("real-image editing inverts on SD's DDIM grid (leading spacing, standard betas); drop "
+                         "--spacing, --karras and --rescale-zero-snr")
     check_image_size(image.shape[-2], image.shape[-1], model.config.vae.downsample_factor)
     latents = encode_images(model, image)
     sampler = inversion_sampler(model, sampling.steps)
@@ -188,7 +196,7 @@ def invert_image(model: StableDiffusion, image: torch.Tensor, prompt: str, sampl
 
 def edit_real_image(model: StableDiffusion, image: torch.Tensor, source: str, edits: str | Sequence[str],
                     sampling: SamplingConfig = SamplingConfig(), config: P2PConfig = REAL_IMAGE_CONFIG,
-                    method: str = "null-text", inversion_guidance: float = 1.0,
+                    method: str = "null-text", inversion_guidance: float = 1.0, negative: str | None = None,
                     progress: bool = False) -> tuple[P2PResult, Inversion]:
     """Invert ``image`` under the source prompt, then edit it; row 0 of the result is the reconstruction.
     The defaults are ``editlab p2p --image``'s: null-text inversion on DDIM 50 steps at guidance 7.5 and the
@@ -197,7 +205,10 @@ def edit_real_image(model: StableDiffusion, image: torch.Tensor, source: str, ed
     f = model.config.vae.downsample_factor
     latent_hw = (image.shape[-2] // f, image.shape[-1] // f)
     build_controller(model, prompts, sampling.steps, latent_hw, config)  # check words and prompts before inverting
+    if negative and method == "null-text":
+        raise ValueError("null-text inversion learns the unconditional embedding that a negative prompt would "
+                         "set; drop --negative or invert with --inversion ddim")
     inverted = invert_image(model, image, source, sampling, method, inversion_guidance, len(prompts), progress=progress)
     result = prompt_to_prompt(model, source, edits, sampling, config, noise=inverted.noise,
-                              null_embeddings=inverted.null_embeddings, progress=progress)
+                              null_embeddings=inverted.null_embeddings, negative=negative, progress=progress)
     return result, inverted

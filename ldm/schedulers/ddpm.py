@@ -1,4 +1,4 @@
-"""Ancestral DDPM sampler on a strided ("leading") grid.
+"""Ancestral DDPM sampler on a strided grid.
 
 Paper: *Denoising Diffusion Probabilistic Models* (Ho, Jain & Abbeel, 2020), eq. 6-7: the posterior
 q(x_prev | x_t, x0) = N(μ̃, β̃ I) with
@@ -9,8 +9,8 @@ q(x_prev | x_t, x0) = N(μ̃, β̃ I) with
 On a grid that skips steps, α_t and β_t are those of the whole jump: α_t = ᾱ_t/ᾱ_prev, β_t = 1 − α_t.
 x̂0 from the model replaces x0; the sample is x_prev = μ̃ + √β̃ z.
 
-SD conventions (diffusers DDPMScheduler, variance_type "fixed_small", clip_sample False, docs/methods.md §0.2):
-- grid t_k = k·(1000//N)+1; the previous timestep is the next grid entry, and after the last one ᾱ_prev = 1
+SD conventions (diffusers DDPMScheduler, variance_type "fixed_small", clip_sample False):
+- grid ("leading": t_k = k·(1000//N)+1); the previous timestep is the next grid entry, and after the last one ᾱ_prev = 1
   (not ᾱ_0 as in DDIM), so the last step returns x̂0's posterior mean with zero variance;
 - β̃ is clamped to ≥ 1e-20, and z is drawn on every step with t > 0 (also the last step of the offset-1 grid,
   where √β̃ = 1e-10), so a seeded generator advances exactly as in diffusers.
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import NoiseSchedule, Sampler, gaussian_noise, leading_timesteps, predict_eps_x0
+from .base import Sampler
+from .grids import spaced_timesteps
+from .schedule import NoiseSchedule, gaussian_noise, predict_eps_x0
 
 
 def ddpm_posterior(
@@ -38,6 +40,9 @@ def ddpm_posterior(
 
 class DDPMSampler(Sampler):
     name = "ddpm"
+    zero_snr = True
+    stochastic = True
+    default_spacing = "leading"
 
     def __init__(
         self,
@@ -48,9 +53,9 @@ class DDPMSampler(Sampler):
         steps_offset: int = 1,
     ):
         super().__init__(schedule, num_steps, prediction_type)
-        if spacing != "leading":
-            raise ValueError(f"ddpm supports spacing 'leading' only, got {spacing!r}")
-        self.timesteps = leading_timesteps(num_steps, steps_offset, schedule.num_train_timesteps)
+        self.spacing = spacing
+        grid = spaced_timesteps(spacing, num_steps, schedule.num_train_timesteps, steps_offset, "vp")
+        self.timesteps = torch.from_numpy(grid)
 
     def alpha_bar_prev(self, i: int) -> torch.Tensor:
         """ᾱ of the next grid timestep; 1 after the last step (the chain ends at clean data)."""
@@ -61,7 +66,7 @@ class DDPMSampler(Sampler):
     def step(
         self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        self._check_index(i)
+        self._begin_step(i)
         alpha_bar_t = self.schedule.alpha_bar(self.timesteps[i])
         alpha_bar_prev = self.alpha_bar_prev(i)
         _, x0 = predict_eps_x0(model_output, x, alpha_bar_t, self.prediction_type)

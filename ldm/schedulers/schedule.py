@@ -1,4 +1,4 @@
-"""Noise schedule, timestep grids, ε/v/x̂0 conversion and the interface every sampler shares.
+"""Noise schedule, forward noising, training targets, ε/v/x̂0 conversion and seeded noise.
 
 Papers:
 - *Denoising Diffusion Probabilistic Models* (Ho et al., 2020): the discrete forward process
@@ -7,17 +7,11 @@ Papers:
   v-parameterisation v = √ᾱ ε − √(1−ᾱ) x0, used by SD 2.x 768-v.
 - *Elucidating the Design Space of Diffusion-Based Generative Models* (Karras et al., 2022) and k-diffusion:
   the σ view, σ_t = √((1−ᾱ_t)/ᾱ_t), x_σ = x_VP·√(σ²+1).
+- *Common Diffusion Noise Schedules and Sample Steps are Flawed* (Lin et al., 2024), Algorithm 1: rescale
+  √ᾱ so that the last timestep has zero signal (zero terminal SNR).
 
-Timestep grids (docs/methods.md §0.2, N = inference steps, T = 1000 training steps):
-
-| grid          | rule                                                  | N=50          | used by             |
-|---------------|-------------------------------------------------------|---------------|---------------------|
-| leading       | t_k = k·(T//N) + offset, descending (SD: offset 1)    | 981, 961 … 1  | DDIM, DDPM, SDEdit  |
-| linspace      | t = linspace(0, T−1, N) reversed, real-valued         | 999 … 0       | diffusers Euler     |
-| log-linear    | t = linspace(T−1, 0, N); σ by interpolating log σ_t   | 999 … 0       | k-diffusion (IP2P)  |
-
-The real-valued grids need σ between two integer timesteps: diffusers interpolates σ_t linearly, k-diffusion
-interpolates log σ_t. Both append σ = 0 as the end point.
+Every training loss draws (t, ε), forms x_t with ``q_sample`` and regresses ``training_target``; every sampler
+adds noise for image-to-image with the same ``q_sample`` (VP samplers) or its σ form x0 + σ ε (k-space samplers).
 """
 
 from __future__ import annotations
@@ -25,24 +19,45 @@ from __future__ import annotations
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("scaled_linear", "linear")
 
 
 class NoiseSchedule:
     """β_t and ᾱ_t of the training process, in float32 exactly as diffusers builds them."""
 
-    def __init__(self, betas: torch.Tensor):
+    def __init__(self, betas: torch.Tensor, zero_terminal_snr: bool = False):
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"betas must be a 1-D tensor with at least 2 entries, got shape {tuple(betas.shape)}")
-        self.betas = betas.float()
+        self.zero_terminal_snr = zero_terminal_snr
+        self.betas = rescale_zero_terminal_snr(betas.float()) if zero_terminal_snr else betas.float()
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # ᾱ_t = ∏_{s≤t} (1 − β_s)
 
     @classmethod
     def scaled_linear(
-        cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000
+        cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
     ) -> "NoiseSchedule":
         """Stable Diffusion 1.x/2.x: β = linspace(√β_start, √β_end, T)²; ᾱ_0 = 0.99915, ᾱ_999 = 0.00466."""
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-        return cls(betas)
+        return cls(betas, zero_terminal_snr)
+
+    @classmethod
+    def from_config(cls, config: dict, zero_terminal_snr: bool | None = None) -> "NoiseSchedule":
+        """The schedule a diffusers scheduler_config.json describes (keys beta_start, beta_end, beta_schedule,
+        num_train_timesteps, trained_betas, rescale_betas_zero_snr); absent keys take Stable Diffusion's values.
+        ``zero_terminal_snr`` overrides the config's rescale_betas_zero_snr."""
+        if zero_terminal_snr is None:
+            zero_terminal_snr = bool(config.get("rescale_betas_zero_snr", False))
+        if config.get("trained_betas") is not None:
+            return cls(torch.tensor(config["trained_betas"], dtype=torch.float32), zero_terminal_snr)
+        kind = config.get("beta_schedule", "scaled_linear")
+        start, end = config.get("beta_start", 0.00085), config.get("beta_end", 0.012)
+        steps = config.get("num_train_timesteps", 1000)
+        if kind == "scaled_linear":
+            return cls.scaled_linear(start, end, steps, zero_terminal_snr)
+        if kind == "linear":
+            return cls(torch.linspace(start, end, steps, dtype=torch.float32), zero_terminal_snr)
+        raise ValueError(f"beta_schedule {kind!r} is not supported; editlab samples {' and '.join(BETA_SCHEDULES)}")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -84,50 +99,20 @@ class NoiseSchedule:
         return (sigma.exp() if log_linear else sigma).float()
 
 
-# --- timestep grids --------------------------------------------------------------------------------------
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. Algorithm 1: shift and scale √ᾱ so that √ᾱ_T = 0 and √ᾱ_0 is kept, then back to β.
+
+        s = √ᾱ;  s ← (s − s_T)·s_0/(s_0 − s_T);  ᾱ = s²;  α_t = ᾱ_t/ᾱ_{t−1} (α_0 = ᾱ_0);  β = 1 − α
+    """
+    s = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    s0, sT = s[0].clone(), s[-1].clone()
+    s = (s - sT) * (s0 / (s0 - sT))
+    alpha_bar = s**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
 
 
-def _check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
-    if not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be an integer in [1, {num_train_timesteps}], got {num_steps!r}")
-
-
-def leading_timesteps(num_steps: int, offset: int = 1, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """diffusers "leading" grid: t_k = k·(T//N) + offset for k = N−1 … 0 (int64, descending).
-    SD configs use offset 1 (N=50: 981, 961, …, 1); the null-text notebook uses offset 0 (980 … 0)."""
-    _check_num_steps(num_steps, num_train_timesteps)
-    step_ratio = num_train_timesteps // num_steps
-    return torch.arange(num_steps - 1, -1, -1, dtype=torch.int64) * step_ratio + offset
-
-
-def linspace_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """diffusers Euler "linspace" grid: t = linspace(0, T−1, N) reversed (float32, real-valued)."""
-    _check_num_steps(num_steps, num_train_timesteps)
-    grid = torch.linspace(0, num_train_timesteps - 1, num_steps, dtype=torch.float64)  # float64 as np.linspace
-    return grid.flip(0).float()
-
-
-def log_linear_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """k-diffusion `DiscreteSchedule.get_sigmas` grid: t = linspace(T−1, 0, N) (float32)."""
-    _check_num_steps(num_steps, num_train_timesteps)
-    return torch.linspace(num_train_timesteps - 1, 0, num_steps, dtype=torch.float32)
-
-
-def sigma_grid(schedule: NoiseSchedule, timesteps: torch.Tensor, log_linear: bool = False) -> torch.Tensor:
-    """[σ(t_0), …, σ(t_{N−1}), 0]: the Euler σ grid for the given timesteps, σ = 0 appended (float32)."""
-    sigmas = schedule.sigma_at(timesteps, log_linear=log_linear)
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def log_linear_sigma_grid(schedule: NoiseSchedule, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-diffusion's discrete grid (docs/methods.md §0.2), used by InstructPix2Pix `edit_cli.py`:
-    t = linspace(999, 0, N), σ by log-linear interpolation of log σ_t, σ = 0 appended. σ_0 = σ at t=999.
-    Returns (timesteps [N], sigmas [N+1])."""
-    timesteps = log_linear_timesteps(num_steps, schedule.num_train_timesteps)
-    return timesteps, sigma_grid(schedule, timesteps, log_linear=True)
-
-
-# --- prediction-type conversion --------------------------------------------------------------------------
+# --- forward noising and training targets ----------------------------------------------------------------
 
 
 def check_prediction_type(prediction_type: str) -> None:
@@ -140,6 +125,25 @@ def _per_sample(alpha_bar: float | torch.Tensor, x: torch.Tensor) -> float | tor
     if torch.is_tensor(alpha_bar) and alpha_bar.ndim == 1:
         return alpha_bar.view(-1, *([1] * (x.ndim - 1)))  # [B] -> [B, 1, 1, 1]
     return alpha_bar
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε   (DDPM eq. 4); ``alpha_bar`` is one value or one per sample [B]."""
+    alpha_bar = _per_sample(alpha_bar, x0)
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+
+
+def velocity(eps: torch.Tensor, x0: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
+    """v = √ᾱ ε − √(1−ᾱ) x0: the training target of a v-prediction model."""
+    alpha_bar = _per_sample(alpha_bar, x0)
+    return alpha_bar**0.5 * eps - (1 - alpha_bar) ** 0.5 * x0
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: float | torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """What the UNet regresses at x_t = q_sample(x0, ε, ᾱ): ε for ε-prediction, v for v-prediction."""
+    check_prediction_type(prediction_type)
+    return noise if prediction_type == "epsilon" else velocity(noise, x0, alpha_bar)
 
 
 def predict_eps_x0(
@@ -162,13 +166,7 @@ def predict_eps_x0(
     return eps, x0
 
 
-def velocity(eps: torch.Tensor, x0: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
-    """v = √ᾱ ε − √(1−ᾱ) x0: the training target of a v-prediction model."""
-    alpha_bar = _per_sample(alpha_bar, x0)
-    return alpha_bar**0.5 * eps - (1 - alpha_bar) ** 0.5 * x0
-
-
-# --- noise and the shared sampler interface --------------------------------------------------------------
+# --- noise -----------------------------------------------------------------------------------------------
 
 
 def gaussian_noise(
@@ -187,62 +185,3 @@ def gaussian_noise(
         items = [gaussian_noise((1, *shape[1:]), g, device, dtype) for g in generator]
         return torch.cat(items, dim=0)
     return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
-
-
-class Sampler:
-    """What the pipeline calls, indexed by the step index i (0 … N−1):
-
-        x = randn * sampler.init_noise_sigma
-        for i, t in enumerate(sampler.timesteps):
-            out = unet(sampler.scale_model_input(x, i), t)
-            x = sampler.step(out, i, x, generator)
-
-    SDEdit starts at i0 = start_index(strength) from x = add_noise(x0, noise, i0). This base class is the
-    variance-preserving (VP) case shared by DDIM and DDPM; Euler overrides the σ-scaled parts.
-    """
-
-    name = "base"
-
-    def __init__(self, schedule: NoiseSchedule, num_steps: int, prediction_type: str = "epsilon"):
-        _check_num_steps(num_steps, schedule.num_train_timesteps)
-        check_prediction_type(prediction_type)
-        self.schedule = schedule
-        self.num_steps = num_steps
-        self.prediction_type = prediction_type
-        self.init_noise_sigma = 1.0  # VP samplers start from x_T ~ N(0, I)
-        self.timesteps = torch.empty(0)  # set by subclasses
-
-    def __len__(self) -> int:
-        return self.num_steps
-
-    def _check_index(self, i: int) -> None:
-        if not 0 <= i < self.num_steps:
-            raise ValueError(f"step index {i} out of range for a {self.num_steps}-step {self.name} sampler")
-
-    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """VP samplers feed x_t to the UNet unchanged."""
-        self._check_index(i)
-        return x
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
-        """x_t = √ᾱ_t x0 + √(1−ᾱ_t) z at t = timesteps[i] (DDPM eq. 4)."""
-        self._check_index(i)
-        alpha_bar = self.schedule.alpha_bar(self.timesteps[i]).to(x0.device, x0.dtype)
-        return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
-
-    def start_index(self, strength: float) -> int:
-        """SDEdit start (diffusers img2img, docs/methods.md §5): k = min(⌊N·strength⌋, N) steps run, from
-        index N − k."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        steps_to_run = min(int(self.num_steps * strength), self.num_steps)
-        if steps_to_run == 0:
-            raise ValueError(
-                f"strength {strength} with {self.num_steps} steps runs no step; raise strength or num_steps"
-            )
-        return self.num_steps - steps_to_run
-
-    def step(
-        self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        raise NotImplementedError

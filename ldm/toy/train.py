@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, toy
 from ..model import StableDiffusion
-from ..schedulers import NoiseSchedule
+from ..schedulers import NoiseSchedule, q_sample, training_target
 from ..training import LossFn, Trainer, TrainConfig, step_generator
 from .shapes import ShapesDataset
 
@@ -166,10 +166,11 @@ def diffusion_loss(model: StableDiffusion, means: torch.Tensor, stds: torch.Tens
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(len(alphas_cumprod), (recipe.batch,), generator=generator)
         alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
-        x_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise  # x_t = √ᾱ z0 + √(1−ᾱ) ε
+        x_t = q_sample(z0, noise, alpha_bar)  # x_t = √ᾱ z0 + √(1−ᾱ) ε
         drop = torch.rand(recipe.batch, generator=generator) < recipe.caption_dropout
         context = model.text_encoder(torch.where(drop[:, None], empty, ids[pick]))
-        per_sample = ((model.unet(x_t, t, context) - noise) ** 2).mean(dim=(1, 2, 3))
+        target = training_target(z0, noise, alpha_bar, model.config.prediction_type)  # ε (or v)
+        per_sample = ((model.unet(x_t, t, context) - target) ** 2).mean(dim=(1, 2, 3))
         if recipe.min_snr_gamma is not None:
             snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())  # SNR(t) = ᾱ/(1−ᾱ)
             per_sample = per_sample * snr.clamp(max=recipe.min_snr_gamma) / snr  # min(SNR, γ)/SNR
