@@ -42,7 +42,7 @@ LOAD = "from ldm.model import StableDiffusion\nmodel = StableDiffusion.load({dst
 
 def original_layout_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of an original SDXL single file (sgm layout) for ``cfg``, with its shape."""
-    from tests.peers import ldm_unet_shapes, ldm_vae_shapes  # the layout is written out there, from sgm's modules
+    from .ldm_layout import ldm_unet_shapes, ldm_vae_shapes
 
     shapes = {"model.diffusion_model." + k: v for k, v in ldm_unet_shapes(cfg.unet).items()}
     shapes.update({"first_stage_model." + k: v for k, v in ldm_vae_shapes(cfg.vae).items()})
