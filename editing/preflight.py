@@ -95,5 +95,8 @@ def check_before_work(args) -> None:
         native = native_image_size(args) or (native_side(config),) * 2
         height = getattr(args, "height", None) or getattr(args, "size", None) or native[1]
         width = getattr(args, "width", None) or getattr(args, "size", None) or native[0]
-        batch = max(getattr(args, "batch", None) or 1, getattr(args, "samples", None) or 1)
+        # images in one sampling loop: the command's own count where it differs (make-pairs), else the batch,
+        # or the samples a command renders together (ddpm-edit)
+        rows = getattr(args, "images_per_loop", None)
+        batch = rows(args) if rows else max(getattr(args, "batch", None) or 1, getattr(args, "samples", None) or 1)
         check_memory(config, height, width, batch, args.device)

@@ -53,7 +53,12 @@ def test_style_and_visii_name_the_missing_file_for_a_non_toy_model(weights, tmp_
     style = png(tmp_path / "style.png", ShapeSpec("square", "green", "white", **SIZE))
     done = editlab("style", "--weights", weights, "--style-image", style, "--prompt", "x", "--out", tmp_path / "o.png")
     assert done.returncode == 2 and "--ip-adapter" in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    done = editlab("visii", "--weights", weights, "--before", style, "--after", style, "--out", tmp_path / "v")
+    from ldm.config import tiny_sd1
+    from ldm.model import StableDiffusion
+
+    editor = tmp_path / "tiny-ip2p.safetensors"  # visii needs an 8-channel editor (the model check comes first)
+    StableDiffusion(tiny_sd1(8)).save(editor)
+    done = editlab("visii", "--weights", editor, "--before", style, "--after", style, "--out", tmp_path / "v")
     assert done.returncode == 2 and "--clip" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 

@@ -187,7 +187,7 @@ def test_natural_images_are_seeded_and_in_range():
 
 def test_train_toy_command_line(tmp_path, capsys):
     args = build_parser().parse_args(["train-toy", "--out", str(tmp_path), "--stage", "vae", "--vae-steps", "7"])
-    assert args.vae_steps == 7 and args.stage == "vae" and args.steps == toy_train.ToyRecipe().steps
+    assert args.vae_steps == 7 and args.stage == "vae" and args.steps is None  # None: the stage's recipe
     assert main(["train-toy", "--out", str(tmp_path), "--steps", "0"]) == 2
     assert "--steps 0" in capsys.readouterr().err
     assert main(["train-toy", "--out", str(tmp_path), "--stage", "diffusion"]) == 2  # no stage-1 file yet

@@ -75,7 +75,7 @@ def run(preset: str, size: int, steps: int, dtype: torch.dtype, device: torch.de
 
     from controls import Control, ControlNet, controlnet_to_image
     from controls.controlnet import SD_HINT_CHANNELS
-    from editing.ddpm_edit.editor import DDPMEditConfig, edit
+    from editing.ddpm_edit.editor import DDPMEditConfig, edit_inversion
     from editing.p2p.edit import P2PConfig, prompt_to_prompt
     from inversion.ddpm_noise import DDPMInversionConfig, invert
     from weights_convert.controlnet import to_diffusers_config
@@ -155,7 +155,7 @@ def run(preset: str, size: int, steps: int, dtype: torch.dtype, device: torch.de
 
             def ddpm():
                 inversion = invert(model, x0, SOURCE, inversion_cfg, torch.Generator("cpu").manual_seed(0))
-                return edit(model, inversion, TARGET, DDPMEditConfig(skip=skip))
+                return edit_inversion(model, inversion, TARGET, DDPMEditConfig(skip=skip))
 
             timed({"DDPM inversion + edit": ddpm,
                    "plain, 1 image": lambda: text_to_image(model, [SOURCE], cfg, progress=False)},

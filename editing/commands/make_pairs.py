@@ -85,6 +85,7 @@ def add_arguments(parser):
     parser.add_argument("--min-iou", type=float, default=0.7,
                         help="--filter toy: before-after object mask IoU threshold for colour/background edits")
     parser.add_argument("--batch", type=int, default=16, help="(caption pair, sample) items per sampling loop")
+    parser.set_defaults(images_per_loop=lambda args: 2 * args.batch)  # each item: its before and after image
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--format", choices=("folder", "webdataset"), default="folder",
                         help="folder: NNNNNNN/SEED_ROW.png files; webdataset: pairs-NNNNNN.tar shards (default folder)")
