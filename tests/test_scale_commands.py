@@ -208,3 +208,34 @@ def test_make_pairs_killed_and_resumed_makes_the_same_bytes(files, tmp_path, cap
     assert main(make_pairs_args(files, whole)) == 0
     assert folder_bytes(killed) == folder_bytes(whole)
     assert not list((killed / ".progress").glob("shard-*/"))  # staged images removed once packed
+
+
+@pytest.mark.parametrize("command", ["visii", "train-toy"])
+def test_ctrl_c_in_the_folder_commands(tmp_path, command):
+    """The same contract for the commands that write a folder: Visii (toy editor and toy CLIP) and the toy
+    model's VAE stage."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, colour in (("before", (200, 40, 40)), ("after", (40, 200, 40))):
+        Image.new("RGB", (64, 64), colour).save(images / f"{name}.png")
+    argv, checkpoint_name, result = {
+        "visii": (["visii", "--before", str(images / "before.png"), "--after", str(images / "after.png"),
+                   "--steps", "4"], "checkpoint.pt", "instruction.safetensors"),
+        "train-toy": (["train-toy", "--stage", "vae", "--vae-steps", "4"], "vae-checkpoint.pt", "vae.safetensors"),
+    }[command]
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), "2", *argv, "--out", str(out)], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    checkpoint = out / checkpoint_name
+    assert done.returncode == 130, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"editlab {command}: interrupted at step 2; saved ") and last.endswith(
+        "; rerun with --resume") and "Traceback" not in done.stderr
+    assert load_checkpoint(checkpoint)["step"] == 2 and not (out / result).exists()
+    assert main([*argv, "--out", str(out)]) == 2  # a rerun without --resume refuses to start over
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    assert main([*argv, "--out", str(straight)]) == 0
+    resumed, whole = load_file(str(out / result)), load_file(str(straight / result))
+    assert resumed.keys() == whole.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
