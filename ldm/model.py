@@ -92,10 +92,10 @@ class StableDiffusion(nn.Module):
 
         Memory: the model is built on the meta device and takes the tensors as read (each read straight into
         its own memory, cast on the way), so the weights are held once."""
-        def dtype_for(name: str) -> torch.dtype | None:
+        def dtype_for(name: str) -> torch.dtype:
             if name.startswith("vae.") and config.vae.force_upcast:
                 return torch.float32  # also when the file stores it in fp16
-            return dtype
+            return dtype or torch.float32  # a file saved in fp16 (--half) still loads as an fp32 model by default
 
         metadata = read_weights_metadata(path, FORMAT, "editlab model")
         config = ModelConfig.from_json(metadata["config"])
