@@ -13,7 +13,7 @@ from PIL import Image
 from editing.cli import main
 from ldm.images import read_parameters
 
-from editing.bench.peers import diffusers_scheduler
+from editing.bench.peers import diffusers_scheduler_from_config
 from ldm.config import tiny_sdxl
 from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig, decode_latents, sdedit, text_to_image
@@ -31,12 +31,14 @@ DIFFUSERS_MICRO = dict(original_size=(96, 64), crops_coords_top_left=(8, 4), tar
 def sdxl(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl")
     pipe = make_sdxl_folder(tiny_sdxl(), folder / "diffusers", seed=3)
-    convert(folder / "diffusers", folder / "model.safetensors")
+    convert(folder / "diffusers", folder / "model.safetensors")  # records the folder's scheduler config
+    pipe.folder_scheduler_config = dict(pipe.scheduler.config)
     return StableDiffusion.load(folder / "model.safetensors"), pipe, folder / "model.safetensors"
 
 
 def _diffusers(pipe, cfg: SamplingConfig, output_type="latent", **kwargs):
-    pipe.scheduler = diffusers_scheduler(cfg.scheduler, "epsilon")
+    # what a diffusers user gets by swapping the folder's scheduler, which editlab's samplers also follow
+    pipe.scheduler = diffusers_scheduler_from_config(cfg.scheduler, pipe.folder_scheduler_config)
     return pipe(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, eta=cfg.eta,
                 generator=torch.Generator("cpu").manual_seed(cfg.seed), output_type=output_type, **kwargs).images
 
@@ -83,6 +85,7 @@ def test_sdedit_matches_stable_diffusion_xl_img2img(sdxl, strength):
 
     model, pipe, _ = sdxl
     img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    img2img.folder_scheduler_config = pipe.folder_scheduler_config
     img2img.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     cfg = SamplingConfig(steps=8, guidance=5.0, scheduler="ddim", seed=5)
