@@ -74,8 +74,8 @@ def test_sigkill_then_rerun_finishes_without_redoing_rows(reference, tmp_path, c
 
 def test_torchrun_with_two_processes_gives_the_same_rows(reference, tmp_path):
     out = tmp_path / "sharded"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", "-m", "editing.cli"] + RUN + ["--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "editing.cli"] + RUN + ["--out", str(out)],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert len((out / "rows" / "rank-1.jsonl").read_text().splitlines()) == ROWS // 2
