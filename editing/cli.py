@@ -84,12 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"editlab {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
-        out_of_memory = isinstance(err, RuntimeError) and "out of memory" in str(err)
-        if args.verbose or not (isinstance(err, USER_ERRORS) or out_of_memory):
+        message = user_error_message(args.command, err)
+        if args.verbose or message is None:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
-        print(f"editlab {args.command}: error: {message}", file=sys.stderr)
+        print(message, file=sys.stderr)
         return 2
+
+
+def user_error_message(command: str, err: Exception) -> str | None:
+    """The one line shown for an error a user can fix, or None for a bug (which keeps its traceback)."""
+    out_of_memory = isinstance(err, RuntimeError) and "out of memory" in str(err)
+    if not (isinstance(err, USER_ERRORS) or out_of_memory):
+        return None
+    message = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return f"editlab {command}: error: {message}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""Run an ``editlab`` command in this process, as the shell would, and say what it wrote.
+
+The lab never computes an image itself: a tab turns its knobs into the argument list of an ``editlab`` command and
+runs it here, so the command line it shows is the whole recipe of what it shows. Errors a user can fix come back as
+the CLI's own one-line message (``editlab p2p: error: ...``), never a traceback, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cli import build_parser, user_error_message
+
+
+_ONE_AT_A_TIME = threading.Lock()  # the working folder is the process's: one command runs at a time
+
+
+@contextlib.contextmanager
+def _working_folder(folder: Path):
+    with _ONE_AT_A_TIME:
+        before = os.getcwd()
+        os.chdir(folder)
+        try:
+            yield
+        finally:
+            os.chdir(before)
+
+
+@dataclass
+class CommandResult:
+    argv: list[str]  # the arguments after ``editlab``
+    folder: Path  # the working folder the command ran in: relative --out paths are inside it
+    printed: str = ""  # what the command printed (the paths it wrote, one a line, for most commands)
+    error: str | None = None  # the CLI's one-line message when the command refused its input
+    outputs: list[Path] = field(default_factory=list)  # PNG files the command wrote, in the order it printed them
+
+    @property
+    def command_line(self) -> str:
+        """The shell line that reproduces this result (run it in an empty folder)."""
+        return shlex.join(["editlab", *self.argv])
+
+
+def run_command(argv: list[str], folder: str | Path) -> CommandResult:
+    """Run ``editlab *argv`` with ``folder`` as the working folder for its relative paths.
+
+    Relative paths in ``argv`` are resolved against ``folder`` (the lab writes uploads and outputs there), so the
+    argument list stays the one a user types in a shell opened in that folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = CommandResult(argv=list(argv), folder=folder)
+    parser = build_parser()
+    stdout = io.StringIO()
+    with _working_folder(folder), contextlib.redirect_stdout(stdout):
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # argparse already wrote its usage line to stderr; the lab builds valid lines
+            result.error = f"editlab: the arguments were not understood: {shlex.join(argv)}"
+            return result
+        try:
+            from ..preflight import check_before_work
+
+            check_before_work(args)
+            args.run(args)
+        except Exception as err:
+            result.error = user_error_message(args.command, err)
+            if result.error is None:
+                raise
+    result.printed = stdout.getvalue()
+    result.outputs = [folder / line.strip() for line in result.printed.splitlines()
+                      if line.strip().endswith(".png") and (folder / line.strip()).is_file()]
+    return result
