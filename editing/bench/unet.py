@@ -26,16 +26,22 @@ def shared_unets(cfg: UNetConfig, dtype: torch.dtype, device: torch.device, seed
     with torch.device("meta"):
         ours = UNet(cfg)
         peer = UNet2DConditionModel(**diffusers_unet_config(cfg))
-    ours = ours.to_empty(device=device).to(dtype)
+    ours = fill_random(ours.to_empty(device=device).to(dtype), seed)
+    peer.load_state_dict(ours.state_dict(), strict=True, assign=True)
+    return ours.eval(), peer.eval()
+
+
+def fill_random(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights in place: norm scales ~1, biases ~0, other weights N(0, 1/fan_in)."""
+    device = next(module.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
-        for name, param in ours.named_parameters():
+        for name, param in module.named_parameters():
             if param.ndim <= 1:
                 param.normal_(1.0 if name.endswith("weight") else 0.0, 0.1, generator=generator)
             else:
                 param.normal_(0.0, 1 / math.sqrt(param[0].numel()), generator=generator)
-    peer.load_state_dict(ours.state_dict(), strict=True, assign=True)
-    return ours.eval(), peer.eval()
+    return module
 
 
 def unet_inputs(cfg: UNetConfig, batch: int, latent_size: int, dtype: torch.dtype, device: torch.device):

@@ -40,7 +40,13 @@ def add_arguments(parser):
                         help="p2p on CPU: also measure each run's peak resident memory in a fresh process")
     parser.add_argument("--nchw", action="store_true", help="unet: run editlab in plain NCHW layout instead of "
                                                             "its default channels_last")
-    parser.add_argument("--work", default=None, help="weights: folder for the temporary checkpoint files")
+    parser.add_argument("--separate", action="store_true",
+                        help="unet on CPU: one model at a time, each with its own copy of the weights (diffusers' "
+                             "saved folder, converted by editlab), in a fresh process per round (--repeats rounds, "
+                             "order alternating), with load time and peak resident memory; for models whose two "
+                             "copies do not fit together (SDXL: 10.3 GB each in fp32)")
+    parser.add_argument("--forwards", type=int, default=2, help="unet --separate: timed forwards per process")
+    parser.add_argument("--work", default=None, help="weights, unet --separate: folder for the temporary checkpoint files")
     parser.add_argument("--dry-run", action="store_true",
                         help="gpu: every row at a tiny config, 2 steps, once (checks the script; numbers mean nothing)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="gpu: leave out the CUDA-graph row")
@@ -73,6 +79,13 @@ def run(args):
         else:
             text = bench.run(args.preset or "sd15", args.size or 512, args.steps or 50, dtype, device,
                              args.repeats, args.warmup, not args.no_cuda_graph)
+    elif args.target == "unet" and args.separate:
+        if gpu:
+            raise ValueError("bench unet --separate measures the CPU (resident memory); drop --separate on a GPU")
+        from ..bench import unet_separate
+
+        text = unet_separate.run(args.preset or "sd15", args.batch, args.size or 64, dtype, args.repeats,
+                                 args.warmup, args.forwards, args.work)
     elif args.target == "unet":
         text = bench.run(args.preset or "sd15", args.batch, args.size or 64, dtype, device, args.repeats,
                          args.warmup, not args.nchw)
