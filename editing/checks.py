@@ -75,7 +75,7 @@ def weights_kind(path: Path) -> tuple[str, ModelConfig | None]:
 
 def native_side(config: ModelConfig) -> int:
     """Default image side: 512 for SD 1.x/2.x, 1024 for SDXL, the training size for the toy model."""
-    return {"toy": 64, "sdxl": 1024}.get(config.family, 512)
+    return {"toy": 64, "sdxl": 1024, "sdxl-refiner": 1024}.get(config.family, 512)
 
 
 def check_weights(path: Path, needs: str, command: str) -> ModelConfig | None:

@@ -109,8 +109,10 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     prediction_type: str = "epsilon"  # "epsilon" or "v_prediction" (SD 2.x 768-v); never guessed from weights
-    family: str = "sd1"  # "sd1", "sd2", "ip2p", "sdxl" or "toy": used in messages and presets
-    text_2: TextEncoderConfig | None = None  # SDXL's second text encoder (OpenCLIP ViT-bigG with projection)
+    family: str = "sd1"  # "sd1", "sd2", "ip2p", "sdxl", "sdxl-refiner" or "toy": used in messages and presets
+    # SDXL base's second text encoder (OpenCLIP ViT-bigG with projection); the SDXL refiner has bigG alone,
+    # as ``text``, and no text_2
+    text_2: TextEncoderConfig | None = None
 
     def __post_init__(self):
         assert self.prediction_type in ("epsilon", "v_prediction"), self.prediction_type
@@ -223,6 +225,28 @@ def sdxl_refiner_unet() -> UNetConfig:
                       addition_in_dim=1280 + 5 * 256)
 
 
+def sdxl_refiner() -> ModelConfig:
+    """SDXL 1.0 refiner: the refiner UNet, OpenCLIP-bigG as its only text encoder (context = bigG's
+    penultimate states, 1280; pooled = its projection), micro-conditioning (h_orig, w_orig, c_top, c_left,
+    aesthetic score), SDXL's VAE."""
+    return ModelConfig(unet=sdxl_refiner_unet(), vae=VAEConfig(scaling_factor=0.13025), text=sdxl_text_g(),
+                       family="sdxl-refiner")
+
+
+def tiny_sdxl_refiner() -> ModelConfig:
+    """Tiny refiner-shaped test config: 4 levels, attention only at the middle two (none at the first and
+    last, as in the refiner), transformer depth 2 (the middle block takes the last level's: 2), head size 16,
+    bigG-like text alone (gelu, width 48, padded with 0, projection 48), 48 + 5·8 added numbers."""
+    text_g = TextEncoderConfig(width=48, n_layers=3, n_heads=4, mlp_dim=96, activation="gelu", pad_token_id=0,
+                               projection_dim=48)
+    unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), attention_levels=(False, True, True, False),
+                      n_heads=None, head_dim=16, context_dim=text_g.width, linear_projection=True,
+                      transformer_depth=(1, 2, 2, 2), addition_embed="text_time", addition_time_embed_dim=8,
+                      addition_in_dim=text_g.projection_dim + 5 * 8)
+    return ModelConfig(unet=unet, vae=VAEConfig(block_channels=(32, 64), scaling_factor=0.13025), text=text_g,
+                       family="sdxl-refiner")
+
+
 def tiny_sdxl() -> ModelConfig:
     """Tiny SDXL-shaped test config: 3 levels (no attention at the first, none of its downsamplers at the
     last), transformer depths 2 and 3 (3 in the middle), head size 16, linear projections, two text encoders
@@ -249,6 +273,8 @@ PRESETS = {
     "sdxl-base": sdxl_base,
     "sdxl": sdxl_base,  # short name of the same preset
     "tiny-sdxl": tiny_sdxl,
+    "sdxl-refiner": sdxl_refiner,
+    "tiny-sdxl-refiner": tiny_sdxl_refiner,
 }
 
 

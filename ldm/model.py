@@ -57,6 +57,11 @@ class StableDiffusion(nn.Module):
     def is_sdxl(self) -> bool:
         return self.config.unet.addition_embed == "text_time"
 
+    @property
+    def is_sdxl_refiner(self) -> bool:
+        """SDXL's refiner: bigG alone (as ``text_encoder``), an aesthetic score instead of the target size."""
+        return self.is_sdxl and self.config.text_2 is None
+
     def encode_prompt(self, prompts: str | list[str]) -> torch.Tensor:
         """Text hidden states [B, 77, width] for the UNet's cross-attention (SDXL: ldm.sdxl.encode_prompt)."""
         if self.is_sdxl:

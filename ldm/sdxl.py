@@ -8,6 +8,16 @@ Podell et al. 2023, §2.1-2.2): two text encoders, a pooled text embedding and m
                                                              "crop" conditioning), each embedded by a
                                                              256-wide sinusoid inside the UNet
 
+The refiner (the paper's refinement stage) has bigG alone (context = its penultimate states, 1280 wide) and five numbers,
+``(h_orig, w_orig, c_top, c_left, aesthetic score)``: the target size is replaced by an aesthetic score,
+6.0 for the prompt and 2.5 for the negative branch by default (diffusers' ``StableDiffusionXLImg2ImgPipeline``
+with ``requires_aesthetics_score``); its negative branch keeps the original size but takes the crop (0, 0)
+(that pipeline's default ``negative_crops_coords_top_left``, which the base pipeline does not use), and it
+encodes an absent negative prompt as ``""`` (no zeroing). editlab
+gives each row its own branch's numbers; diffusers repeats its [negative; prompt] pair of rows B times, so
+for B > 1 prompts its rows get the two scores alternately (the same holds for the base model's numbers, but
+there the two branches' numbers are equal unless negative sizes are given).
+
 The UNet adds MLP([pooled; sinusoids]) to its time embedding (ldm/unet.py ``TextTime``). Defaults are
 diffusers' ``StableDiffusionXLPipeline``: original and target size = the output size, crop (0, 0); the
 negative branch uses the same six numbers. With guidance and *no* negative prompt, the negative context and
@@ -34,21 +44,30 @@ class MicroConditioning:
 
     original_size: tuple[int, int] | None = None  # (H, W) of the training image before resizing
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the training crop
-    target_size: tuple[int, int] | None = None  # (H, W) the model is asked to produce
+    target_size: tuple[int, int] | None = None  # (H, W) the model is asked to produce (base model)
+    aesthetic_score: float = 6.0  # refiner: the score the prompt branch asks for ...
+    negative_aesthetic_score: float = 2.5  # ... and the negative branch
 
-    def time_ids(self, height: int, width: int) -> list[float]:
+    def time_ids(self, height: int, width: int, aesthetic: float | None = None,
+                 crop: tuple[int, int] | None = None) -> list[float]:
+        """The base model's six numbers, or with ``aesthetic`` the refiner's five (the score last)."""
         original = self.original_size or (height, width)
-        target = self.target_size or (height, width)
-        return [float(v) for v in (*original, *self.crop_top_left, *target)]
+        last = (aesthetic,) if aesthetic is not None else (self.target_size or (height, width))
+        return [float(v) for v in (*original, *(self.crop_top_left if crop is None else crop), *last)]
 
-    def as_dict(self, height: int, width: int) -> dict:
+    def as_dict(self, height: int, width: int, refiner: bool = False) -> dict:
         ids = self.time_ids(height, width)
+        if refiner:
+            return {"original_size": ids[:2], "crop_top_left": ids[2:4], "aesthetic_score": self.aesthetic_score,
+                    "negative_aesthetic_score": self.negative_aesthetic_score}
         return {"original_size": ids[:2], "crop_top_left": ids[2:4], "target_size": ids[4:]}
 
 
 def encode_prompt(model: "StableDiffusion", prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(context [B, 77, C_L + C_G], pooled [B, P]) of ``prompts`` through both text encoders."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if model.is_sdxl_refiner:  # bigG alone
+        return model.text_encoder.penultimate_and_pooled(model.tokenizer(prompts).to(model.device))
     hidden_l, _ = model.text_encoder.penultimate_and_pooled(model.tokenizer(prompts).to(model.device))
     hidden_g, pooled = model.text_encoder_2.penultimate_and_pooled(model.tokenizer_2(prompts).to(model.device))
     return torch.cat([hidden_l, hidden_g.to(hidden_l.dtype)], dim=-1), pooled  # [B, 77, C_L] ++ [B, 77, C_G]
@@ -59,10 +78,20 @@ def conditioning(model: "StableDiffusion", prompts: Sequence[str], negative: str
                  ) -> tuple[torch.Tensor, TextTime]:
     """(context, TextTime) for the UNet batch: [negative; prompts] under guidance, else prompts alone."""
     micro = micro or MicroConditioning()
+    refiner = model.is_sdxl_refiner
     context, pooled = encode_prompt(model, prompts)
-    ids = torch.tensor([micro.time_ids(height, width)] * len(prompts), dtype=context.dtype, device=model.device)
+
+    def ids_for(aesthetic: float, crop: tuple[int, int] | None = None) -> torch.Tensor:
+        row = micro.time_ids(height, width, aesthetic if refiner else None, crop)
+        return torch.tensor([row] * len(prompts), dtype=context.dtype, device=model.device)
+
+    ids = ids_for(micro.aesthetic_score)
     if not guided:
         return context, TextTime(pooled, ids)
+    # the base model's negative branch: the same six numbers; the refiner's: its own score, crop (0, 0)
+    negative_ids = ids_for(micro.negative_aesthetic_score, (0, 0) if refiner else None)
+    if negative is None and refiner:  # the refiner does not zero: it encodes ""
+        negative = ""
     if negative is None:  # force_zeros_for_empty_prompt: no negative prompt -> zero conditioning
         neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
     else:
@@ -70,4 +99,4 @@ def conditioning(model: "StableDiffusion", prompts: Sequence[str], negative: str
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
         neg_context, neg_pooled = encode_prompt(model, negative)
-    return torch.cat([neg_context, context]), TextTime(torch.cat([neg_pooled, pooled]), torch.cat([ids, ids]))
+    return torch.cat([neg_context, context]), TextTime(torch.cat([neg_pooled, pooled]), torch.cat([negative_ids, ids]))

@@ -73,3 +73,30 @@ def open_clip_penultimate_and_pooled(tower, ids: torch.Tensor) -> tuple[torch.Te
     final = tower.ln_final(tower.transformer.resblocks[-1](x, attn_mask=tower.attn_mask))
     pooled = final[torch.arange(ids.shape[0]), ids.argmax(dim=-1)] @ tower.text_projection
     return x, pooled
+
+
+def make_refiner_pipeline(cfg: ModelConfig, bpe_folder: str | Path, seed: int = 0):
+    """StableDiffusionXLImg2ImgPipeline shaped like the SDXL refiner: bigG alone (``text_encoder=None``),
+    ``requires_aesthetics_score=True``, ``force_zeros_for_empty_prompt=False`` (its model_index.json)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=make_diffusers_vae(cfg.vae, seed + 1), text_encoder=None, tokenizer=None,
+        text_encoder_2=make_clip_text_with_projection(cfg.text, seed + 3),
+        tokenizer_2=make_hf_tokenizer(Path(bpe_folder) / "g", cfg.text.pad_token_id),
+        unet=make_diffusers_unet(cfg.unet, seed), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        add_watermarker=False, scheduler=DDIMScheduler.from_config(scheduler_config("epsilon")))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sgm_refiner_checkpoint(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An SDXL refiner state dict in the original single-file layout: bigG (open_clip layout) at
+    ``conditioner.embedders.0.model.``, no CLIP-L."""
+    state = random_tensors(ldm_unet_shapes(cfg.unet), seed, "model.diffusion_model.")
+    state.update(random_tensors(ldm_vae_shapes(cfg.vae), seed + 1, "first_stage_model."))
+    tower = make_open_clip_text(dataclasses.replace(cfg.text, n_layers=cfg.text.n_layers - 1), seed + 3,
+                                projection_dim=cfg.text.projection_dim)
+    state.update({"conditioner.embedders.0.model." + k: v for k, v in tower.state_dict().items()})
+    state["conditioner.embedders.0.model.logit_scale"] = torch.tensor(math.log(1 / 0.07))
+    return state

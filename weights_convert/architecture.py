@@ -31,6 +31,9 @@ FAMILY_RULES = {  # family -> what the weights cannot say
     # SDXL: CLIP-L as SD 1 (text_encoder), OpenCLIP-bigG (text_encoder_2: 20 heads, gelu, padded with 0)
     "sdxl": dict(unet_heads=dict(n_heads=None, head_dim=64), text_heads=12, activation="quick_gelu", pad=49407,
                  text_2=dict(text_heads=20, activation="gelu", pad=0), vae_scaling=0.13025),
+    # SDXL refiner: bigG alone (text_encoder), five added numbers (sizes, crop, aesthetic score)
+    "sdxl-refiner": dict(unet_heads=dict(n_heads=None, head_dim=64), text_heads=20, activation="gelu", pad=0,
+                         vae_scaling=0.13025, added_numbers=5),
 }
 
 
@@ -52,7 +55,7 @@ def unet_config(t: dict[str, torch.Tensor], family: str, like: UNetConfig | None
                 pooled_dim: int = 0) -> UNetConfig:
     """UNetConfig from editlab-named UNet tensors (no ``unet.`` prefix); ``like`` supplies what shapes cannot
     tell (heads, GroupNorm groups, fp32 attention) instead of the family rules. ``pooled_dim``: the width of
-    SDXL's pooled text embedding, the rest of add_embedding's input being six sinusoids."""
+    SDXL's pooled text embedding, the rest of add_embedding's input being six sinusoids (the refiner: five)."""
     conv_in = _need(t, "conv_in.weight", "UNet")
     model_channels = conv_in.shape[0]
     levels = _count(t, r"down_blocks\.(\d+)\.")
@@ -61,6 +64,8 @@ def unet_config(t: dict[str, torch.Tensor], family: str, like: UNetConfig | None
         raise WeightsError(f"UNet level channels {level_channels} are not multiples of {model_channels}")
     attn_key = next((k for k in t if k.endswith("attn2.to_k.weight")), None)
     depths = [_count(t, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.") for i in range(levels)]
+    if depths and depths[-1] == 0:  # no attention at the last level (the refiner): the middle block's depth
+        depths[-1] = _count(t, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.")
     add = t.get("add_embedding.linear_1.weight")
     proj_key = next((k for k in t if k.endswith("proj_in.weight")), None)
     if attn_key is None or proj_key is None:
@@ -82,7 +87,8 @@ def unet_config(t: dict[str, torch.Tensor], family: str, like: UNetConfig | None
             # SDXL: blocks per transformer (a level without attention takes 1, as in SDXL's own config)
             transformer_depth=None if max(depths) <= 1 else tuple(max(d, 1) for d in depths),
             addition_embed=None if add is None else "text_time",
-            addition_time_embed_dim=256 if add is None else (add.shape[1] - pooled_dim) // 6,
+            addition_time_embed_dim=256 if add is None else
+            (add.shape[1] - pooled_dim) // FAMILY_RULES[family].get("added_numbers", 6),
             addition_in_dim=0 if add is None else add.shape[1],
             **(dict(n_heads=like.n_heads, head_dim=like.head_dim, norm_groups=like.norm_groups) if like
                else rules["unet_heads"]),
@@ -144,7 +150,8 @@ def part_config(tensors: dict[str, torch.Tensor], part: str, family: str, like: 
     prefix = {"unet": "unet.", "vae": "vae.", "text": "text_encoder."}[part]
     t = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if part == "unet":
-        projection = tensors.get("text_encoder_2.text_projection.weight")  # SDXL's pooled embedding
+        projection = tensors.get("text_encoder_2.text_projection.weight",  # SDXL's pooled embedding
+                                 tensors.get("text_encoder.text_projection.weight"))  # (the refiner's)
         return unet_config(t, family, like and like.unet, 0 if projection is None else projection.shape[0])
     return vae_config(t, like and like.vae) if part == "vae" else text_config(t, family, like and like.text)
 
@@ -162,8 +169,9 @@ def model_config(tensors: dict[str, torch.Tensor], family: str, prediction_type:
                 raise
             parts[part] = getattr(like, part)  # unreadable (keys of another family): the strict check will list them
     rules = FAMILY_RULES[family]
-    if "text_2" in rules:  # SDXL: the second text encoder, and the VAE scale the weights do not hold
+    if "text_2" in rules:  # SDXL: the second text encoder
         second = {k[len("text_encoder_2."):]: v for k, v in tensors.items() if k.startswith("text_encoder_2.")}
         parts["text_2"] = text_config(second, family, like and like.text_2, second=True)
+    if "vae_scaling" in rules:  # SDXL: the VAE scale the weights do not hold
         parts["vae"] = dataclasses.replace(parts["vae"], scaling_factor=rules["vae_scaling"])
     return ModelConfig(**parts, prediction_type=prediction_type, family=family)

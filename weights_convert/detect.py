@@ -16,16 +16,14 @@ import torch
 
 from ldm.model import FORMAT, WeightsError
 
-from .ldm_text import CLIP_PREFIX, OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX
+from .ldm_text import CLIP_PREFIX, OPEN_CLIP_PREFIX, REFINER_OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX
 from .ldm_unet import PREFIX as UNET_PREFIX
 from .ldm_vae import PREFIXES as VAE_PREFIXES
 
 LAYOUTS = ("ldm", "diffusers", "vae", "editlab")
-FAMILIES = ("sd1", "sd2", "ip2p", "sdxl")
+FAMILIES = ("sd1", "sd2", "ip2p", "sdxl", "sdxl-refiner")
 
 OTHER_MODELS = [  # (sentinel key prefix, what the file is): checked first, such files may also hold an SD UNet
-    ("conditioner.embedders.0.model.", "an SDXL refiner checkpoint (OpenCLIP-bigG alone), which editlab does not "
-                                       "support yet; convert the SDXL base model"),
     ("control_model.", "a ControlNet checkpoint; load it with the ControlNet loader, not 'convert'"),
 ]
 OTHER_PARTS = [  # (sentinel key prefix, what the file is): checked when no layout matched
@@ -63,7 +61,7 @@ def detect_file_layout(path: Path, keys: list[str], metadata: dict[str, str]) ->
         if any(k.startswith(sentinel) for k in keys):
             raise WeightsError(f"{path}: this is {what}")
     if any(k.startswith("conditioner.embedders.") for k in keys) and not any(
-            k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in keys):
+            k.startswith((SDXL_OPEN_CLIP_PREFIX, REFINER_OPEN_CLIP_PREFIX)) for k in keys):
         raise WeightsError(f"{path}: this is an SD 3 or other conditioner-based checkpoint (conditioner.embedders.* "
                            "without SDXL's OpenCLIP-bigG), which editlab does not support")
     if any(k.startswith(UNET_PREFIX) for k in keys):
@@ -79,7 +77,10 @@ def detect_file_layout(path: Path, keys: list[str], metadata: dict[str, str]) ->
 
 
 def detect_ldm_family(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """sd1 / sd2 / ip2p / sdxl of an LDM single file, from the text encoders' layout and conv_in's channels."""
+    """sd1 / sd2 / ip2p / sdxl / sdxl-refiner of an LDM single file, from the text encoders' layout and
+    conv_in's channels (the refiner's bigG sits at embedder 0, where the base model has CLIP-L)."""
+    if any(k.startswith(REFINER_OPEN_CLIP_PREFIX) for k in tensors):
+        return "sdxl-refiner"
     if any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in tensors):
         if not any(k.startswith(SDXL_CLIP_PREFIX) for k in tensors):
             raise WeightsError(f"{path}: an SDXL file without its CLIP-L text encoder ({SDXL_CLIP_PREFIX}*)")

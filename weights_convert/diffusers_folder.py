@@ -213,28 +213,34 @@ def read_diffusers_folder(folder: Path, family: str | None = None) -> DiffusersS
     """Configs and weights of a diffusers SD pipeline folder. ``family`` (detected from the configs when
     None) decides the pad id when the folder has no tokenizer and turns fp32 attention on for SD 2."""
     index = read_json(folder / "model_index.json")
-    if index.get("text_encoder", [None])[0] is None and "text_encoder_2" in index:
-        raise WeightsError(f"{folder}: an SDXL refiner (text_encoder_2 alone), which editlab does not support yet; "
-                           "convert the SDXL base model")
-    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if "text_encoder_2" in index else [])
+    refiner = index.get("text_encoder", [None])[0] is None and "text_encoder_2" in index  # bigG alone
+    parts = ["unet", "vae"] + (["text_encoder_2"] if refiner else
+                               ["text_encoder"] + (["text_encoder_2"] if "text_encoder_2" in index else []))
     for part in parts:
         if part not in index or not (folder / part).is_dir():
             raise WeightsError(f"{folder}: no {part}/ component (model_index.json lists {sorted(index)})")
     configs = {part: read_json(folder / part / "config.json") for part in parts}
-    family = family or detect_diffusers_family(folder, configs["unet"], configs["text_encoder"])
-    if (family == "sdxl") != ("text_encoder_2" in configs):
-        raise WeightsError(f"{folder}: an SDXL folder needs text_encoder_2/ beside the SDXL UNet, and only SDXL "
-                           "has one; check model_index.json and unet/config.json")
-    projection = "WithProjection" in str(index["text_encoder"])
-    pad = pad_token_id(folder)
-    pad = {"sd2": 0}.get(family, 49407) if pad is None else pad
+    family = family or ("sdxl-refiner" if refiner else
+                        detect_diffusers_family(folder, configs["unet"], configs["text_encoder"]))
+    if refiner != (family == "sdxl-refiner") or (
+            not refiner and (family == "sdxl") != ("text_encoder_2" in configs)):
+        raise WeightsError(f"{folder}: an SDXL folder needs text_encoder_2/ beside the SDXL UNet (the refiner: "
+                           "text_encoder_2/ alone), and only SDXL has one; check model_index.json and --model")
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction = read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else None
     mapping = Mapping()
     mapping.merge(convert_unet(read_component(folder / "unet"), "unet/"), "unet.")
     mapping.merge(convert_vae(read_component(folder / "vae"), "vae/"), "vae.")
-    mapping.merge(convert_text(read_component(folder / "text_encoder"), "text_encoder/"), "text_encoder.")
     text_2 = None
+    if refiner:  # the refiner's bigG is editlab's (only) text_encoder
+        mapping.merge(convert_text(read_component(folder / "text_encoder_2"), "text_encoder_2/"), "text_encoder.")
+        pad = pad_token_id(folder, "tokenizer_2")
+        text = text_config_from_transformers(configs["text_encoder_2"], 0 if pad is None else pad, True)
+    else:
+        pad = pad_token_id(folder)
+        pad = {"sd2": 0}.get(family, 49407) if pad is None else pad
+        text = text_config_from_transformers(configs["text_encoder"], pad, "WithProjection" in str(index["text_encoder"]))
+        mapping.merge(convert_text(read_component(folder / "text_encoder"), "text_encoder/"), "text_encoder.")
     if family == "sdxl":  # CLIPTextModelWithProjection: text_model.* and text_projection.weight
         mapping.merge(convert_text(read_component(folder / "text_encoder_2"), "text_encoder_2/"), "text_encoder_2.")
         pad_2 = pad_token_id(folder, "tokenizer_2")
@@ -244,5 +250,5 @@ def read_diffusers_folder(folder: Path, family: str | None = None) -> DiffusersS
     return DiffusersSource(
         unet=unet_config_from_diffusers(configs["unet"], upcast=family == "sd2"),
         vae=vae_config_from_diffusers(configs["vae"]),
-        text=text_config_from_transformers(configs["text_encoder"], pad, projection), text_2=text_2,
+        text=text, text_2=text_2,
         family=family, prediction_type=prediction, mapping=mapping, files=files)

@@ -8,6 +8,7 @@ docs/checkpoints.md §4: one prefix per component, each handed to its rules::
     cond_stage_model.model.         -> text_encoder.  (ldm_text, SD 2: OpenCLIP-H rules)
     conditioner.embedders.0.transformer. -> text_encoder.    (SDXL: CLIP-L, identity)
     conditioner.embedders.1.model.       -> text_encoder_2.  (SDXL: OpenCLIP-bigG rules, every block kept)
+    conditioner.embedders.0.model.       -> text_encoder.    (SDXL refiner: the same bigG, alone)
 
 and a documented ignore list: the training wrapper's schedule buffers, ``model_ema.*`` unless EMA is used
 (``decay`` and ``num_updates`` always), and the SD 2 text extras handled in ldm_text. Anything else is
@@ -21,7 +22,8 @@ import re
 import torch
 
 from .detect import vae_prefix
-from .ldm_text import OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, convert_clip, convert_open_clip
+from .ldm_text import (OPEN_CLIP_PREFIX, REFINER_OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX,
+                       convert_clip, convert_open_clip)
 from .ldm_unet import EMA_PREFIX, convert_ldm_unet
 from .ldm_vae import PREFIXES as VAE_PREFIXES
 from .ldm_vae import convert_vae
@@ -46,7 +48,7 @@ def convert_ldm_checkpoint(tensors: dict[str, torch.Tensor], family: str, use_em
                            text_layers: int | None = None, text_projection: bool = False) -> Mapping:
     """Map an LDM single file's tensors to editlab's ``unet.*``, ``vae.*``, ``text_encoder.*`` names.
 
-    :param family: "sd1", "sd2", "ip2p" or "sdxl": picks the text encoder rules
+    :param family: "sd1", "sd2", "ip2p", "sdxl" or "sdxl-refiner": picks the text encoder rules
     :param use_ema: take the UNet from ``model_ema.*``
     :param text_layers: SD 2 text blocks the target runs (default: all but the file's last)
     :param text_projection: whether the target text encoder keeps OpenCLIP's text_projection
@@ -60,6 +62,9 @@ def convert_ldm_checkpoint(tensors: dict[str, torch.Tensor], family: str, use_em
         mapping.merge(convert_clip(tensors, SDXL_CLIP_PREFIX), "text_encoder.")
         blocks = open_clip_blocks(tensors, SDXL_OPEN_CLIP_PREFIX)
         mapping.merge(convert_open_clip(tensors, blocks, True, SDXL_OPEN_CLIP_PREFIX), "text_encoder_2.")
+    elif family == "sdxl-refiner":
+        blocks = open_clip_blocks(tensors, REFINER_OPEN_CLIP_PREFIX)
+        mapping.merge(convert_open_clip(tensors, blocks, True, REFINER_OPEN_CLIP_PREFIX), "text_encoder.")
     elif family == "sd2":
         layers = open_clip_blocks(tensors) - 1 if text_layers is None else text_layers
         mapping.merge(convert_open_clip(tensors, layers, text_projection), "text_encoder.")

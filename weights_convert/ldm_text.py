@@ -21,7 +21,7 @@ stored ``attn_mask`` are ignored unless the target model asks for them.
 
 SDXL, ``conditioner.embedders.0.transformer.`` (CLIP-L, as SD 1.x) and ``conditioner.embedders.1.model.``
 (OpenCLIP-bigG, the SD 2 rules above with every block and text_projection kept: the pooled embedding needs
-the whole tower).
+the whole tower). The SDXL refiner has that bigG alone, at ``conditioner.embedders.0.model.``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP-L, transformers layout
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP-bigG, open_clip layout, all kept
+REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: the same bigG, alone
 
 BLOCK_LEAVES = {  # open_clip ResidualAttentionBlock -> transformers CLIPEncoderLayer
     "attn.out_proj": "self_attn.out_proj",

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--layout", choices=["ldm", "diffusers", "editlab", "vae"],
                         help="source layout (default: detected from the content)")
-    parser.add_argument("--model", choices=["sd1", "sd2", "ip2p", "sdxl"], help="model type (default: detected)")
+    parser.add_argument("--model", choices=["sd1", "sd2", "ip2p", "sdxl", "sdxl-refiner"],
+                        help="model type (default: detected)")
     parser.add_argument("--prediction", choices=["epsilon", "v_prediction"],
                         help="what the UNet predicts; required for SD 2.x single files (768-v: v_prediction)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,

@@ -48,7 +48,7 @@ def run(args):
     cfg = sampling_config(args, model)
     micro = micro_conditioning(args, model)
     params = run_parameters(args, cfg, command=NAME, negative=args.negative or "",
-                            **sdxl_parameters(micro, cfg.height, cfg.width, args.negative))
+                            **sdxl_parameters(micro, cfg.height, cfg.width, args.negative, model.is_sdxl_refiner))
     if args.prompts is not None:
         params["prompts_file"] = args.prompts.name
     plan = [[(path, {**params, "prompt": prompt, "batch_index": k}) for k, path in enumerate(paths)]

@@ -30,7 +30,7 @@ def run(args):
     cfg = sampling_config(args, model)
     micro = micro_conditioning(args, model)
     params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
-                            **sdxl_parameters(micro, cfg.height, cfg.width, args.negative),
+                            **sdxl_parameters(micro, cfg.height, cfg.width, args.negative, model.is_sdxl_refiner),
                             strength=args.strength, image_sha256=file_sha256(args.image))
     check_output(args.out, params, args.force)
     latents = sdedit(model, image, [args.prompt], args.strength, cfg, negative=args.negative, micro=micro)
