@@ -28,6 +28,22 @@ from ldm.hooks import AttentionHook, join_guidance
 from ldm.pipeline import SamplingConfig, guided, text_to_image
 
 
+IMAGE_ENCODERS = {  # image_embeds width -> the CLIP image encoder the published adapters of that width use
+    1024: "OpenCLIP ViT-H/14, h94/IP-Adapter models/image_encoder (ip-adapter_sd15, ip-adapter_sdxl_vit-h)",
+    1280: "OpenCLIP ViT-bigG/14, h94/IP-Adapter sdxl_models/image_encoder (ip-adapter_sdxl)",
+}
+
+
+def check_image_encoder(adapter: "IPAdapter", embed_dim: int, adapter_name: str, encoder_name: str) -> None:
+    """A one-line ValueError when the image encoder's embedding width is not the one the adapter projects."""
+    expected = adapter.image_proj.proj.in_features
+    if embed_dim != expected:
+        kind = lambda width: IMAGE_ENCODERS.get(width, "not a published IP-Adapter encoder")
+        raise ValueError(f"{adapter_name} takes {expected}-wide image embeddings ({kind(expected)}), but the image "
+                         f"encoder {encoder_name} gives {embed_dim}-wide ones ({kind(embed_dim)}); pass the "
+                         "adapter's own image encoder as --image-encoder")
+
+
 def diffusers_block(layer_name: str) -> str:
     """editlab layer name -> diffusers attention block: "down.2.1.cross" (or, in a block of SDXL's deep
     transformers, "down.2.1.7.cross") -> "down_blocks.2.attentions.1"."""

@@ -100,3 +100,44 @@ def sgm_refiner_checkpoint(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.T
     state.update({"conditioner.embedders.0.model." + k: v for k, v in tower.state_dict().items()})
     state["conditioner.embedders.0.model.logit_scale"] = torch.tensor(math.log(1 / 0.07))
     return state
+
+
+def ip_adapter_state(unet, embed_dim: int, seed: int = 0, token_dim: int | None = None) -> dict[str, dict]:
+    """A random IP-Adapter for ``unet`` in the official nested layout ({"image_proj": ..., "ip_adapter": ...}):
+    4 tokens of the UNet's context width (or ``token_dim``) from ``embed_dim``-wide image embeddings."""
+    from weights_convert.ip_adapter import processor_table
+
+    g = torch.Generator().manual_seed(seed)
+    tokens, width = 4, token_dim or unet.config.context_dim
+    state = {"image_proj": {"proj.weight": torch.randn(tokens * width, embed_dim, generator=g) / embed_dim ** 0.5,
+                            "proj.bias": 0.1 * torch.randn(tokens * width, generator=g),
+                            "norm.weight": 1 + 0.1 * torch.randn(width, generator=g),
+                            "norm.bias": 0.1 * torch.randn(width, generator=g)},
+             "ip_adapter": {}}
+    for k, layer in processor_table(unet).items():
+        for name in ("to_k_ip", "to_v_ip"):
+            state["ip_adapter"][f"{k}.{name}.weight"] = torch.randn(layer.n_heads * layer.head_dim, width,
+                                                                    generator=g) / width ** 0.5
+    return state
+
+
+def save_ip_adapter(state: dict[str, dict], path: str | Path) -> None:
+    """The .safetensors form: the two groups flattened under ``image_proj.`` / ``ip_adapter.``."""
+    from safetensors.torch import save_file
+
+    save_file({f"{group}.{key}": v for group, d in state.items() for key, v in d.items()}, str(path))
+
+
+def save_image_encoder(path: str | Path, width: int, heads: int, projection_dim: int, seed: int = 0):
+    """A tiny random transformers CLIPVisionModelWithProjection folder (config.json + model.safetensors), the
+    layout of h94/IP-Adapter's ``models/image_encoder`` (ViT-H) and ``sdxl_models/image_encoder`` (ViT-bigG)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from tests.peers import randomize_
+
+    config = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                              num_attention_heads=heads, image_size=28, patch_size=14, projection_dim=projection_dim,
+                              hidden_act="gelu")
+    encoder = randomize_(CLIPVisionModelWithProjection(config), seed).eval()
+    encoder.save_pretrained(str(path))
+    return encoder

@@ -20,7 +20,7 @@ from ldm.model import StableDiffusion
 from ldm.pipeline import SamplingConfig
 from ldm.sdxl import MicroConditioning
 from tests.peers import relative_error
-from tests.peers_sdxl import make_sdxl_folder
+from tests.peers_sdxl import ip_adapter_state, make_sdxl_folder, save_ip_adapter
 from weights_convert import convert
 from weights_convert.ip_adapter import load_ip_adapter, processor_table
 
@@ -37,18 +37,8 @@ def sdxl(tmp_path_factory):
 
 def _adapter_file(model, path, seed=0):
     """A random IP-Adapter in the official layout for this UNet (4 tokens of the 80-wide context)."""
-    g = torch.Generator().manual_seed(seed)
-    tokens, width = 4, model.config.unet.context_dim
-    state = {"image_proj": {"proj.weight": torch.randn(tokens * width, EMBED, generator=g) / EMBED ** 0.5,
-                            "proj.bias": 0.1 * torch.randn(tokens * width, generator=g),
-                            "norm.weight": 1 + 0.1 * torch.randn(width, generator=g),
-                            "norm.bias": 0.1 * torch.randn(width, generator=g)},
-             "ip_adapter": {}}
-    for k, layer in processor_table(model.unet).items():
-        hidden = layer.n_heads * layer.head_dim
-        for name in ("to_k_ip", "to_v_ip"):
-            state["ip_adapter"][f"{k}.{name}.weight"] = torch.randn(hidden, width, generator=g) / width ** 0.5
-    save_file({f"{group}.{key}": v for group, d in state.items() for key, v in d.items()}, str(path))
+    state = ip_adapter_state(model.unet, EMBED, seed)
+    save_ip_adapter(state, path)
     return state
 
 

@@ -105,6 +105,11 @@ def load_ip_adapter(path: str | Path, unet: nn.Module) -> tuple[IPAdapter, Conve
         raise WeightsError(f"{path}: not an IP-Adapter file (no image_proj.proj.weight / image_proj.norm.weight); "
                            "Plus/FaceID adapters (patch tokens) are not supported")
     token_dim = norm.shape[0]
+    context = next(iter(processor_table(unet).values())).to_k.in_features
+    if token_dim != context:  # e.g. an SD 1.5 adapter (768) on SDXL (2048): every to_k_ip would mismatch
+        raise WeightsError(f"{path}: an IP-Adapter for a UNet whose text context is {token_dim} wide (SD 1.5: 768, "
+                           f"SDXL: 2048), but this model's is {context}; use the adapter made for this model "
+                           "(ip-adapter_sdxl* for SDXL, ip-adapter_sd15* for SD 1.5)")
     check_sd15_table(unet)
     check_sdxl_table(unet)
     with torch.device("meta"):

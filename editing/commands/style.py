@@ -4,6 +4,16 @@ With the toy model and no --ip-adapter / --image-encoder, the bundled toy adapte
 CLIP's image tower) are used:
 
     editlab style --style-image green-square.png --prompt "a red circle on a blue background" --out o.png
+
+On SDXL, the paper's own setting (h94/IP-Adapter's files as downloaded; the encoder folders are transformers'
+CLIPVisionModelWithProjection, config.json + weights):
+
+    editlab style --weights sdxl.safetensors --ip-adapter sdxl_models/ip-adapter_sdxl.safetensors \
+        --image-encoder sdxl_models/image_encoder --preset style --style-image s.png --prompt "a cat" --out o.png
+
+(ip-adapter_sdxl_vit-h takes models/image_encoder, OpenCLIP ViT-H). There the content prompt's embedding is
+the model's own bigG pooled text embedding (the space of the bigG encoder), so --text-encoder is not needed
+with the bigG adapter.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from controls.ip_adapter import generate_with_image_prompt
+from controls.ip_adapter import check_image_encoder, generate_with_image_prompt
 from ldm.clip_vision import preprocess
 from ldm.images import check_output, file_sha256, read_rgb, save_png
 from ldm.pipeline import decode_latents
@@ -31,27 +41,31 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, "an SD 1.5 model")
+    add_model_arguments(parser, "an SD 1.5 or SDXL base model")
     parser.add_argument("--ip-adapter", type=Path, default=None,
-                        help="ip-adapter_sd15 .bin or .safetensors; default with the toy model: the bundled toy "
-                             "IP-Adapter (ldm/toy/weights/toy-ip-adapter.safetensors)")
+                        help="ip-adapter_sd15 / ip-adapter_sdxl / ip-adapter_sdxl_vit-h .bin or .safetensors; default "
+                             "with the toy model: the bundled toy IP-Adapter (ldm/toy/weights/toy-ip-adapter.safetensors)")
     parser.add_argument("--image-encoder", type=Path, default=None,
-                        help="its CLIP image encoder (transformers folder/file or open_clip weights); default with "
-                             "the toy model: the toy CLIP's image tower (toy-clip.safetensors)")
+                        help="its CLIP image encoder (transformers CLIPVisionModelWithProjection folder or file, or "
+                             "open_clip weights): models/image_encoder (ViT-H: sd15, sdxl_vit-h) or "
+                             "sdxl_models/image_encoder (ViT-bigG: ip-adapter_sdxl); default with the toy model: the "
+                             "toy CLIP's image tower (toy-clip.safetensors)")
     parser.add_argument("--style-image", type=Path, required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--scale", type=float, default=1.0, help="image-branch scale λ (all layers or the preset's)")
     blocks = parser.add_mutually_exclusive_group()
     blocks.add_argument("--preset", choices=sorted(STYLE_PRESETS),
-                        help="InstantStyle SD 1.5 block selection (experimental): style = up_blocks.1; "
-                             "style+layout = + down_blocks.2 and mid_block")
+                        help="InstantStyle block selection. SDXL (the paper's): style = up_blocks.0.attentions.1; "
+                             "style+layout = + down_blocks.2.attentions.1. SD 1.5 (experimental): style = "
+                             "up_blocks.1; style+layout = + down_blocks.2 and mid_block")
     blocks.add_argument("--block", action="append", default=[], metavar="NAME=SCALE",
                         help="scale of one diffusers block, e.g. up_blocks.1=1.0 (repeatable; others get 0)")
     parser.add_argument("--content-prompt", default=None, help="InstantStyle: subtract this content from the style")
     parser.add_argument("--content-scale", type=float, default=CONTENT_SCALE, help="λ_c of the content subtraction")
     parser.add_argument("--text-encoder", type=Path, default=None,
-                        help="CLIP text tower with text_projection for --content-prompt (for IP-Adapter SD 1.5: the "
-                             "full 24-layer OpenCLIP ViT-H/14, open_clip or transformers layout)")
+                        help="CLIP text tower with text_projection for --content-prompt (for ViT-H adapters: the "
+                             "full 24-layer OpenCLIP ViT-H/14, open_clip or transformers layout; SDXL with the bigG "
+                             "adapter: default the model's own bigG)")
     add_sampling_arguments(parser, steps=30, guidance=5.0)
     add_output_arguments(parser)
 
@@ -79,13 +93,9 @@ def read_style_image(path: Path) -> Image.Image:
 
 
 def run(args):
-    from weights_convert.clip_vision import load_image_encoder, load_text_with_projection
+    from weights_convert.clip_vision import load_image_encoder
     from weights_convert.ip_adapter import load_ip_adapter
 
-    if args.content_prompt and args.text_encoder is None:
-        raise UserError("--content-prompt needs --text-encoder: the CLIP text tower with text_projection of the "
-                        "image encoder's model (24-layer OpenCLIP ViT-H/14 for IP-Adapter SD 1.5; SD 2's text "
-                        "encoder lacks its last layer and the projection)")
     blocks = parse_blocks(args.block)
     args.ip_adapter = toy_default(args, args.ip_adapter, TOY_IP_ADAPTER_WEIGHTS, "--ip-adapter")
     args.image_encoder = toy_default(args, args.image_encoder, TOY_CLIP_WEIGHTS, "--image-encoder")
@@ -102,7 +112,7 @@ def run(args):
         scales = args.scale
     params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
                             ip_adapter=args.ip_adapter.name, ip_adapter_sha256=file_sha256(args.ip_adapter),
-                            image_encoder=args.image_encoder.name,
+                            image_encoder="/".join(args.image_encoder.parts[-2:]),
                             style_image_sha256=file_sha256(args.style_image)
                             if args.style_image.is_file() else "", scale=args.scale, preset=args.preset or "",
                             blocks=blocks, content_prompt=args.content_prompt or "",
@@ -114,14 +124,33 @@ def run(args):
     log.debug(report.summary())
     encoder, report = load_image_encoder(args.image_encoder)
     log.debug(report.summary())
+    try:
+        check_image_encoder(adapter, encoder.config.projection_dim, f"--ip-adapter {args.ip_adapter.name}",
+                            str(args.image_encoder))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     encoder = encoder.to(model.device)
     with torch.no_grad():
         embeds = encoder(preprocess(image, encoder.config.image_size).to(model.device))
     if args.content_prompt:
-        text, report = load_text_with_projection(args.text_encoder)
-        log.debug(report.summary())
-        content = content_embedding(text.to(model.device), Tokenizer(pad_token_id=0), args.content_prompt)
-        embeds = subtract_content(embeds, content, args.content_scale)  # before the adapter's projection
+        embeds = subtract_content(embeds, content_of(args, model, encoder.config.projection_dim), args.content_scale)
     latents = generate_with_image_prompt(model, adapter, embeds, [args.prompt], scales, cfg, negative=args.negative)
     save_png(args.out, decode_latents(model, latents)[0], params, force=args.force)
     print(args.out)
+
+
+def content_of(args, model, width: int) -> torch.Tensor:
+    """t_content of --content-prompt: from --text-encoder, or on SDXL the model's own bigG pooled embedding when
+    the image encoder shares its width (the bigG adapter)."""
+    from weights_convert.clip_vision import load_text_with_projection
+
+    if args.text_encoder is not None:
+        text, report = load_text_with_projection(args.text_encoder)
+        log.debug(report.summary())
+        return content_embedding(text.to(model.device), Tokenizer(pad_token_id=0), args.content_prompt)
+    bigg = model.config.text_2 if model.is_sdxl else None
+    if bigg is not None and bigg.projection_dim == width:
+        return content_embedding(model.text_encoder_2, model.tokenizer_2, args.content_prompt)
+    raise UserError("--content-prompt needs --text-encoder: the CLIP text tower with text_projection of the "
+                    f"image encoder's model ({width}-wide embeddings; the 24-layer OpenCLIP ViT-H/14 for ViT-H "
+                    "adapters; SD 2's text encoder lacks its last layer and the projection)")
