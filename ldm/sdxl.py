@@ -8,15 +8,13 @@ Podell et al. 2023, §2.1-2.2): two text encoders, a pooled text embedding and m
                                                              "crop" conditioning), each embedded by a
                                                              256-wide sinusoid inside the UNet
 
-The refiner (the paper's refinement stage) has bigG alone (context = its penultimate states, 1280 wide) and five numbers,
-``(h_orig, w_orig, c_top, c_left, aesthetic score)``: the target size is replaced by an aesthetic score,
-6.0 for the prompt and 2.5 for the negative branch by default (diffusers' ``StableDiffusionXLImg2ImgPipeline``
-with ``requires_aesthetics_score``); its negative branch keeps the original size but takes the crop (0, 0)
-(that pipeline's default ``negative_crops_coords_top_left``, which the base pipeline does not use), and it
-encodes an absent negative prompt as ``""`` (no zeroing). editlab
-gives each row its own branch's numbers; diffusers repeats its [negative; prompt] pair of rows B times, so
-for B > 1 prompts its rows get the two scores alternately (the same holds for the base model's numbers, but
-there the two branches' numbers are equal unless negative sizes are given).
+The refiner (the paper's refinement stage) has bigG alone (context = its penultimate states, 1280 wide) and
+five numbers, ``(h_orig, w_orig, c_top, c_left, aesthetic score)``: an aesthetic score replaces the target
+size, 6.0 for the prompt and 2.5 for the negative branch by default (diffusers' ``StableDiffusionXLImg2ImgPipeline``
+with ``requires_aesthetics_score``). Its negative branch keeps the original size but takes the crop (0, 0)
+(that pipeline's default ``negative_crops_coords_top_left``), and an absent negative prompt is encoded as
+``""`` (no zeroing). editlab gives each row its own branch's numbers; diffusers repeats its [negative; prompt]
+pair of rows B times, so for B > 1 prompts its rows get the two scores alternately.
 
 The UNet adds MLP([pooled; sinusoids]) to its time embedding (ldm/unet.py ``TextTime``). Defaults are
 diffusers' ``StableDiffusionXLPipeline``: original and target size = the output size, crop (0, 0); the

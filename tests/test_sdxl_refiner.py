@@ -123,6 +123,8 @@ def test_refiner_single_file_agrees_with_diffusers_loader(refiner, tmp_path):
     model = StableDiffusion.load(tmp_path / "model.safetensors")
     assert model.config == cfg  # the middle block's depth read from its own blocks, 5 added numbers
     config = str(refiner[2].parent / "diffusers")  # diffusers reads only the configs of this folder
+    convert(tmp_path / "refiner.safetensors", tmp_path / "from-folder.safetensors", config=config)  # --config FOLDER
+    assert StableDiffusion.load(tmp_path / "from-folder.safetensors").config == cfg
     unet = UNet2DConditionModel.from_single_file(str(tmp_path / "refiner.safetensors"), subfolder="unet",
                                                  config=config, local_files_only=True)
     text = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection,

@@ -108,19 +108,22 @@ def _diffusers_pipeline(folder: Path) -> FileConfig:
     """The configs of a diffusers pipeline folder, without reading its weights."""
     from .detect import detect_diffusers_family
 
+    index = read_json(folder / "model_index.json")
+    refiner = index.get("text_encoder", [None])[0] is None and "text_encoder_2" in index  # SDXL refiner: bigG alone
+    text_part = "text_encoder_2" if refiner else "text_encoder"
     parts = {}
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", text_part):
         file = folder / part / "config.json"
         parts[part] = read_json(file) if file.is_file() else None
     if parts["unet"] is None:
         raise WeightsError(f"{folder}: no unet/config.json in this diffusers folder")
-    family = detect_diffusers_family(folder, parts["unet"], parts["text_encoder"] or {})
+    family = "sdxl-refiner" if refiner else detect_diffusers_family(folder, parts["unet"], parts["text_encoder"] or {})
     text = None
-    if parts["text_encoder"] is not None:
-        pad = pad_token_id(folder)
-        pad = {"sd2": 0}.get(family, 49407) if pad is None else pad
-        index = read_json(folder / "model_index.json")
-        text = text_config_from_transformers(parts["text_encoder"], pad, "WithProjection" in str(index.get("text_encoder")))
+    if parts[text_part] is not None:
+        pad = pad_token_id(folder, "tokenizer_2" if refiner else "tokenizer")
+        pad = {"sd2": 0, "sdxl-refiner": 0}.get(family, 49407) if pad is None else pad
+        text = text_config_from_transformers(parts[text_part], pad,
+                                             refiner or "WithProjection" in str(index.get("text_encoder")))
     scheduler = folder / "scheduler" / "scheduler_config.json"
     prediction = read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else None
     return FileConfig(folder.name, unet_config_from_diffusers(parts["unet"], upcast=family == "sd2"),

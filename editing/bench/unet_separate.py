@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import statistics
+from queue import Empty
 import tempfile
 import time
 from pathlib import Path
@@ -113,7 +114,14 @@ def _spawn(target, args: tuple, what: str):
     queue = context.Queue()
     process = context.Process(target=_queued, args=(target, args, queue))
     process.start()
-    result = queue.get()  # before join: a large item would block the child's exit
+    while True:  # read before join (a large item would block the child's exit); a killed child sends nothing
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not process.is_alive():
+                result = RuntimeError(f"the process ended with exit code {process.exitcode} (killed for memory?)")
+                break
     process.join()
     if isinstance(result, BaseException) or process.exitcode != 0:
         raise RuntimeError(f"bench unet --separate: {what} failed ({result!r})")
