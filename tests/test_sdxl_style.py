@@ -131,3 +131,21 @@ def test_mismatched_adapter_encoder_and_model_are_one_line_errors(repo, tmp_path
         assert main(common + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), err
+
+
+@pytest.mark.parametrize("width, layers, mlp, projection", [(1664, 48, 8192, 1280), (1280, 32, 5120, 1024)])
+def test_full_size_image_encoders_match_transformers(width, layers, mlp, projection):
+    """ViT-bigG/14 (sdxl_models/image_encoder) and ViT-H/14 (models/image_encoder) at full size, on the meta
+    device: the same parameters by name and shape as transformers' CLIPVisionModelWithProjection."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection as Peer
+
+    from ldm.clip_vision import CLIPVisionModelWithProjection, VisionConfig
+
+    with torch.device("meta"):
+        ours = CLIPVisionModelWithProjection(VisionConfig(width=width, n_layers=layers, n_heads=16, mlp_dim=mlp,
+                                                          projection_dim=projection))
+        peer = Peer(CLIPVisionConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                                     num_attention_heads=16, projection_dim=projection, image_size=224, patch_size=14))
+    theirs = {k: v.shape for k, v in peer.state_dict().items() if not k.endswith("position_ids")}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters())
