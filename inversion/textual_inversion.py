@@ -264,6 +264,9 @@ def load_textual_inversion(model: StableDiffusion, path: str | Path, token: str 
     if sdxl_rows is not None:
         if not token:
             raise ValueError(f"{path}: SDXL embeddings name no token; pass one (e.g. token='<my-thing>')")
+        if model.is_sdxl_refiner:  # bigG alone: the clip_g rows
+            add_placeholder(model, token, sdxl_rows["clip_g"], "text_encoder")
+            return token
         add_placeholder(model, token, sdxl_rows["clip_l"], "text_encoder")
         add_placeholder(model, token, sdxl_rows["clip_g"], "text_encoder_2")
         return token

@@ -153,3 +153,26 @@ def test_full_refiner_parameter_count_matches_diffusers():
     assert count(ours.text_encoder) == count(text) == 694_659_840
     assert unet.config.projection_class_embeddings_input_dim == 2560  # 1280 pooled + 5·256
     assert sum("attn2" in name for name in unet.attn_processors) == 44
+
+
+@torch.no_grad()
+def test_sdxl_textual_inversion_file_goes_to_the_refiners_bigG(refiner, tmp_path):
+    """An SDXL embedding ({"clip_l", "clip_g"}) on the refiner: its clip_g rows, as diffusers'
+    load_textual_inversion into text_encoder_2 / tokenizer_2."""
+    import copy
+
+    from inversion.textual_inversion import load_textual_inversion
+
+    _, pipe, path = refiner
+    model = StableDiffusion.load(path)  # a fresh copy: loading grows its token table
+    g = torch.Generator().manual_seed(5)
+    rows = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 48, generator=g)}
+    save_file(rows, str(tmp_path / "emb.safetensors"))
+    token = load_textual_inversion(model, tmp_path / "emb.safetensors", token="<thing>")
+    text, tokenizer = copy.deepcopy(pipe.text_encoder_2), copy.deepcopy(pipe.tokenizer_2)
+    other = type(pipe)(**{**pipe.components, "text_encoder_2": text, "tokenizer_2": tokenizer})
+    other.load_textual_inversion(rows["clip_g"], token=token, text_encoder=text, tokenizer=tokenizer)
+    prompt = [f"a photo of {token} on a mat"]
+    ref_context, _, ref_pooled, _ = other.encode_prompt(prompt, do_classifier_free_guidance=False)
+    context, pooled = encode_prompt(model, prompt)
+    assert peers.relative_error(ref_context, context) <= 1e-5 and peers.relative_error(ref_pooled, pooled) <= 1e-5
