@@ -4,16 +4,16 @@ The lab never computes an image itself: a tab turns its knobs into the argument 
 runs it here, so the command line it shows is the whole recipe of what it shows. Errors a user can fix come back as
 the CLI's own one-line message (``editlab p2p: error: ...``), never a traceback, and the server keeps serving.
 
-Stopping a run: the web server cannot kill the thread a command runs in, so ``stop_running`` asks Python to raise
-``Stopped`` inside that thread (``PyThreadState_SetAsyncExc``); it is raised at the next Python line the command
-runs, after the torch operation in progress returns, so a UNet call finishes and nothing is written afterwards
-(every output is written atomically, at the end).
+Stopping a run: the web server cannot kill the thread a command runs in, and an exception forced into it at an
+arbitrary point could land inside an import or a context manager's exit and leave the process broken. So a stop
+is cooperative: ``stop_running`` sets a flag, and every loop of the commands (they all iterate with tqdm: sampling
+steps, inversion steps, training steps) checks it between two iterations and raises ``Stopped`` there. Outputs are
+written at the end, atomically, so a stopped run leaves no half-written file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import shlex
@@ -25,42 +25,52 @@ from ..cli import build_parser, user_error_message
 
 
 _ONE_AT_A_TIME = threading.Lock()  # the working folder is the process's: one command runs at a time
-_STOP_GUARD = threading.Lock()  # guards _running: a stop is delivered at most once, and only inside a command
-_running: int | None = None  # thread id of the command running now, while it may be stopped
+_STOP_GUARD = threading.Lock()  # guards _running and _stop together
+_running = False  # a command is running now (and may be stopped)
+_stop = threading.Event()  # set by stop_running; checked between two iterations of any tqdm loop
 
 
 class Stopped(Exception):
-    """Raised inside a running command by ``stop_running`` (the lab's Stop button)."""
-
-
-def _raise_in_thread(thread_id: int, exception: type[BaseException] | None) -> None:
-    """Schedule ``exception`` in thread ``thread_id`` (None: withdraw one not yet raised)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                               ctypes.py_object(exception) if exception else None)
+    """Raised inside a running command, between two steps, after ``stop_running`` (the lab's Stop button)."""
 
 
 def stop_running() -> bool:
-    """Stop the command running now, if any; True if one was asked to stop."""
-    global _running
+    """Ask the command running now to stop at its next step; True if one was running."""
     with _STOP_GUARD:
-        thread_id, _running = _running, None  # at most one delivery per run
-        if thread_id is not None:
-            _raise_in_thread(thread_id, Stopped)
-    return thread_id is not None
+        if _running:
+            _stop.set()
+        return _running
 
 
-def _run_stoppable(run, args) -> None:
-    """``run(args)`` in this thread, stoppable by ``stop_running`` until it returns, and never after: on the way
-    out a stop that was asked for but not yet raised is withdrawn, under the same lock that delivers it."""
+@contextlib.contextmanager
+def _stoppable():
+    """While inside, every tqdm loop in the process checks the stop flag after each iteration.
+
+    tqdm's ``__iter__`` is wrapped for the time of the command, around whatever it is now (Gradio replaces it to
+    follow the progress, ``gr.Progress(track_tqdm=True)``), and put back afterwards.
+    """
+    import tqdm
+
     global _running
+    iterate = tqdm.tqdm.__iter__
+
+    def checked(self):
+        for item in iterate(self):
+            yield item
+            if _stop.is_set():
+                raise Stopped
+
+    with _STOP_GUARD:
+        _stop.clear()
+        _running = True
+    tqdm.tqdm.__iter__ = checked
     try:
-        with _STOP_GUARD:
-            _running = threading.get_ident()
-        run(args)
+        yield
     finally:
+        tqdm.tqdm.__iter__ = iterate
         with _STOP_GUARD:
-            _running = None
-            _raise_in_thread(threading.get_ident(), None)
+            _running = False
+            _stop.clear()
 
 
 @contextlib.contextmanager
@@ -109,7 +119,8 @@ def run_command(argv: list[str], folder: str | Path) -> CommandResult:
             from ..preflight import check_before_work
 
             check_before_work(args)
-            _run_stoppable(args.run, args)
+            with _stoppable():
+                args.run(args)
         except Stopped:
             result.error = f"editlab {args.command}: stopped"
             return result
