@@ -3,8 +3,9 @@
 Writes into --out DIR: source.png (the source prompt's image; with --image the reconstruction), edited.png
 (edited-1.png, ... for several --edit), attention-source.png and attention-edited.png (per-token
 cross-attention maps averaged over the steps); with --maps-per-step also attention-source-step-000.png, ... (the
-maps of each denoising step alone, one file per step and prompt: what the lab's step slider shows). Every PNG carries the run's parameters; files of another run are refused before any
-work starts, and each file is written atomically.
+maps of each denoising step alone, one file per step and prompt: what the lab's step slider shows). Every PNG
+carries the run's parameters; files of another run are refused before any work starts, and each file is written
+atomically.
 
 Defaults are those of the Python API, read from its configs: the Prompt-to-Prompt notebook's (``P2PConfig``:
 cross 0.8, self 0.4, blend threshold 0.3) with DDIM 50 steps and guidance 7.5 (``SamplingConfig``); with --image

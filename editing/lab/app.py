@@ -15,6 +15,7 @@ from types import ModuleType
 import gradio as gr
 
 from .context import LabContext
+from .ui import CSS
 
 log = logging.getLogger(__name__)
 
@@ -56,5 +57,5 @@ def serve(lab: LabContext, host: str = "127.0.0.1", port: int = 7860, block: boo
     app = build_app(lab)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, allowed_paths=[str(lab.folder)], prevent_thread_lock=not block,
-               show_error=True, quiet=False)
+               show_error=True, quiet=False, css=CSS)
     return app

@@ -47,6 +47,6 @@ def build(lab: LabContext) -> None:
             }
             run, stop = ui.run_buttons()
         with gr.Column():
-            shown = {"image": gr.Image(label="generated", type="filepath", format="png", interactive=False)}
+            shown = {"image": ui.image("generated")}
             shown.update(ui.result_panel())
     ui.wire(lab, run, stop, handle, knobs, shown)

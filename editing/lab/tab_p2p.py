@@ -94,16 +94,12 @@ def build(lab: LabContext) -> None:
             run, stop = ui.run_buttons()
         with gr.Column(scale=3):
             with gr.Row():
-                shown = {"source": gr.Image(label="source", type="filepath", format="png", interactive=False,
-                                            elem_id="p2p-source"),
-                         "edited": gr.Image(label="edit", type="filepath", format="png", interactive=False,
-                                            elem_id="p2p-edited")}
+                shown = {"source": ui.image("source", "p2p-source"), "edited": ui.image("edit", "p2p-edited")}
             shown["step"] = gr.Slider(0, 1, value=0, step=1, elem_id="p2p-step",
                                       label="attention maps at denoising step (0: mean over all steps)")
-            shown["source_maps"] = gr.Image(label="cross-attention per token: source prompt", type="filepath",
-                                            format="png", interactive=False, elem_id="p2p-source-maps")
-            shown["edited_maps"] = gr.Image(label="cross-attention per token: edited prompt", type="filepath",
-                                            format="png", interactive=False, elem_id="p2p-edited-maps")
+            for row, name in (("source", "source prompt"), ("edited", "edited prompt")):
+                shown[f"{row}_maps"] = ui.image(f"cross-attention per token: {name}", f"p2p-{row}-maps", 240,
+                                                pixels=False)
             shown.update(ui.result_panel())
     shown["folder"] = gr.State(None)
     ui.wire(lab, run, stop, handle, knobs, shown)

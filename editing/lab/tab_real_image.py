@@ -5,9 +5,9 @@
   regenerates the picture; under guidance the path drifts, so null-text inversion then tunes the unconditional
   embedding ∅_t of every step until each guided step lands on the inverted path again. The edit is
   Prompt-to-Prompt from that noise; "source" is the reconstruction.
-- Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024; ``editlab ddpm-edit``): noisy copies
-  x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε̃_t with independent ε̃_t, and the noise maps z_t = (x_{t−1} − μ_t(x_t))/σ_t that
-  make the DDPM sampler retrace them exactly. Regenerating from step ``skip`` under the target prompt with those
+- Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024; ``editlab ddpm-edit``): noisy
+  copies x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε̃_t with independent ε̃_t, and the noise maps z_t = (x_{t−1} − μ_t(x_t))/σ_t
+  that make the DDPM sampler retrace them exactly. Regenerating from step ``skip`` under the target prompt with those
   maps edits the picture; w_src is the guidance of the inversion, w_tar of the edit, and every sample draws other
   ε̃_t. The noise-map statistics (``editlab ddpm-stats``) show why the maps are "edit-friendly": their variance
   is above 1 and consecutive maps are negatively correlated, unlike the sampler's own N(0, I) noise.
@@ -101,10 +101,6 @@ def handle_sdedit(lab: LabContext, **knobs) -> dict:
     return {"edited": ui.output(result, SDEDIT_OUT), **ui.result_values(result)}
 
 
-def _image(label: str) -> gr.Image:
-    return gr.Image(label=label, type="filepath", format="png", interactive=False)
-
-
 def build(lab: LabContext) -> None:
     image = gr.File(label="picture to edit (PNG or JPEG; sides a multiple of the model's 8× or 4× latent factor)",
                     file_types=["image"], type="filepath")
@@ -124,16 +120,17 @@ def build(lab: LabContext) -> None:
                 run, stop = ui.run_buttons()
             with gr.Column():
                 with gr.Row():
-                    shown = {"source": _image("reconstruction"), "edited": _image("edit")}
-                shown["source_maps"] = _image("cross-attention per token: source")
-                shown["edited_maps"] = _image("cross-attention per token: edit")
+                    shown = {"source": ui.image("reconstruction"), "edited": ui.image("edit")}
+                shown["source_maps"] = ui.image("cross-attention per token: source", height=240, pixels=False)
+                shown["edited_maps"] = ui.image("cross-attention per token: edit", height=240, pixels=False)
                 shown.update(ui.result_panel())
         ui.wire(lab, run, stop, handle_p2p, knobs, shown)
     with gr.Tab("Edit-friendly DDPM inversion"):
         with gr.Row():
             with gr.Column():
                 knobs = {"image": image, "source_prompt": prompt,
-                         "target_prompt": gr.Textbox(label="target prompt", value="a green circle on a blue background"),
+                         "target_prompt": gr.Textbox(label="target prompt",
+                                                     value="a green circle on a blue background"),
                          "steps": gr.Slider(2, 100, value=50, step=1, label="DDPM steps"),
                          "skip": gr.Slider(0, 99, value=18, step=1, label="skip: first steps not regenerated"),
                          "source_guidance": gr.Slider(1, 15, value=3.5, step=0.5, label="w_src (inversion guidance)"),
@@ -159,6 +156,6 @@ def build(lab: LabContext) -> None:
                          "seed": gr.Number(value=0, precision=0, label="seed")}
                 run, stop = ui.run_buttons()
             with gr.Column():
-                shown = {"edited": _image("SDEdit")}
+                shown = {"edited": ui.image("SDEdit")}
                 shown.update(ui.result_panel())
         ui.wire(lab, run, stop, handle_sdedit, knobs, shown)

@@ -61,13 +61,25 @@ def output(result: CommandResult, name: str) -> str | None:
 
 def result_panel() -> dict[str, gr.components.Component]:
     """The command line, the message box and the downloads, under a tab's result."""
-    return {
+    panel = {
         "command_line": gr.Code(label="command line (run it in a folder holding the uploads: same PNG bytes)",
-                                language="shell", interactive=False, elem_classes=["editlab-command"]),
+                                language="shell", interactive=False, wrap_lines=True, elem_classes=["editlab-command"]),
         "message": gr.Textbox(label="message", interactive=False, elem_classes=["editlab-message"]),
-        "files": gr.File(label="download: every PNG of this run, its parameters inside", file_count="multiple",
-                         interactive=False),
     }
+    with gr.Accordion("download every PNG of this run (each carries its parameters)", open=False):
+        panel["files"] = gr.File(show_label=False, file_count="multiple", interactive=False)
+    return panel
+
+
+def image(label: str, elem_id: str | None = None, height: int = 256, pixels: bool = True) -> gr.Image:
+    """A result image. ``pixels``: a small picture (the toy model draws 64×64) enlarged to ``height`` with its
+    pixels kept square; otherwise (the attention grids) shown as it is, shrunk to fit."""
+    return gr.Image(label=label, type="filepath", format="png", interactive=False, height=height, elem_id=elem_id,
+                    elem_classes=["editlab-pixels"] if pixels else None)
+
+
+CSS = """.editlab-pixels img { image-rendering: pixelated; width: 100% !important; height: 100% !important;
+                         object-fit: contain; }"""  # small images enlarged without blur
 
 
 def run_buttons() -> tuple[gr.Button, gr.Button]:
