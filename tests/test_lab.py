@@ -107,8 +107,8 @@ def test_step_maps_average_to_the_mean_maps():
 
 def test_real_image_tabs_command_lines_write_the_shown_bytes(lab, tmp_path, picture):
     p2p = tab_real_image.handle_p2p(lab, image=str(picture), prompt=SOURCE, edit="a red square on a blue background",
-                                    inversion="ddim", mode="swap", cross_replace=0.8, self_replace=0.5, blend="",
-                                    steps=4, guidance=3.0)
+                                    inversion="null-text", mode="swap", cross_replace=0.8, self_replace=0.5,
+                                    blend="circle square", steps=3, guidance=3.0)
     ddpm = tab_real_image.handle_ddpm(lab, image=str(picture), source_prompt=SOURCE,
                                       target_prompt="a green circle on a blue background", steps=6, skip=2,
                                       source_guidance=3.5, target_guidance=7.5, samples=2, seed=0, statistics=True)
