@@ -167,8 +167,11 @@ def test_p2p_tab_in_chromium_shows_the_cli_bytes(server, browser, tmp_path):
 
     # the step slider shows the maps of one denoising step: the files --maps-per-step wrote
     set_text(browser, "p2p-step", 3)
-    step_maps = wait_for(lambda: [image_src(browser, i) for i in ids[2:]] if image_src(browser, ids[2]) != sources[2]
-                         else None, 60, "the maps of step 3")
+    def maps_of_another_step():
+        shown = [image_src(browser, i) for i in ids[2:]]  # None while an image is being replaced
+        return shown if all(shown) and shown[0] != sources[2] and shown[1] != sources[3] else None
+
+    step_maps = wait_for(maps_of_another_step, 60, "the maps of step 3")
     for src, name in zip(step_maps, ["attention-source-step-002.png", "attention-edited-step-002.png"]):
         assert fetch(src) == (cli / "p2p" / name).read_bytes(), name
     screenshot(browser, shots, "lab-p2p-step-3.png")
