@@ -176,3 +176,16 @@ def test_p2p_tab_in_chromium_shows_the_cli_bytes(server, browser, tmp_path):
         assert fetch(src) == (cli / "p2p" / name).read_bytes(), name
     screenshot(browser, shots, "lab-p2p-step-3.png")
     assert (shots / "lab-p2p.png").stat().st_size > 10_000
+
+    # Stop ends a long run; the page keeps working
+    set_text(browser, "p2p-steps", 100)
+    run[0].click()
+    time.sleep(3)
+    stop = [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Stop" and b.is_displayed()]
+    stop[0].click()
+    def message():
+        boxes = browser.find_elements(By.CSS_SELECTOR, ".editlab-message textarea")
+        return [box.get_attribute("value") for box in boxes if box.is_displayed()]
+
+    wait_for(lambda: message() == ["stopped"], 60, "the message 'stopped'")  # the run was stopped, not finished
+    screenshot(browser, shots, "lab-p2p-stopped.png")
