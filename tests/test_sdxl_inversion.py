@@ -1,0 +1,100 @@
+"""Inversions on a tiny SDXL model (a random diffusers SDXL folder converted by weights_convert) against diffusers.
+
+Edit-friendly DDPM inversion against ``LEditsPPPipelineStableDiffusionXL`` (``invert`` with DDIM, and its
+``__call__`` set up to be plain classifier-free guidance), as the SD 1.x comparison in
+tests/test_ddpm_inversion.py: the same weights, DDIM config, image, grid (skip 0), auxiliary noise draws. Where
+that pipeline departs from the method (docs/methods.md §4.2: transposed size conditioning of non-square images,
+the last three maps zeroed) the test shows the departure and matches it with the inputs swapped.
+
+DDIM inversion against diffusers' ``DDIMInverseScheduler`` run inside ``StableDiffusionXLPipeline`` (the
+scheduler steps towards the larger t, the pipeline supplies the SDXL conditioning).
+"""
+
+import pytest
+import torch
+
+from editing.ddpm_edit.editor import DDPMEditConfig, edit_inversion, reconstruct
+from inversion.ddpm_noise import DDPMInversionConfig, invert
+from ldm.config import tiny_sdxl
+from ldm.model import StableDiffusion
+from ldm.pipeline import encode_images
+from ldm.sdxl import MicroConditioning
+from tests.peers import relative_error
+from tests.peers_sdxl import make_sdxl_folder
+from weights_convert import convert
+
+SOURCE, TARGET = "a cat sitting on a mat", "a dog sitting on a mat"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl-inversion")
+    pipe = make_sdxl_folder(tiny_sdxl(), folder / "diffusers", seed=5)
+    convert(folder / "diffusers", folder / "model.safetensors")
+    return StableDiffusion.load(folder / "model.safetensors"), pipe, folder / "model.safetensors"
+
+
+def _image(height=32, width=64, seed=1):  # LEDITS++ wants sides that are multiples of 32
+    return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _ledits_xl(pipe, monkeypatch):
+    """LEditsPPPipelineStableDiffusionXL on the folder's weights with SD's DDIM config, and a spy on its noise
+    computation (``invert`` keeps the corrected latents x_p = μ + σz only for the last step)."""
+    from diffusers import LEditsPPPipelineStableDiffusionXL
+    from diffusers.pipelines.ledits_pp import pipeline_leditspp_stable_diffusion_xl as ledits
+
+    from editing.bench.peers import diffusers_scheduler
+
+    parts = {k: v for k, v in pipe.components.items() if k not in ("scheduler", "image_encoder", "feature_extractor")}
+    xl = LEditsPPPipelineStableDiffusionXL(**parts, scheduler=diffusers_scheduler("ddim", "epsilon"),
+                                           add_watermarker=False)
+    xl.set_progress_bar_config(disable=True)
+    corrected = []
+    compute_noise = ledits.compute_noise
+
+    def spy(*args):
+        z, x_prev = compute_noise(*args)
+        corrected.append(x_prev.clone())
+        return z, x_prev
+
+    monkeypatch.setattr(ledits, "compute_noise", spy)
+    return xl, corrected
+
+
+@torch.no_grad()
+def test_ddpm_inversion_and_edit_match_ledits_pp_xl(sdxl, monkeypatch):
+    """Noise maps, latents and a CFG edit equal to LEDITS++ XL with its size conditioning transposed (see
+    below); with editlab's (H, W) order they differ. z = (x_p − μ)/σ divides UNet rounding (~1e-6) by σ (down
+    to 0.06 on this 6-step grid), so maps are compared relative to their size, as for SD 1.x."""
+    model, pipe, _ = sdxl
+    image = _image()
+    xl, corrected = _ledits_xl(pipe, monkeypatch)
+    xl.invert(image, source_prompt=SOURCE, source_guidance_scale=3.5, num_inversion_steps=STEPS, skip=0.0,
+              num_zero_noise_steps=0, generator=torch.Generator().manual_seed(0))
+    x0 = encode_images(model, image)
+    # LEDITS++ XL 0.42 reads the latent height as the width: it conditions on (W, H) for an H × W image
+    swapped = MicroConditioning(original_size=(64, 32), target_size=(64, 32))
+    assert xl.size == (64, 32)
+    ours = invert(model, x0, SOURCE, DDPMInversionConfig(steps=STEPS), torch.Generator().manual_seed(0),
+                  micro=swapped)
+    assert xl.inversion_steps.tolist() == ours.timesteps.tolist() == [166 * k + 1 for k in reversed(range(STEPS))]
+    assert relative_error(xl.init_latents, ours.latents[0]) <= 1e-6  # x_T: the same draw, the same formula
+    theirs = torch.stack(corrected)  # smallest t last, as ours
+    assert relative_error(theirs, ours.latents[1:]) <= 1e-5  # measured 2e-7: the same sums in another module
+    assert relative_error(xl.zs, ours.noise_maps) <= 1e-5  # measured 4e-6
+    assert ours.noise_maps[-1].abs().mean() > 0.1  # z_1 kept
+
+    # the edit: LEDITS++'s edit term with threshold 0 (every pixel kept) and no warm-up is CFG towards TARGET
+    edited = xl(editing_prompt=[TARGET], edit_guidance_scale=6.0, edit_threshold=0.0, edit_warmup_steps=0,
+                output_type="latent").images
+    ours_edit = edit_inversion(model, ours, TARGET, DDPMEditConfig(skip=0, target_guidance=6.0))
+    # measured 8e-6: six regenerated steps, each adding σ_t z_t, with z_t carrying the rounding of the
+    # inversion divided by σ_t
+    assert relative_error(edited, ours_edit) <= 5e-5
+    assert (reconstruct(model, ours) - x0).abs().max() <= 1e-5 * x0.abs().max()  # exact, last map included
+
+    # editlab's own order (H, W), the size SDXL was trained to read, gives other maps on a non-square image
+    right = invert(model, x0, SOURCE, DDPMInversionConfig(steps=STEPS), torch.Generator().manual_seed(0))
+    assert relative_error(ours.noise_maps, right.noise_maps) > 1e-3
