@@ -10,6 +10,7 @@ DDIM inversion against diffusers' ``DDIMInverseScheduler`` run inside ``StableDi
 scheduler steps towards the larger t, the pipeline supplies the SDXL conditioning).
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,12 @@ def sdxl(tmp_path_factory):
 
 def _image(height=32, width=64, seed=1):  # LEDITS++ wants sides that are multiples of 32
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _read(path) -> torch.Tensor:
+    from ldm.images import read_rgb
+
+    return torch.from_numpy(np.asarray(read_rgb(path), dtype=np.float32) / 255).permute(2, 0, 1)  # -> [3, H, W]
 
 
 def _ledits_xl(pipe, monkeypatch):
@@ -98,3 +105,28 @@ def test_ddpm_inversion_and_edit_match_ledits_pp_xl(sdxl, monkeypatch):
     # editlab's own order (H, W), the size SDXL was trained to read, gives other maps on a non-square image
     right = invert(model, x0, SOURCE, DDPMInversionConfig(steps=STEPS), torch.Generator().manual_seed(0))
     assert relative_error(ours.noise_maps, right.noise_maps) > 1e-3
+
+
+def test_ddpm_edit_command_on_sdxl(sdxl, tmp_path):
+    """``editlab ddpm-edit`` on SDXL weights (plain and with P2P): the PNG is the API's edit, and records the
+    micro-conditioning that both the inversion and the edit used."""
+    from editing.cli import main
+    from editing.ddpm_edit.editor import ddpm_invert_image
+    from ldm.images import read_parameters, save_png
+    from ldm.pipeline import decode_latents
+
+    model, _, path = sdxl
+    save_png(tmp_path / "in.png", _image(32, 48)[0], {"test": "input"})
+    image = _read(tmp_path / "in.png")[None]  # the pixels the command reads
+    args = ["ddpm-edit", "--weights", str(path), "--image", str(tmp_path / "in.png"), "--source-prompt", SOURCE,
+            "--target-prompt", TARGET, "--steps", "4", "--skip", "1", "--crop-top-left", "4", "8"]
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    micro = MicroConditioning(crop_top_left=(4, 8))
+    inversion = ddpm_invert_image(model, image, SOURCE, DDPMInversionConfig(steps=4), micro=micro)
+    expected = decode_latents(model, edit_inversion(model, inversion, TARGET, DDPMEditConfig(skip=1)))[0]
+    written = _read(tmp_path / "plain" / "edit-0.png")
+    assert (written - expected).abs().max() <= 0.5 / 255 + 1e-6  # the PNG's rounding to 8 bits only
+    params = read_parameters(tmp_path / "plain" / "edit-0.png")
+    assert params["crop_top_left"] == [4, 8] and params["original_size"] == [32, 48]
+    assert main(args + ["--p2p", "--out", str(tmp_path / "p2p")]) == 0
+    assert read_parameters(tmp_path / "p2p" / "edit-0.png")["p2p"] is True
