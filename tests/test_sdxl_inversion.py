@@ -130,3 +130,126 @@ def test_ddpm_edit_command_on_sdxl(sdxl, tmp_path):
     assert params["crop_top_left"] == [4, 8] and params["original_size"] == [32, 48]
     assert main(args + ["--p2p", "--out", str(tmp_path / "p2p")]) == 0
     assert read_parameters(tmp_path / "p2p" / "edit-0.png")["p2p"] is True
+
+
+# --- DDIM inversion, null-text inversion and Prompt-to-Prompt on a real image --------------------------------
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.5])
+@torch.no_grad()
+def test_ddim_inversion_matches_ddim_inverse_scheduler_in_the_xl_pipeline(sdxl, guidance):
+    """diffusers' DDIMInverseScheduler (SD's config: leading + 1, ᾱ_0 before the first step) run by
+    StableDiffusionXLPipeline from the latents: every pivot equal (no negative prompt: zeros under guidance)."""
+    from diffusers import DDIMInverseScheduler
+
+    from editing.bench.peers import scheduler_config
+    from inversion.ddim_inversion import ddim_invert, inversion_sampler
+
+    model, pipe, _ = sdxl
+    z0 = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(2))
+    pivots = ddim_invert(model, z0, SOURCE, inversion_sampler(model, STEPS), guidance)
+    pipe.scheduler = DDIMInverseScheduler.from_config(scheduler_config("epsilon"))
+    theirs = []
+
+    def keep(pipeline, i, t, kwargs):
+        theirs.append(kwargs["latents"].clone())
+        return kwargs
+
+    pipe(SOURCE, height=32, width=48, num_inference_steps=STEPS, guidance_scale=guidance, latents=z0.clone(),
+         output_type="latent", callback_on_step_end=keep)
+    assert pipe.scheduler.timesteps.tolist() == [166 * k + 1 for k in range(STEPS)]
+    # measured ≤ 3e-7: the same sums in another module, over six steps
+    assert relative_error(torch.stack(theirs), torch.stack(pivots[1:])) <= 1e-5
+
+
+def _trained_like(seed: int = 0) -> StableDiffusion:
+    """tiny_sdxl with its default initialisation, changed (deterministically) to behave like a trained model in
+    the two ways null-text inversion relies on, as tests/test_null_text.py does for SD 1.x:
+    - UNet output layer × 0.1: ε̂ is small and smooth in x, so DDIM inversion at w = 1 round-trips;
+    - both text encoders' residual streams × 0.1 (token and position embeddings, every block's attention and
+      MLP output; the LayerNorms make the rest scale-free) with the cross-attention keys and values × 10: the
+      same function, with the context at a scale where Adam's lr = 1e-2 moves it noticeably in 5 steps."""
+    torch.manual_seed(seed)
+    model = StableDiffusion(tiny_sdxl()).eval()
+    with torch.no_grad():
+        model.unet.conv_out.weight.mul_(0.1)
+        model.unet.conv_out.bias.mul_(0.1)
+        for encoder in (model.text_encoder, model.text_encoder_2):
+            for name, parameter in encoder.named_parameters():
+                if "embedding" in name or "out_proj" in name or "fc2" in name:
+                    parameter.mul_(0.1)
+        for name, module in model.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_k.weight.mul_(10.0)
+                module.to_v.weight.mul_(10.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    return _trained_like()
+
+
+def test_null_text_reconstructs_better_than_ddim_inversion(trained_like):
+    from inversion.ddim_inversion import ddim_invert, ddim_reconstruct, inversion_sampler
+    from inversion.null_text import NullTextConfig, early_stop_threshold, null_text_inversion, null_text_predictor
+    from ldm.pipeline import denoise, guided_added, latent_conditioning
+
+    model = trained_like
+    sampler = inversion_sampler(model, 5)
+    z0 = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(3))
+    result = null_text_inversion(model, z0, SOURCE, sampler, NullTextConfig(guidance=7.5))
+    nti = (result.reconstruction - z0).pow(2).mean().item()
+    pivots = ddim_invert(model, z0, SOURCE, sampler, guidance=1.0)
+    with torch.no_grad():
+        plain = (ddim_reconstruct(model, pivots[-1], SOURCE, sampler, 1.0) - z0).pow(2).mean().item()
+        ddim = {negative: (ddim_reconstruct(model, pivots[-1], SOURCE, sampler, 7.5, negative) - z0).pow(2).mean().item()
+                for negative in (None, "")}
+    # measured MSE: null-text 3.9e-4; DDIM at w = 1 there and back 2.6e-3; inverted at w = 1, sampled at 7.5:
+    # 0.11 (zeros as the unconditional branch), 6.0e-3 (the empty prompt, where ∅ starts)
+    assert nti * 10 <= ddim[""] and nti * 100 <= ddim[None] and nti < plain
+    assert result.null_embeddings[0].shape == (1, 77, 80) and result.null_added.text_embeds.shape == (1, 48)
+    for i, losses in enumerate(result.losses):  # the early-stop rule, step by step
+        threshold = early_stop_threshold(i, NullTextConfig())
+        assert all(loss >= threshold for loss in losses[:-1]) and (len(losses) == 10 or losses[-1] < threshold)
+    assert all(losses[-1] < losses[0] for losses in result.losses)
+    # guided DDIM from z*_N with [∅_i; c] (and the fixed pooled rows) replays the optimised trajectory exactly
+    with torch.no_grad():
+        context, added = latent_conditioning(model, [SOURCE], None, 1.0, z0)
+        predict = null_text_predictor(model.unet, result.null_embeddings, context, 7.5, sampler,
+                                      guided_added(result.null_added, added, 1))
+        assert torch.equal(denoise(sampler, predict, result.noise, None, progress=False), result.reconstruction)
+    assert all(p.grad is None for p in model.parameters())  # gradients went to ∅ only
+
+
+def test_prompt_to_prompt_on_a_real_image_with_null_text(trained_like, tmp_path):
+    """``edit_real_image`` (and ``editlab p2p --image``) on SDXL: deterministic, the identity edit is exact, the
+    source row is the null-text reconstruction, the edit changes the image."""
+    from editing.cli import main
+    from editing.p2p.edit import P2PConfig, edit_real_image
+    from ldm.images import save_png
+    from ldm.pipeline import SamplingConfig, decode_latents
+
+    model = trained_like
+    image = _image(16, 24, seed=4)
+    sampling = SamplingConfig(steps=3, guidance=7.5, height=16, width=24)
+    config = P2PConfig(blend_words=("cat", "dog"), blend_start=0.2)
+    result, inverted = edit_real_image(model, image, SOURCE, [SOURCE, TARGET], sampling, config)
+    again, _ = edit_real_image(model, image, SOURCE, [SOURCE, TARGET], sampling, config)
+    assert torch.equal(result.latents, again.latents)  # same image, same numbers
+    assert torch.equal(result.latents[1], result.latents[0])  # the identity edit, exactly
+    reconstruction = inverted.details.reconstruction  # fitted on the same batch layout (3 rows)
+    # the inversion encoded one prompt, the edit three: their contexts may round differently
+    assert (result.latents[0] - reconstruction).abs().max() <= 1e-4 * reconstruction.abs().max()
+    assert (result.latents[2] - result.latents[0]).abs().max() > 1e-2 * reconstruction.abs().max()
+
+    model.save(tmp_path / "xl.safetensors")
+    save_png(tmp_path / "in.png", image[0], {"test": "input"})
+    assert main(["p2p", "--weights", str(tmp_path / "xl.safetensors"), "--image", str(tmp_path / "in.png"),
+                 "--prompt", SOURCE, "--edit", TARGET, "--steps", "3", "--out", str(tmp_path / "out")]) == 0
+    loaded = StableDiffusion.load(tmp_path / "xl.safetensors")  # as the command runs it (fused projections)
+    command, _ = edit_real_image(loaded, _read(tmp_path / "in.png")[None], SOURCE, [TARGET],
+                                 SamplingConfig(steps=3, height=16, width=24))
+    expected = decode_latents(loaded, command.latents)
+    for row, name in enumerate(["source", "edited"]):
+        assert (_read(tmp_path / "out" / f"{name}.png") - expected[row]).abs().max() <= 0.5 / 255 + 1e-6
