@@ -253,3 +253,64 @@ def test_prompt_to_prompt_on_a_real_image_with_null_text(trained_like, tmp_path)
     expected = decode_latents(loaded, command.latents)
     for row, name in enumerate(["source", "edited"]):
         assert (_read(tmp_path / "out" / f"{name}.png") - expected[row]).abs().max() <= 0.5 / 255 + 1e-6
+
+
+# --- Prompt-to-Prompt's attention levels on SDXL -----------------------------------------------------------
+
+
+@torch.no_grad()
+def test_p2p_maps_and_self_replacement_use_sdxl_levels(sdxl):
+    """SDXL has attention at levels 1 and 2 only (none at the first, full-resolution level). The maps P2P
+    stores, blends and shows are level 2 (latent/4: SDXL's 32² at 1024 px, the 1024-token layers LEDITS++ XL
+    and the SDXL P2P ports aggregate) from down, mid and up alike; their average equals one recomputed from the
+    probabilities every layer used. Self-attention is replaced at level 2 only, for generated and real images
+    (the SDXL ports' ≤ 32² at 1024 px), where SD's real-image setting goes one level further (≤ 32² at 512 px)."""
+    from editing.p2p.edit import REAL_IMAGE_CONFIG, P2PConfig, build_controller, prompt_to_prompt
+    from ldm.attention import attention_layers
+    from ldm.config import sdxl_base, tiny_sd1
+    from ldm.hooks import AttentionHook, guidance_rows
+    from ldm.pipeline import SamplingConfig
+    from ldm.unet import UNet
+    from editing.p2p.schedules import default_map_level, level_shape
+
+    class Recorder(AttentionHook):  # the conditional rows' cross-attention of every layer, summed over steps
+        def __init__(self):
+            self.sums = {}
+
+        def wants_probabilities(self, layer):
+            return layer.kind == "cross"
+
+        def edit_probabilities(self, layer, probs, rows):
+            cond = probs[guidance_rows(probs.shape[0], 2)[1]].mean(dim=1)  # [B, heads, q, K] -> [B, q, K]
+            total = self.sums.setdefault(layer.name, torch.zeros(cond.shape[0], 16 * 24 // 4 ** layer.level, 77))
+            total[:, rows] += cond
+            return probs
+
+    model, _, _ = sdxl
+    layers = attention_layers(model.unet)
+    assert {layer.level for layer in layers.values()} == {1, 2}
+    level_2 = {name for name, layer in layers.items() if layer.kind == "cross" and layer.level == 2}
+    assert len(level_2) == 2 * 3 + 3 + 3 * 3 and {name.split(".")[0] for name in level_2} == {"down", "mid", "up"}
+
+    recorder, steps = Recorder(), 3
+    cfg = SamplingConfig(steps=steps, guidance=5.0, scheduler="ddim", seed=3, height=32, width=48)
+    result = prompt_to_prompt(model, SOURCE, TARGET, cfg, P2PConfig(self_replace=(0.0, 1.0)),
+                              attention_hooks=[recorder])
+    assert result.map_level == 2 and result.maps.shape == (2, 4, 6, 77)  # latent 16×24 / 4
+    assert set(result.controller.store.layer_levels) == level_2
+    expected = torch.stack([recorder.sums[name] for name in sorted(level_2)]).mean(dim=0) / steps
+    assert relative_error(expected.view(2, 4, 6, 77), result.maps) <= 1e-6  # the same sums, another order
+    self_2 = {name for name, layer in layers.items() if layer.kind == "self" and layer.level == 2}
+    assert all(set(names) == self_2 for names in result.controller.replaced_per_step)
+    real = build_controller(model, [SOURCE, TARGET], steps, (16, 24), REAL_IMAGE_CONFIG)
+    assert real.self_min_level == 2
+    sd1 = StableDiffusion(tiny_sd1())
+    assert build_controller(sd1, [SOURCE, TARGET], steps, (16, 16), REAL_IMAGE_CONFIG).self_min_level == \
+        default_map_level(sd1.unet) - 1
+
+    with torch.device("meta"):  # the full SDXL base UNet, shapes only
+        base = UNet(sdxl_base().unet)
+    counts = {level: sum(1 for layer in attention_layers(base).values() if layer.kind == "cross" and layer.level == level)
+              for level in (0, 1, 2)}
+    assert default_map_level(base) == 2 and counts == {0: 0, 1: 10, 2: 60}
+    assert level_shape((128, 128), 2) == (32, 32) and level_shape((128, 192), 1) == (64, 96)
