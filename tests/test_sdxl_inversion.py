@@ -223,17 +223,22 @@ def test_null_text_reconstructs_better_than_ddim_inversion(trained_like):
 
 
 def test_prompt_to_prompt_on_a_real_image_with_null_text(trained_like, tmp_path):
-    """``edit_real_image`` (and ``editlab p2p --image``) on SDXL: deterministic, the identity edit is exact, the
-    source row is the null-text reconstruction, the edit changes the image."""
+    """``editlab p2p --image`` on SDXL weights equals ``edit_real_image`` (null-text inversion, then P2P with
+    the null-text notebook's settings), which is deterministic; the identity edit is exact, the source row is
+    the null-text reconstruction, the edit changes the image."""
+    import dataclasses
+
     from editing.cli import main
-    from editing.p2p.edit import P2PConfig, edit_real_image
+    from editing.p2p.edit import REAL_IMAGE_CONFIG, edit_real_image
     from ldm.images import save_png
     from ldm.pipeline import SamplingConfig, decode_latents
 
-    model = trained_like
-    image = _image(16, 24, seed=4)
+    trained_like.save(tmp_path / "xl.safetensors")
+    model = StableDiffusion.load(tmp_path / "xl.safetensors")  # as the command runs it (fused projections)
+    save_png(tmp_path / "in.png", _image(16, 24, seed=4)[0], {"test": "input"})
+    image = _read(tmp_path / "in.png")[None]
     sampling = SamplingConfig(steps=3, guidance=7.5, height=16, width=24)
-    config = P2PConfig(blend_words=("cat", "dog"), blend_start=0.2)
+    config = dataclasses.replace(REAL_IMAGE_CONFIG, blend_words=("cat", "dog"))
     result, inverted = edit_real_image(model, image, SOURCE, [SOURCE, TARGET], sampling, config)
     again, _ = edit_real_image(model, image, SOURCE, [SOURCE, TARGET], sampling, config)
     assert torch.equal(result.latents, again.latents)  # same image, same numbers
@@ -243,15 +248,11 @@ def test_prompt_to_prompt_on_a_real_image_with_null_text(trained_like, tmp_path)
     assert (result.latents[0] - reconstruction).abs().max() <= 1e-4 * reconstruction.abs().max()
     assert (result.latents[2] - result.latents[0]).abs().max() > 1e-2 * reconstruction.abs().max()
 
-    model.save(tmp_path / "xl.safetensors")
-    save_png(tmp_path / "in.png", image[0], {"test": "input"})
     assert main(["p2p", "--weights", str(tmp_path / "xl.safetensors"), "--image", str(tmp_path / "in.png"),
-                 "--prompt", SOURCE, "--edit", TARGET, "--steps", "3", "--out", str(tmp_path / "out")]) == 0
-    loaded = StableDiffusion.load(tmp_path / "xl.safetensors")  # as the command runs it (fused projections)
-    command, _ = edit_real_image(loaded, _read(tmp_path / "in.png")[None], SOURCE, [TARGET],
-                                 SamplingConfig(steps=3, height=16, width=24))
-    expected = decode_latents(loaded, command.latents)
-    for row, name in enumerate(["source", "edited"]):
+                 "--prompt", SOURCE, "--edit", SOURCE, "--edit", TARGET, "--blend", "cat", "dog", "--steps", "3",
+                 "--out", str(tmp_path / "out")]) == 0
+    expected = decode_latents(model, result.latents)
+    for row, name in enumerate(["source", "edited-1", "edited-2"]):
         assert (_read(tmp_path / "out" / f"{name}.png") - expected[row]).abs().max() <= 0.5 / 255 + 1e-6
 
 
