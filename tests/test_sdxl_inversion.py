@@ -3,11 +3,13 @@
 Edit-friendly DDPM inversion against ``LEditsPPPipelineStableDiffusionXL`` (``invert`` with DDIM, and its
 ``__call__`` set up to be plain classifier-free guidance), as the SD 1.x comparison in
 tests/test_ddpm_inversion.py: the same weights, DDIM config, image, grid (skip 0), auxiliary noise draws. Where
-that pipeline departs from the method (docs/methods.md §4.2: transposed size conditioning of non-square images,
-the last three maps zeroed) the test shows the departure and matches it with the inputs swapped.
+that pipeline departs from the method (docs/methods.md §4.4) the test copies the departure into editlab's
+inputs (the transposed size conditioning of a non-square image) or turns it off (the last three maps zeroed).
 
 DDIM inversion against diffusers' ``DDIMInverseScheduler`` run inside ``StableDiffusionXLPipeline`` (the
-scheduler steps towards the larger t, the pipeline supplies the SDXL conditioning).
+scheduler steps towards the larger t, the pipeline supplies the SDXL conditioning). Null-text inversion
+(docs/methods.md §3.4) against DDIM inversion on a tiny SDXL model made to behave like a trained one, and
+Prompt-to-Prompt on a real image through ``editlab p2p --image``. P2P's attention levels on SDXL.
 """
 
 import numpy as np
