@@ -26,10 +26,11 @@ the size/crop numbers stay fixed at the empty prompt's. ∅_{−1} is the encode
 and for SD, not the zeros SDXL's guided sampling uses without a negative prompt: from zeros every one of the 77
 positions is the same vector, gets the same gradient (identical keys and values attend uniformly) and stays
 the same, so ∅ would have 2048 free numbers instead of 77 × 2048 (on the test model of
-tests/test_sdxl_inversion.py, starting from zeros left a 46× larger reconstruction error). The edit therefore runs its unconditional rows with the empty prompt's pooled embedding
-(``editing.p2p.prompt_to_prompt``). The third-party Null-SDXL port (ugiugi0823/Null-SDXL) also starts from the
-empty prompt but optimises the pooled embedding too; editlab keeps it fixed: a learned pooled vector acts on
-the time embedding, a global bias the paper's method has no counterpart for.
+tests/test_sdxl_inversion.py, starting from zeros left a 40× larger reconstruction error). The edit therefore
+runs its unconditional rows with the empty prompt's pooled embedding (``editing.p2p.prompt_to_prompt``). The
+third-party Null-SDXL port (ugiugi0823/Null-SDXL) also starts from the empty prompt but optimises the pooled
+embedding too; editlab keeps it fixed: a learned pooled vector acts on the time embedding, a global bias the
+paper's method has no counterpart for.
 """
 
 from __future__ import annotations
