@@ -25,7 +25,6 @@
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from editing.options import TOY_WEIGHTS
@@ -160,4 +159,5 @@ for ax, w in zip(axes, scales):
 fig.tight_layout(), fig.savefig("01-guidance.png")
 print(reads)
 assert reads[-1] == ("red", "circle"), reads  # at w = 7.5 the toy model draws what the prompt says
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")

@@ -32,7 +32,6 @@
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from editing.options import TOY_WEIGHTS
@@ -159,4 +158,5 @@ fig.tight_layout(), fig.savefig("02-word-swap.png")
 print(reads, f"IoU with the source: P2P {iou_p2p:.3f}, edit prompt alone {iou_alone:.3f}")
 assert reads[0][1] == "circle" and reads[1] == ("red", "square")
 assert iou_p2p >= 0.7
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")

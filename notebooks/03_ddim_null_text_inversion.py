@@ -40,7 +40,6 @@
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from editing.evaluation.metrics.pixels import psnr
@@ -92,7 +91,7 @@ axes[1].set_xlabel("step i"), axes[1].legend(fontsize=8)
 fig.tight_layout(), fig.savefig("03-null-text-loss.png")
 empty = model.encode_prompt([""])
 drift = [(e - empty).norm().item() for e in nti.null_embeddings]
-print("‖∅_i − CLIP(\"\")‖ per step:", [f"{d:.2f}" for d in drift])  # each ∅_i starts from ∅_{i−1}: it drifts
+print("‖∅_i − CLIP(\"\")‖ per step:", [f"{d:.2f}" for d in drift])  # ∅_i starts from ∅_{i−1}: a drift
 assert all(l[-1] <= l[0] for l in nti.losses)  # every step ends no worse than it started
 
 # %% [markdown]
@@ -131,4 +130,5 @@ fig.tight_layout(), fig.savefig("03-edit.png")
 colour = read_colour(edited, object_mask(edited))
 print("edited object colour:", colour)
 assert colour == "green"
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")

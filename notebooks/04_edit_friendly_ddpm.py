@@ -20,7 +20,8 @@
 # A DDPM sampler ($\eta = 1$) adds fresh noise at every step: with $p$ the next grid timestep,
 #
 # $$x_p = \underbrace{\sqrt{\bar\alpha_p}\,\hat x_0 + \sqrt{1-\bar\alpha_p-\sigma_t^2}\,\hat\varepsilon}_{\mu_t(x_t)}
-#   + \sigma_t z_t,\qquad \sigma_t^2 = \frac{1-\bar\alpha_p}{1-\bar\alpha_t}\Big(1-\frac{\bar\alpha_t}{\bar\alpha_p}\Big).$$
+#   + \sigma_t z_t,\qquad
+#   \sigma_t^2 = \frac{1-\bar\alpha_p}{1-\bar\alpha_t}\Big(1-\frac{\bar\alpha_t}{\bar\alpha_p}\Big).$$
 #
 # Edit-friendly inversion finds noise maps $z_t$ that make this sampler reproduce a given $x_0$ exactly:
 # (1) $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\tilde\varepsilon_t$ with an **independent**
@@ -35,7 +36,6 @@
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
 from editing.ddpm_edit.editor import DDPMEditConfig, ddpm_invert_image, edit_inversion, reconstruct
@@ -44,7 +44,7 @@ from editing.evaluation.metrics.pixels import psnr
 from editing.options import TOY_WEIGHTS
 from inversion.ddpm_noise import DDPMInversionConfig, sample_native
 from ldm.model import StableDiffusion
-from ldm.pipeline import SamplingConfig, decode_latents, encode_images, sdedit
+from ldm.pipeline import SamplingConfig, decode_latents, sdedit
 from ldm.toy import ShapeSpec, mask_iou, object_mask, read_colour, render, to_tensor
 
 torch.set_num_threads(1)
@@ -175,4 +175,5 @@ for ax, s in zip(axes, strengths):
 fig.tight_layout(), fig.savefig("04-sdedit.png")
 print("SDEdit (background PSNR, colour):", sdedit_scores)
 assert sdedit_scores[0][0] > sdedit_scores[-1][0]  # the stronger the noise, the less of the image remains
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")

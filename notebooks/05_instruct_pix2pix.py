@@ -43,7 +43,7 @@ from editing.options import TOY_IP2P_WEIGHTS
 from ldm.images import to_pil
 from ldm.model import StableDiffusion
 from ldm.pipeline import decode_latents
-from ldm.toy import COLOURS, ShapeSpec, object_mask, read_colour, render, to_tensor
+from ldm.toy import ShapeSpec, object_mask, read_colour, render, to_tensor
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -101,7 +101,8 @@ grid.save("05-guidance-grid.png")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
 axes[0].imshow(np.asarray(grid)), axes[0].axis("off"), axes[0].set_title(f'"{INSTRUCTION}"', fontsize=9)
 image_psnr = axes[1].imshow(fidelity, cmap="viridis")
-axes[1].set_xticks(range(3), [f"s_T={s:g}" for s in text_scales]), axes[1].set_yticks(range(3), [f"s_I={s:g}" for s in image_scales])
+axes[1].set_xticks(range(3), [f"s_T={s:g}" for s in text_scales])
+axes[1].set_yticks(range(3), [f"s_I={s:g}" for s in image_scales])
 for r in range(3):
     for c in range(3):
         axes[1].text(c, r, f"{fidelity[r, c]:.1f} dB\n{colours[text_scales[c], image_scales[r]]}", ha="center",
@@ -113,4 +114,5 @@ print(colours)
 assert colours[7.5, 1.5] == "green"  # the paper's default scales make the edit
 assert fidelity[-1, 1] > fidelity[0, 1]  # at s_T 7.5: a larger s_I keeps more of the input image ...
 assert (fidelity[:, 0] > fidelity[:, -1]).all()  # ... and at every s_I a smaller s_T does too
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")

@@ -17,8 +17,8 @@
 # `controls/controlnet.py`, `controls/guidance.py`, `controls/train.py`, `controls/canny.py`.
 #
 # A ControlNet is a trainable copy $F'$ of the UNet's encoder and middle block, fed the hint $c$ through a small
-# hint encoder $E$; each of its outputs leaves through a **zero convolution** $Z$ (a 1×1 conv whose weight and
-# bias start at 0) and is added to the locked UNet's skip connections, times a scale $s$ (paper eq. 2):
+# hint encoder $E$; each of its outputs leaves through a **zero convolution** $Z$ (1×1; 3×3 at the end of $E$;
+# weight and bias start at 0) and is added to the locked UNet's skip connections, times a scale $s$ (paper eq. 2):
 #
 # $$y = F(x) + s\cdot Z\big(F'(x + Z(E(c)))\big).$$
 #
@@ -31,7 +31,6 @@
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -117,7 +116,8 @@ grad_norm = lambda modules: sum(p.grad.norm().item() ** 2 for m in modules for p
 zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
 inner = [net.controlnet_cond_embedding.conv_in, *net.controlnet_cond_embedding.blocks]
 encoder = [net.conv_in, *net.down_blocks, net.mid_block]
-norms = {"zero convs": grad_norm(zero_convs), "hint encoder (inner)": grad_norm(inner), "copied encoder F'": grad_norm(encoder)}
+norms = {"zero convs": grad_norm(zero_convs), "hint encoder (inner)": grad_norm(inner),
+         "copied encoder F'": grad_norm(encoder)}
 print({name: f"{value:.2e}" for name, value in norms.items()})
 assert norms["zero convs"] > 0 and norms["hint encoder (inner)"] == 0 and norms["copied encoder F'"] == 0
 
@@ -125,11 +125,13 @@ assert norms["zero convs"] > 0 and norms["hint encoder (inner)"] == 0 and norms[
 # ## 3. A short training run, then the control scale
 #
 # 15 steps on toy images with their Canny edges (AdamW; a larger learning rate than the paper's $10^{-5}$ so
-# that 15 steps show something; `editlab train-controlnet` runs the real recipe). The residuals scale linearly with $s$: $s = 0$ is the plain model.
+# that 15 steps show something; `editlab train-controlnet` runs the real recipe). The residuals scale linearly
+# with $s$: $s = 0$ is the plain model.
 
 # %%
-net, losses = train_controlnet(model, net, ToyCannyTriples(32, seed=0), recipe(lr=2e-3, steps=15, checkpoint_every=10**6),
-                               ControlTrainConfig(batch=2), progress=False)
+net, losses = train_controlnet(model, net, ToyCannyTriples(32, seed=0),
+                               recipe(lr=2e-3, steps=15, checkpoint_every=10**6), ControlTrainConfig(batch=2),
+                               progress=False)
 with torch.no_grad():
     down_1, mid_1 = net(x, torch.tensor(501), context, hint, scales=1.0)
     down_2, mid_2 = net(x, torch.tensor(501), context, hint, scales=2.0)
@@ -139,8 +141,8 @@ assert min(size) > 0  # the zero convs have left zero
 assert all(torch.allclose(2 * a, b, rtol=1e-5, atol=1e-6) for a, b in zip(down_1 + [mid_1], down_2 + [mid_2]))
 
 scales = [0.0, 0.5, 1.0, 2.0]
-outs = [decode_latents(model, controlnet_to_image(model, [Control(net, hint, scale=s)], [PROMPT], cfg, progress=False))[0]
-        for s in scales]
+outs = [decode_latents(model, controlnet_to_image(model, [Control(net, hint, scale=s)], [PROMPT], cfg,
+                                                  progress=False))[0] for s in scales]
 change = [(out - outs[0]).abs().mean().item() for out in outs]
 fig, axes = plt.subplots(1, len(scales) + 2, figsize=(2 * (len(scales) + 2), 2.4))
 axes[0].plot(losses), axes[0].set_title("training loss", fontsize=8), axes[0].set_xlabel("step")
@@ -151,4 +153,5 @@ fig.tight_layout(), fig.savefig("06-scale.png")
 print("mean |image − image at s=0|:", [f"{d:.4f}" for d in change])
 assert torch.equal(decode_latents(model, plain)[0], outs[0])  # s = 0 is the plain model
 assert change[1] < change[2] < change[3]  # a larger scale moves the image further
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from controls.ip_adapter import generate_with_image_prompt, image_prompt_hook
-from editing.instant_style import block_layers, preset_scales
+from editing.instant_style import block_layers
 from editing.options import TOY_CLIP_WEIGHTS, TOY_IP_ADAPTER_WEIGHTS, TOY_WEIGHTS
 from ldm.attention import attached, attention_layers
 from ldm.clip_vision import preprocess
@@ -84,7 +84,8 @@ for scale in (0.0, 1.0, 2.0):
     outputs[scale] = captured["out"]
     print(f"λ = {scale}: layers with an image branch: {sorted(hook.scales)}")
 one, two = outputs[1.0] - outputs[0.0], outputs[2.0] - outputs[0.0]
-print(f"|out_1 − out_0| = {one.abs().mean():.4f}, max |(out_2 − out_0) − 2(out_1 − out_0)| = {(two - 2 * one).abs().max():.1e}")
+print(f"|out_1 − out_0| = {one.abs().mean():.4f}, "
+      f"max |(out_2 − out_0) − 2(out_1 − out_0)| = {(two - 2 * one).abs().max():.1e}")
 assert one.abs().mean() > 1e-3 and torch.allclose(two, 2 * one, atol=1e-5)
 
 # %% [markdown]
@@ -128,7 +129,8 @@ assert results["none"][0] > 3 * results["all"][0]  # the image prompt pulls the 
 assert sum(c == "green" for c in results["all"][2]) >= 3
 assert results["down_blocks.1"][0] < 0.2  # on the toy UNet the down block alone carries the colour ...
 assert results["mid_block"][1] > 0.9  # ... the middle block alone changes almost nothing ...
-assert results["up_blocks.1"][0] > results["down_blocks.1"][0] and results["up_blocks.1"][1] < 0.5  # ... the up block moves the layout, not the colour
+# ... and the up block moves the layout without bringing the colour
+assert results["up_blocks.1"][0] > results["down_blocks.1"][0] and results["up_blocks.1"][1] < 0.5
 
 # %% [markdown]
 # What the measurement says about this toy UNet (cross-attention at one resolution, 8×8, plus the 4×4 middle):
@@ -136,4 +138,5 @@ assert results["up_blocks.1"][0] > results["down_blocks.1"][0] and results["up_b
 # changes almost nothing, and in `up_blocks.1` alone it moves the layout without bringing the colour. Which
 # blocks carry "style" depends on the network: InstantStyle found them for SDXL (and calls its SD 1.5 choice
 # `up_blocks.1` experimental), so editlab keeps the selection as data (`block_scales`, `preset_scales`).
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")

@@ -102,11 +102,13 @@ fig.tight_layout(), fig.savefig("08-visii-loss.png")
 # %%
 N = 4
 edit = EditConfig(steps=20, scheduler="ddim", text_guidance=7.5, image_guidance=1.5, seed=0)
-learned = decode_latents(model, apply_instruction(model, test.repeat(N, 1, 1, 1), result.instruction, edit, progress=False))
-plain = decode_latents(model, apply_instruction(model, test.repeat(N, 1, 1, 1), initial, edit, progress=False))
+tests = test.repeat(N, 1, 1, 1)
+learned = decode_latents(model, apply_instruction(model, tests, result.instruction, edit, progress=False))
+plain = decode_latents(model, apply_instruction(model, tests, initial, edit, progress=False))
 colours = {}
 for name, images in (("learned", learned), ("init text", plain)):
-    colours[name] = [read_colour(rgb, object_mask(rgb)) for rgb in (img.permute(1, 2, 0).double().numpy() for img in images)]
+    rgbs = [img.permute(1, 2, 0).double().numpy() for img in images]  # [3, H, W] -> [H, W, 3]
+    colours[name] = [read_colour(rgb, object_mask(rgb)) for rgb in rgbs]
 print(colours)
 fig, axes = plt.subplots(2, N + 2, figsize=(2 * (N + 2), 4.2))
 for r, (name, images) in enumerate((("learned", learned), ("init text", plain))):
@@ -120,4 +122,5 @@ for r, (name, images) in enumerate((("learned", learned), ("init text", plain)))
 fig.tight_layout(), fig.savefig("08-visii-applied.png")
 assert sum(c == "green" for c in colours["learned"]) >= 3  # the learned instruction recolours the square green
 assert sum(c == "green" for c in colours["init text"]) <= 1  # the text it started from does not
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")

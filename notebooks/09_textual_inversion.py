@@ -118,4 +118,5 @@ learned = reads["learned <s*>"]
 assert sum(colour == "yellow" for colour, _, _ in learned) >= 3  # the word carries the concept's colour ...
 assert sum(background == "red" for _, _, background in learned) >= 3  # ... and composes with a new background
 assert sum(colour == "yellow" for colour, _, _ in reads["initializer 'shape'"]) <= 1
-print(f"ran in {time.perf_counter() - started:.1f} s ({time.process_time() - cpu_started:.1f} s of CPU) after the imports")
+wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+print(f"ran in {wall:.1f} s, {cpu:.1f} s of CPU (after the imports)")
