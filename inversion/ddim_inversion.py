@@ -22,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.model import StableDiffusion
-from ldm.pipeline import denoise, guided_unet, latent_conditioning
-from ldm.schedulers import DDIMSampler, NoiseSchedule, ddim_update, predict_eps_x0
+from ldm.pipeline import denoise, guided_unet, latent_conditioning, noise_schedule_of
+from ldm.schedulers import DDIMSampler, ddim_update, predict_eps_x0
 from ldm.sdxl import MicroConditioning
 
 
 def inversion_sampler(model: StableDiffusion, steps: int) -> DDIMSampler:
     """The deterministic DDIM sampler (η = 0, SD's leading grid with offset 1) used to invert and to edit."""
-    return DDIMSampler(NoiseSchedule.scaled_linear(), steps, eta=0.0, prediction_type=model.config.prediction_type)
+    return DDIMSampler(noise_schedule_of(model), steps, eta=0.0, prediction_type=model.config.prediction_type)
 
 
 def check_deterministic(sampler) -> None:

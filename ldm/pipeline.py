@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .hooks import StepHook, guidance_batch, join_guidance, split_guidance
 from .model import StableDiffusion
-from .schedulers import gaussian_noise, sampler_from_config, standard_scheduler_config
+from .schedulers import NoiseSchedule, gaussian_noise, sampler_from_config, standard_scheduler_config
 from .sdxl import MicroConditioning
 from .sdxl import conditioning as sdxl_conditioning
 from .unet import TextTime
@@ -198,6 +198,12 @@ def encode_images(model: StableDiffusion, images: torch.Tensor, generator: torch
 def scheduler_config_of(model: StableDiffusion) -> dict:
     """The schedule the model's weights carry (see ldm.schedulers.from_config); SD's standard one if none."""
     return getattr(model, "scheduler_config", None) or standard_scheduler_config(model.config.prediction_type)
+
+
+def noise_schedule_of(model: StableDiffusion) -> NoiseSchedule:
+    """β_t and ᾱ_t the model was trained with (its scheduler config): what its losses, inversions and samplers
+    must use, e.g. a zero-terminal-SNR fine-tune's rescaled betas rather than SD's standard ones."""
+    return NoiseSchedule.from_config(scheduler_config_of(model))
 
 
 def sampler_for(model: StableDiffusion, cfg: SamplingConfig, scheduler: str | None = None, spacing: str | None = None):
