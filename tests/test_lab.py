@@ -207,3 +207,12 @@ def test_lab_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
     assert main(["lab", "--port", "7999"]) == 2
     assert capsys.readouterr().err.strip() == 'editlab lab: error: the lab needs Gradio: pip install -e ".[lab]"'
+
+
+def test_lab_refuses_missing_weights_and_bad_ports_before_serving(tmp_path, capsys):
+    assert main(["lab", "--weights", str(tmp_path / "nothing.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == (f"editlab lab: error: weights {tmp_path / 'nothing.safetensors'} not "
+                                               "found; give an editlab weights file, a diffusers folder or an original "
+                                               "checkpoint file")
+    assert main(["lab", "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "editlab lab: error: --port 70000: give a port number in [1, 65535]"
