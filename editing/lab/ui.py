@@ -25,10 +25,13 @@ from .runner import CommandResult
 
 
 def number(value) -> str:
-    """A knob's value as a command-line argument: integers without a decimal point, floats as Python prints
-    them (the app and the shell parse the same string, so they run with the same number)."""
+    """A knob's value as a command-line argument: integers without a decimal point, others to 10 significant
+    digits (a slider's 0.30000000000000004 reads 0.3). The app runs the very string the command line shows, so
+    both run with the same number. An empty number field gives "", which the command refuses in one line."""
+    if value is None or value == "":
+        return ""
     value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
+    return str(int(value)) if value.is_integer() else format(value, ".10g")
 
 
 def upload_name(path: str | Path, stem: str = "input") -> str:
