@@ -3,10 +3,13 @@
 - ip2p: InstructPix2Pix (Brooks et al., 2023) with the case's instruction; s_T and s_I are sweepable.
 - visii: Visii (Nguyen et al., 2023) learns the instruction from the case's own (source, ground truth) pair,
   then applies it to the source: a case without a ground-truth image cannot run.
-- controlnet: ControlNet (Zhang et al., 2023) from noise, under the target prompt, with the Canny edges of
-  the source image as the hint; the output's edges are scored against them (condition fidelity).
+- controlnet: ControlNet (Zhang et al., 2023) from noise, under the target prompt, with a hint made from the
+  case: ``hint=canny`` the Canny edges of the source image (the output's edges are scored against them),
+  ``hint=mask`` on toy-edits the source scene's object mask, white on black (a ControlNet trained on such
+  masks is needed); on the toy both score the object read from the output against that mask.
 - ip-adapter / instant-style: IP-Adapter (Ye et al., 2023) / InstantStyle (Wang et al., 2024) from noise under
-  the target prompt, with the case's ground truth (else its source) as the style image.
+  the target prompt, with the case's ground truth (else its source) as the style image; on the toy model the
+  bundled toy IP-Adapter and toy CLIP image encoder unless --ip-adapter / --image-encoder are given.
 """
 
 from __future__ import annotations
@@ -73,8 +76,12 @@ class ControlNetParams:
     steps: int = 20
     guidance: float = 7.5
     scale: float = 1.0  # conditioning scale
+    hint: str = "canny"  # "canny": the source's edges; "mask": the toy source's object mask
     canny_low: float = 100.0
     canny_high: float = 200.0
+
+
+HINTS = ("canny", "mask")
 
 
 def run_controlnet(resources, case, params: ControlNetParams, seed: int) -> MethodOutput:
@@ -82,17 +89,24 @@ def run_controlnet(resources, case, params: ControlNetParams, seed: int) -> Meth
     from controls.guidance import Control, controlnet_to_image
     from controls.hints import to_hint
 
+    if params.hint not in HINTS:
+        raise ValueError(f"controlnet.hint={params.hint!r}: choose from {', '.join(HINTS)}")
     need_prompts(case)
+    if params.hint == "mask" and case.source_object_mask is None:
+        raise CannotRun("a mask hint needs the source's object mask, which only toy-edits cases have")
     net = resources.controlnet_net()
     model = resources.model()
     height, width = image_size(model, case)
-    edges = canny(case.image, CannyConfig(params.canny_low, params.canny_high))  # [H, W] bool
-    hint = to_hint(edges[None], height, width).to(model.device)
+    thresholds = (params.canny_low, params.canny_high)
+    edges = canny(case.image, CannyConfig(*thresholds)) if params.hint == "canny" else None  # [H, W] bool
+    hint_map = edges if edges is not None else case.source_object_mask
+    hint = to_hint(hint_map[None], height, width).to(model.device)
     cfg = SamplingConfig(steps=params.steps, guidance=params.guidance, scheduler="ddim", seed=seed,
                          height=height, width=width)
     latents = controlnet_to_image(model, [Control(net, hint, params.scale)], [case.target_prompt], cfg,
                                   progress=False)
-    return MethodOutput(decode_latents(model, latents)[0].cpu(), hint_edges=edges)
+    return MethodOutput(decode_latents(model, latents)[0].cpu(), hint_edges=edges, canny=thresholds,
+                        hint_mask=case.source_object_mask if edges is None else None)
 
 
 @dataclass(frozen=True)
