@@ -1,5 +1,5 @@
 """editlab eval's conditioned and learned methods on two toy-edits cases (a colour and a shape edit): ControlNet
-with a Canny and a mask hint made from the case, IP-Adapter and InstantStyle with the case's ground truth as the
+with a Canny and a mask hint made from the case, IP-Adapter and InstantStyle with the case's source as the
 style image (the bundled toy IP-Adapter and toy CLIP, no file given), and Visii learned from the case's pair;
 each row's metrics are recomputed by hand from the PNG it wrote. A case a method cannot run says why in its row.
 
@@ -112,7 +112,7 @@ def test_style_scores_equal_the_toy_clip_by_hand(run):
             case, image = cases[row["case"]], output_of(out, row)
             with torch.no_grad():
                 e_out, e_style = torch.nn.functional.normalize(
-                    clip_image_features(clip, torch.stack([image, case.target])).double(), dim=-1)
+                    clip_image_features(clip, torch.stack([image, case.image])).double(), dim=-1)  # style=source
                 e_text = torch.nn.functional.normalize(clip_text_features(clip, [case.target_prompt]).double(),
                                                        dim=-1)[0]
             # the row scored the unrounded output; the PNG moves each pixel by < 1/510
@@ -142,9 +142,11 @@ def test_a_case_a_method_cannot_run_says_why_in_its_row(tmp_path):
              "blended_word": "cat dog", "mask": [1000, 20]}
     (root / "mapping_file.json").write_text(json.dumps({"000000000000": entry}))
     assert main(["eval", "--benchmark", "pie-bench", "--root", str(root), "--method", "visii",
-                 "--method", "controlnet", "--sweep", "controlnet.hint=canny,mask", "--out", str(tmp_path / "o")]) == 0
+                 "--method", "controlnet", "--sweep", "controlnet.hint=canny,mask", "--method", "ip-adapter",
+                 "--sweep", "ip-adapter.style=target", "--out", str(tmp_path / "o")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in rows] == ["cannot-run"] * 3 and all(not r["metrics"] for r in rows)
+    assert [r["status"] for r in rows] == ["cannot-run"] * 4 and all(not r["metrics"] for r in rows)
     assert "no ground-truth image" in rows[0]["reason"]
     assert "needs a ControlNet" in rows[1]["reason"] and "--controlnet FILE" in rows[1]["reason"]
     assert "only toy-edits cases" in rows[2]["reason"]
+    assert "style=target needs the case's ground-truth image" in rows[3]["reason"]

@@ -8,8 +8,10 @@
   ``hint=mask`` on toy-edits the source scene's object mask, white on black (a ControlNet trained on such
   masks is needed); on the toy both score the object read from the output against that mask.
 - ip-adapter / instant-style: IP-Adapter (Ye et al., 2023) / InstantStyle (Wang et al., 2024) from noise under
-  the target prompt, with the case's ground truth (else its source) as the style image; on the toy model the
-  bundled toy IP-Adapter and toy CLIP image encoder unless --ip-adapter / --image-encoder are given.
+  the target prompt, with the case's source image (``style=source``, the default) or its ground truth
+  (``style=target``) as the style image; on the toy model the bundled toy IP-Adapter and toy CLIP image
+  encoder unless --ip-adapter / --image-encoder are given. With the source as style image and the target
+  prompt the two disagree, so content leakage (the source's content copied against the prompt) shows.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class StyleParams:
     guidance: float = 7.5
     scale: float = 1.0  # λ of the image branch (every layer, or the InstantStyle preset's)
     preset: str = "style"  # instant-style only
+    style: str = "source"  # the style image: the case's "source" image or its ground-truth "target"
 
 
 def run_style(resources, case, params: StyleParams, seed: int, instant: bool) -> MethodOutput:
@@ -123,11 +126,15 @@ def run_style(resources, case, params: StyleParams, seed: int, instant: bool) ->
     from ldm.clip_vision import preprocess
     from ldm.images import to_pil
 
+    if params.style not in ("source", "target"):
+        raise ValueError(f"style={params.style!r}: choose source or target")
     need_prompts(case)
+    if params.style == "target" and case.target is None:
+        raise CannotRun("style=target needs the case's ground-truth image; the case has none")
     adapter, encoder = resources.adapter()
     model = resources.model()
     height, width = image_size(model, case)
-    style = case.target if case.target is not None else case.image
+    style = case.image if params.style == "source" else case.target
     with torch.no_grad():
         embeds = encoder(preprocess(to_pil(style), encoder.config.image_size).to(model.device))
     scales = preset_scales(model.unet, params.preset, params.scale) if instant else params.scale
