@@ -20,7 +20,7 @@ class MethodOutput:
     image: torch.Tensor  # the edit [3, H, W] in [0, 1]
     reconstruction: torch.Tensor | None = None  # inversion methods: the source row, regenerated
     hint_edges: torch.Tensor | None = None  # ControlNet: the Canny edges (bool [H, W]) the output was conditioned on
-    canny: tuple[float, float] = (100.0, 200.0)  # ControlNet: their (low, high) thresholds, to re-detect alike
+    canny_config: object | None = None  # ControlNet: the CannyConfig that found them, to re-detect alike
     hint_mask: torch.Tensor | None = None  # ControlNet on the toy: the object mask (bool [H, W]) it was given
     style_image: torch.Tensor | None = None  # IP-Adapter / InstantStyle: the style reference
     notes: dict = field(default_factory=dict)  # anything the method reports (e.g. the Visii init text)

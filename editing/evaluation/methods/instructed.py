@@ -99,15 +99,15 @@ def run_controlnet(resources, case, params: ControlNetParams, seed: int) -> Meth
     net = resources.controlnet_net()
     model = resources.model()
     height, width = image_size(model, case)
-    thresholds = (params.canny_low, params.canny_high)
-    edges = canny(case.image, CannyConfig(*thresholds)) if params.hint == "canny" else None  # [H, W] bool
+    detector = CannyConfig(params.canny_low, params.canny_high)
+    edges = canny(case.image, detector) if params.hint == "canny" else None  # [H, W] bool
     hint_map = edges if edges is not None else case.source_object_mask
     hint = to_hint(hint_map[None], height, width).to(model.device)
     cfg = SamplingConfig(steps=params.steps, guidance=params.guidance, scheduler="ddim", seed=seed,
                          height=height, width=width)
     latents = controlnet_to_image(model, [Control(net, hint, params.scale)], [case.target_prompt], cfg,
                                   progress=False)
-    return MethodOutput(decode_latents(model, latents)[0].cpu(), hint_edges=edges, canny=thresholds,
+    return MethodOutput(decode_latents(model, latents)[0].cpu(), hint_edges=edges, canny_config=detector,
                         hint_mask=case.source_object_mask if edges is None else None)
 
 
