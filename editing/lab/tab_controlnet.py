@@ -42,7 +42,8 @@ def arguments(control: str | Path | None = None, hint_source: str = "detect", im
         args += ["--detect", "canny", "--image", upload(uploads, "image.png", image, DEFAULT_SCENE),
                  "--canny-low", number(canny_low), "--canny-high", number(canny_high)]
     args += ["--prompt", prompt] + (["--guess-mode"] if guess_mode else [])
-    args += ["--steps", number(steps), "--guidance", number(guidance), "--seed", number(seed), "--out", "controlnet.png"]
+    args += ["--steps", number(steps), "--guidance", number(guidance), "--seed", number(seed),
+             "--out", "controlnet.png"]
     return COMMAND, args, uploads
 
 
@@ -108,6 +109,7 @@ def build(lab: LabContext) -> None:
             go = gr.Button("Generate", variant="primary")
         with gr.Column():
             hint_preview = gr.Image(label="hint preview (the command's detector)", type="pil", interactive=False,
+                                    format="png", height=160,
                                     value=canny_preview(lab)[0])
             message = gr.Textbox(label="message", interactive=False, max_lines=1)
             result = gr.Image(label="result (the command's PNG)", type="filepath", interactive=False)
@@ -120,7 +122,8 @@ def build(lab: LabContext) -> None:
         return canny_preview(lab, image, low, high)
 
     for knob in (hint_source, image, hint, canny_low, canny_high):
-        knob.change(preview, [hint_source, image, hint, canny_low, canny_high], [hint_preview, message])
+        knob.change(preview, [hint_source, image, hint, canny_low, canny_high], [hint_preview, message],
+                    api_visibility="private")
 
     def run(control, source, image, hint, low, high, scale, guess_mode, prompt, steps, guidance, seed,
             progress=gr.Progress(track_tqdm=True)):
@@ -131,4 +134,4 @@ def build(lab: LabContext) -> None:
         return shown.message, paths[0] if paths else None, shown.command_line, paths or None
 
     go.click(run, [control, hint_source, image, hint, canny_low, canny_high, scale, guess_mode, prompt, steps,
-                   guidance, seed], [message, result, command_line, files])
+                   guidance, seed], [message, result, command_line, files], api_name="controlnet")

@@ -49,7 +49,7 @@ def build(lab: LabContext) -> None:
         with gr.Column():
             image = gr.File(label="input image (default: a toy scene)", file_types=["image"], type="filepath",
                             value=str(toy_scene_file(lab.folder, DEFAULT_SCENE)))
-            preview = gr.Image(label="input", type="filepath", interactive=False,
+            preview = gr.Image(label="input", type="filepath", interactive=False, height=160,
                                value=str(toy_scene_file(lab.folder, DEFAULT_SCENE)))
             instruction = gr.Textbox(label="instruction", value="make the square green")
             with gr.Row():
@@ -71,7 +71,7 @@ def build(lab: LabContext) -> None:
             command_line = gr.Code(label="command line (run it in a folder holding image.png)", language="shell")
             files = gr.File(label="PNGs (they carry their parameters)", file_count="multiple", interactive=False)
 
-    image.change(readable_image, image, preview)
+    image.change(readable_image, image, preview, api_visibility="private")
 
     def run(image, instruction, text_guidance, image_guidance, steps, scheduler, seed, grid, grid_text,
             grid_image, progress=gr.Progress(track_tqdm=True)):
@@ -82,4 +82,4 @@ def build(lab: LabContext) -> None:
         return (shown.message, paths[0] if paths else None, paths[1:], shown.command_line, paths or None)
 
     go.click(run, [image, instruction, text_guidance, image_guidance, steps, scheduler, seed, grid, grid_text,
-                   grid_image], [message, result, cells, command_line, files])
+                   grid_image], [message, result, cells, command_line, files], api_name="ip2p")

@@ -146,7 +146,7 @@ def diagram(lab: LabContext, scale: float = 1.0, selection: str = ALL_LAYERS, bl
     except ValueError as err:
         scales, note = {}, user_error_message(COMMAND, err)
     levels = len(config.unet.channel_mult)
-    box_w, box_h, gap = 230, 58, 14
+    box_w, box_h, gap = 230, 64, 14
     width, height = 2 * box_w + 3 * gap + 60, (levels + 1) * (box_h + gap) + 40
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              'font-family="sans-serif" font-size="12">']
@@ -170,7 +170,8 @@ def diagram(lab: LabContext, scale: float = 1.0, selection: str = ALL_LAYERS, bl
             ax = x + 6 + k * slot
             parts.append(f'<rect x="{ax}" y="{y + 22}" width="{slot - 4}" height="{box_h - 28}" rx="4" '
                          f'fill="{fill}" stroke="#333"><title>{html.escape(attention)}</title></rect>')
-            parts.append(f'<text x="{ax + 4}" y="{y + 38}">{html.escape(attention.rsplit(".", 2)[-2] + "." + attention.rsplit(".", 1)[-1])}</text>')
+            short = ".".join(attention.split(".")[-2:])  # attentions.0
+            parts.append(f'<text x="{ax + 4}" y="{y + 38}">{html.escape(short)}</text>')
             parts.append(f'<text x="{ax + 4}" y="{y + 52}">λ = {value:g}</text>')
     parts.append(f'<text x="{gap}" y="{height - 10}" fill="#b00">{html.escape(note)}</text>')
     parts.append("</svg>")
@@ -187,7 +188,8 @@ def build(lab: LabContext) -> None:
         with gr.Column():
             style_image = gr.File(label="style image (default: a toy scene)", file_types=["image"],
                                   type="filepath", value=default_image)
-            preview = gr.Image(label="style image", type="filepath", interactive=False, value=default_image)
+            preview = gr.Image(label="style image", type="filepath", interactive=False, value=default_image,
+                               height=160)
             prompt = gr.Textbox(label="prompt (empty: the image prompt alone)", value="")
             scale = gr.Slider(0, 3, value=1.0, step=0.05, label="λ (image-branch scale)")
             selection = gr.Radio([ALL_LAYERS, *preset_names(lab), CHOSEN_BLOCKS], value=ALL_LAYERS,
@@ -206,9 +208,10 @@ def build(lab: LabContext) -> None:
             command_line = gr.Code(label="command line (run it in a folder holding style-image.png)", language="shell")
             files = gr.File(label="PNG (it carries its parameters)", file_count="multiple", interactive=False)
 
-    style_image.change(readable_image, style_image, preview)
+    style_image.change(readable_image, style_image, preview, api_visibility="private")
     for knob in (scale, selection, blocks):
-        knob.change(lambda s, sel, b: diagram(lab, s, sel, b), [scale, selection, blocks], picture)
+        knob.change(lambda s, sel, b: diagram(lab, s, sel, b), [scale, selection, blocks], picture,
+                    api_visibility="private")
 
     def run(style_image, prompt, scale, selection, blocks, steps, guidance, seed,
             progress=gr.Progress(track_tqdm=True)):
@@ -218,4 +221,4 @@ def build(lab: LabContext) -> None:
         return shown.message, paths[0] if paths else None, shown.command_line, paths or None
 
     go.click(run, [style_image, prompt, scale, selection, blocks, steps, guidance, seed],
-             [message, result, command_line, files])
+             [message, result, command_line, files], api_name="style")

@@ -107,8 +107,10 @@ def build(lab: LabContext) -> None:
                 before = gr.File(label="before", file_types=["image"], type="filepath", value=files["before"])
                 after = gr.File(label="after", file_types=["image"], type="filepath", value=files["after"])
             with gr.Row():
-                before_preview = gr.Image(label="before", type="filepath", interactive=False, value=files["before"])
-                after_preview = gr.Image(label="after", type="filepath", interactive=False, value=files["after"])
+                before_preview = gr.Image(label="before", type="filepath", interactive=False, height=160,
+                                          value=files["before"])
+                after_preview = gr.Image(label="after", type="filepath", interactive=False, height=160,
+                                         value=files["after"])
             init = gr.Textbox(label="instruction to start from", value="make the shape")
             with gr.Row():
                 steps = gr.Slider(1, 1000, value=40, step=1, label="learning steps")
@@ -117,7 +119,8 @@ def build(lab: LabContext) -> None:
                 seed = gr.Number(value=0, precision=0, label="seed")
             image = gr.File(label="new image to apply it to", file_types=["image"], type="filepath",
                             value=files["image"])
-            image_preview = gr.Image(label="new image", type="filepath", interactive=False, value=files["image"])
+            image_preview = gr.Image(label="new image", type="filepath", interactive=False, height=160,
+                                      value=files["image"])
             with gr.Row():
                 text_guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="s_T")
                 image_guidance = gr.Slider(0, 5, value=1.5, step=0.1, label="s_I")
@@ -135,7 +138,7 @@ def build(lab: LabContext) -> None:
             downloads = gr.File(label="instruction and PNG", file_count="multiple", interactive=False)
 
     for box, shown_box in ((before, before_preview), (after, after_preview), (image, image_preview)):
-        box.change(readable_image, box, shown_box)
+        box.change(readable_image, box, shown_box, api_visibility="private")
 
     def run(before, after, image, init, steps, lr, clip_weight, seed, text_guidance, image_guidance, apply_steps,
             progress=gr.Progress(track_tqdm=True)):
@@ -148,4 +151,4 @@ def build(lab: LabContext) -> None:
                 paths[0] if paths else None, shown.command_line, kept + paths or None)
 
     go.click(run, [before, after, image, init, steps, lr, clip_weight, seed, text_guidance, image_guidance,
-                   apply_steps], [message, learned, curve, result, command_line, downloads])
+                   apply_steps], [message, learned, curve, result, command_line, downloads], api_name="visii")
