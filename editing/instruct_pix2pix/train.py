@@ -39,7 +39,7 @@ from torch import nn
 from controls.image_condition import check_ip2p_model
 from ldm.model import StableDiffusion
 from ldm.schedulers import NoiseSchedule, q_sample, training_target
-from ldm.stream import StreamLoader
+from ldm.stream import StreamLoader, run_streaming
 from ldm.training import LossFn, Part, TrainConfig, Trainer, data_parallel, enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,6 @@ def train_ip2p(model: StableDiffusion, dataset, train: TrainConfig, cfg: IP2PTra
     loss_fn = ip2p_loss(model, loader, cfg, data_parallel(model.unet))  # DDP averages the gradients
     # the Trainer keeps the plain UNet, so checkpoints do not depend on the number of processes
     trainer = Trainer(model.unet, loss_fn, train, checkpoint, "InstructPix2Pix UNet", options)
-    try:
-        losses = trainer.run(resume=resume, progress=progress, force=force)
-    finally:
-        loader.close()
-    if loader.skipped:
-        log.warning("%d corrupt pairs were skipped (replaced by the next ones): %s", len(loader.skipped),
-                    "; ".join(loader.skipped[:5]))
+    losses = run_streaming(trainer, loader, "pairs", resume=resume, progress=progress, force=force)
     trainer.final_model()
     return model.eval(), losses
