@@ -1,23 +1,21 @@
-"""What the InstructPix2Pix, ControlNet, Style and Visii tabs share: toy-world default inputs, uploads, numbers on
-the command line, and what a tab shows of a finished command.
+"""The inputs of the InstructPix2Pix, ControlNet, Style and Visii tabs: toy-world defaults and uploads.
 
 An upload is passed to the command as a file copied into the run's folder under a fixed name (``image.png``), so
 the command line a tab shows names it by that relative path and runs as shown in a folder holding the same file.
+With no upload, the tab uses a scene of the toy world (ldm/toy/shapes.py), the kind of picture the toy models know.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from ldm.toy import ShapeSpec, render
 
-from .runner import CommandResult
+from . import ui
 
-# The default inputs: scenes of the toy world (ldm/toy/shapes.py), the ones the README's toy results use
-TOY_SCENES = {
+TOY_SCENES = {  # the README's toy examples
     "blue square": ShapeSpec("square", "blue", "white", size=0.42),
     "red circle": ShapeSpec("circle", "red", "white", size=0.42),
     "green circle": ShapeSpec("circle", "green", "white", size=0.42),
@@ -31,7 +29,7 @@ def toy_scene(name: str) -> Image.Image:
 
 
 def toy_scene_file(folder: Path, name: str) -> Path:
-    """``toy_scene(name)`` saved as a PNG in ``folder`` (a default value for an upload box)."""
+    """``toy_scene(name)`` saved as a PNG in ``folder`` (the default value of an upload box)."""
     path = Path(folder) / "defaults" / f"{name.replace(' ', '-')}.png"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,17 +37,15 @@ def toy_scene_file(folder: Path, name: str) -> Path:
     return path
 
 
-def upload(uploads: dict, name: str, given, default_scene: str) -> str:
+def upload(uploads: dict, stem: str, given, default_scene: str) -> str:
     """Add the file ``given`` (a path from an upload box; None: the toy scene ``default_scene``) to ``uploads``
-    under ``name`` and return ``name``, the path the command line gives for it."""
-    uploads[name] = toy_scene(default_scene) if given in (None, "") else Path(given)
+    and return the name the command line gives it (``stem`` with the upload's extension)."""
+    if given in (None, ""):
+        name, uploads[f"{stem}.png"] = f"{stem}.png", toy_scene(default_scene)
+        return name
+    name = ui.upload_name(given, stem)
+    uploads[name] = Path(given)
     return name
-
-
-def number(value) -> str:
-    """A knob's value as the command line writes it: ints as ints, floats in their shortest exact form."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def readable_image(path) -> str | None:
@@ -64,19 +60,12 @@ def readable_image(path) -> str | None:
         return None
 
 
-@dataclass
-class Shown:
-    """What a tab shows after a run: the PNGs the command wrote, its command line and its one-line message."""
+def upload_box(label: str, default: Path) -> tuple:
+    """An upload box (any file: an unreadable one reaches the command, which names the problem) and a preview."""
+    import gradio as gr
 
-    images: list[Path] = field(default_factory=list)
-    command_line: str = ""
-    message: str = ""  # the CLI's one-line error, or "" when the command ran
-    folder: Path | None = None  # where the command ran (its uploads and outputs)
-
-    @classmethod
-    def of(cls, result: CommandResult) -> "Shown":
-        return cls(list(result.outputs), result.command_line, result.error or "", result.folder)
-
-    @property
-    def ok(self) -> bool:
-        return not self.message
+    box = gr.File(label=label, file_types=["image"], type="filepath", value=str(default))
+    preview = gr.Image(str(default), label=label, type="filepath", format="png", interactive=False, height=128,
+                       elem_classes=["editlab-pixels"])  # the app's CSS enlarges it with square pixels
+    box.change(readable_image, box, preview, api_visibility="private")
+    return box, preview

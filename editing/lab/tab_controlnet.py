@@ -1,4 +1,4 @@
-"""The ControlNet tab: a hint (uploaded, or Canny edges detected from a photo and previewed), its strength, guess mode.
+"""The ControlNet tab: a hint (uploaded, or Canny edges detected in a photo and previewed), its strength, guess mode.
 
 ControlNet (docs/methods.md §7) adds a trainable copy of the UNet's encoder that reads the hint and feeds
 zero-initialised residuals into the locked UNet; ``scale`` multiplies those residuals, and guess mode drops the
@@ -14,12 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cli import user_error_message
+from . import ui
 from .context import LabContext
-from .inputs import Shown, number, readable_image, toy_scene_file, upload
+from .inputs import readable_image, toy_scene_file, upload, upload_box
 
 TITLE = "ControlNet"
-COMMAND = "controlnet"
 DEFAULT_SCENE = "blue square"
+OUT = "controlnet.png"
 NO_CONTROLNET = ("give a ControlNet file: none is bundled with the toy model (convert a released one with editlab "
                  "convert, or train one for the toy model with editlab train-controlnet)")
 
@@ -33,22 +34,31 @@ def arguments(control: str | Path | None = None, hint_source: str = "detect", im
     if control in (None, ""):
         raise ValueError(NO_CONTROLNET)
     uploads: dict = {}
-    args = ["--control", f"{Path(control).resolve()}:{number(scale)}"]
+    args = ["--control", f"{Path(control).resolve()}:{ui.number(scale)}"]
     if hint_source == "upload":
         if hint in (None, ""):
-            raise ValueError("upload a hint image (e.g. white edges on black), or detect one from a photo")
-        args += ["--hint", upload(uploads, "hint.png", hint, DEFAULT_SCENE)]
+            raise ValueError("upload a hint image (e.g. white edges on black), or detect one in a photo")
+        args += ["--hint", upload(uploads, "hint", hint, DEFAULT_SCENE)]
     else:
-        args += ["--detect", "canny", "--image", upload(uploads, "image.png", image, DEFAULT_SCENE),
-                 "--canny-low", number(canny_low), "--canny-high", number(canny_high)]
+        args += ["--detect", "canny", "--image", upload(uploads, "image", image, DEFAULT_SCENE),
+                 "--canny-low", ui.number(canny_low), "--canny-high", ui.number(canny_high)]
     args += ["--prompt", prompt] + (["--guess-mode"] if guess_mode else [])
-    args += ["--steps", number(steps), "--guidance", number(guidance), "--seed", number(seed),
-             "--out", "controlnet.png"]
-    return COMMAND, args, uploads
+    args += ["--steps", ui.number(steps), "--guidance", ui.number(guidance), "--seed", ui.number(seed), "--out", OUT]
+    return "controlnet", args, uploads
+
+
+def handle(lab: LabContext, **knobs) -> dict:
+    try:
+        command, args, uploads = arguments(**knobs)
+    except ValueError as err:
+        return {"message": user_error_message("controlnet", err), "image": None, "files": None, "folder": None,
+                "command_line": ""}
+    result = lab.run(command, args, uploads)
+    return {"image": ui.output(result, OUT), "folder": str(result.folder), **ui.result_values(result)}
 
 
 def canny_preview(lab: LabContext, image=None, canny_low: float = 100.0, canny_high: float = 200.0):
-    """(the hint the command will detect as a PIL image, "") or (None, the one-line reason there is none)."""
+    """(the hint the command will detect, as a PIL image, "") or (None, the one line the command would print)."""
     from controls import CannyConfig
     from ldm.images import to_pil
 
@@ -64,74 +74,52 @@ def canny_preview(lab: LabContext, image=None, canny_low: float = 100.0, canny_h
         path = Path(image) if image not in (None, "") else toy_scene_file(lab.folder, DEFAULT_SCENE)
         hint = detect_canny(path, CannyConfig(float(canny_low), float(canny_high)), native_side(config))
     except Exception as err:  # what the command would say about these inputs, as one line
-        message = user_error_message(COMMAND, err)
+        message = user_error_message("controlnet", err)
         if message is None:
             raise
         return None, message
     return to_pil(hint[0]), ""
 
 
-def show(lab: LabContext, **knobs) -> Shown:
-    try:
-        command, args, uploads = arguments(**knobs)
-    except ValueError as err:
-        return Shown(message=user_error_message(COMMAND, err))
-    return Shown.of(lab.run(command, args, uploads))
-
-
 def build(lab: LabContext) -> None:
     import gradio as gr
 
-    default_image = str(toy_scene_file(lab.folder, DEFAULT_SCENE))
     gr.Markdown("Generate an image that follows a spatial hint. **No ControlNet is bundled with the toy model**: "
                 "give the path of a ControlNet file for the model in use (`editlab convert` a released one, or "
                 "`editlab train-controlnet`).")
     with gr.Row():
         with gr.Column():
-            control = gr.Textbox(label="ControlNet file (path)", value=str(getattr(lab, "controlnet", "") or ""),
-                                 placeholder="e.g. /models/control_canny.safetensors")
-            hint_source = gr.Radio([("detect Canny edges in a photo", "detect"), ("upload a hint", "upload")],
-                                   value="detect", label="hint")
-            image = gr.File(label="photo (default: a toy scene)", file_types=["image"], type="filepath",
-                            value=default_image)
-            with gr.Row():
-                canny_low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")
-                canny_high = gr.Slider(0, 255, value=200, step=1, label="Canny high threshold")
-            hint = gr.File(label="hint image (white edges on black)", file_types=["image"], type="filepath")
-            prompt = gr.Textbox(label="prompt", value="a blue square on a white background")
-            with gr.Row():
-                scale = gr.Slider(0, 2, value=1.0, step=0.05, label="control scale")
-                guess_mode = gr.Checkbox(label="guess mode", value=False)
-            with gr.Row():
-                steps = gr.Slider(1, 100, value=20, step=1, label="steps")
-                guidance = gr.Slider(0, 15, value=9.0, step=0.5, label="guidance")
-                seed = gr.Number(value=0, precision=0, label="seed")
-            go = gr.Button("Generate", variant="primary")
+            image, _ = upload_box("photo to detect edges in (default: a toy scene)",
+                                  toy_scene_file(lab.folder, DEFAULT_SCENE))
+            knobs = {
+                "control": gr.Textbox(label="ControlNet file (path)", value=str(getattr(lab, "controlnet", "") or ""),
+                                      placeholder="e.g. /models/control_canny.safetensors"),
+                "hint_source": gr.Radio([("detect Canny edges in the photo", "detect"), ("upload a hint", "upload")],
+                                        value="detect", label="hint"),
+                "image": image,
+                "canny_low": gr.Slider(0, 1000, value=100, step=1, label="Canny low threshold"),
+                "canny_high": gr.Slider(0, 1000, value=200, step=1, label="Canny high threshold"),
+                "hint": gr.File(label="hint image (white edges on black)", file_types=["image"], type="filepath"),
+                "prompt": gr.Textbox(label="prompt", value="a blue square on a white background"),
+                "scale": gr.Slider(0, 2, value=1.0, step=0.05, label="control scale"),
+                "guess_mode": gr.Checkbox(label="guess mode", value=False),
+                "steps": gr.Slider(1, 100, value=20, step=1, label="steps"),
+                "guidance": gr.Slider(0, 15, value=9.0, step=0.5, label="guidance"),
+                "seed": gr.Number(value=0, precision=0, label="seed"),
+            }
+            run, stop = ui.run_buttons()
         with gr.Column():
-            hint_preview = gr.Image(label="hint preview (the command's detector)", type="pil", interactive=False,
-                                    format="png", height=160,
-                                    value=canny_preview(lab)[0])
-            message = gr.Textbox(label="message", interactive=False, max_lines=1)
-            result = gr.Image(label="result (the command's PNG)", type="filepath", interactive=False)
-            command_line = gr.Code(label="command line (run it in a folder holding the uploads)", language="shell")
-            files = gr.File(label="PNG (it carries its parameters)", file_count="multiple", interactive=False)
+            hint_preview = gr.Image(canny_preview(lab)[0], label="hint (the command's detector)", type="pil",
+                                    format="png", interactive=False, height=256, elem_classes=["editlab-pixels"])
+            shown = {"image": ui.image("generated")}
+            shown.update(ui.result_panel())
 
     def preview(source, image, hint, low, high):
         if source == "upload":
             return readable_image(hint), ""
         return canny_preview(lab, image, low, high)
 
-    for knob in (hint_source, image, hint, canny_low, canny_high):
-        knob.change(preview, [hint_source, image, hint, canny_low, canny_high], [hint_preview, message],
-                    api_visibility="private")
-
-    def run(control, source, image, hint, low, high, scale, guess_mode, prompt, steps, guidance, seed,
-            progress=gr.Progress(track_tqdm=True)):
-        shown = show(lab, control=control, hint_source=source, image=image, hint=hint, canny_low=low,
-                     canny_high=high, scale=scale, guess_mode=guess_mode, prompt=prompt, steps=steps,
-                     guidance=guidance, seed=seed)
-        paths = [str(p) for p in shown.images]
-        return shown.message, paths[0] if paths else None, shown.command_line, paths or None
-
-    go.click(run, [control, hint_source, image, hint, canny_low, canny_high, scale, guess_mode, prompt, steps,
-                   guidance, seed], [message, result, command_line, files], api_name="controlnet")
+    preview_inputs = [knobs[name] for name in ("hint_source", "image", "hint", "canny_low", "canny_high")]
+    for knob in preview_inputs:
+        knob.change(preview, preview_inputs, [hint_preview, shown["message"]], api_visibility="private")
+    ui.wire(lab, run, stop, handle, knobs, shown)

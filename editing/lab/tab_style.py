@@ -1,10 +1,11 @@
 """The Style tab: an IP-Adapter image prompt, its scale, and InstantStyle's choice of the blocks that read it.
 
-IP-Adapter (controls/ip_adapter.py) adds a second cross-attention to every text cross-attention layer, over tokens
-projected from the CLIP embedding of an image, scaled by λ. InstantStyle (editing/instant_style.py) keeps λ only in
-chosen blocks, the ones that carry style rather than layout. The diagram draws the UNet's blocks as the model's
-config builds them (the UNet is built on the meta device, no weights read) and colours the cross-attentions by the
-λ the command will give them: the scales come from the same functions ``editlab style`` calls.
+IP-Adapter (docs/methods.md §8) adds a second cross-attention to every text cross-attention layer, over tokens
+projected from the CLIP embedding of an image: Attn(Q, K_t, V_t) + λ·Attn(Q, K_i, V_i). InstantStyle
+(docs/methods.md §9) keeps λ only in chosen blocks, the ones that carry style rather than layout. The diagram draws
+the UNet's blocks as the model's config builds them (the UNet is built on the meta device, no weights read) and
+colours each cross-attention by the λ the command will give it: the scales come from the functions ``editlab style``
+calls.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cli import user_error_message
+from . import ui
 from .context import LabContext
-from .inputs import Shown, number, readable_image, toy_scene_file, upload
+from .inputs import toy_scene_file, upload, upload_box
 
 TITLE = "Style"
-COMMAND = "style"
 DEFAULT_SCENE = "green square"
+OUT = "style.png"
 ALL_LAYERS = "all layers"
 CHOSEN_BLOCKS = "chosen blocks"
 
@@ -29,27 +32,27 @@ def arguments(style_image=None, prompt: str = "", scale: float = 1.0, selection:
     """The ``editlab style`` line: (command, arguments, uploads). ``selection``: ``ALL_LAYERS`` (λ everywhere),
     an InstantStyle preset name (λ in its blocks) or ``CHOSEN_BLOCKS`` (λ in ``blocks``, diffusers names)."""
     uploads: dict = {}
-    args = ["--style-image", upload(uploads, "style-image.png", style_image, DEFAULT_SCENE), "--prompt", prompt,
-            "--scale", number(scale)]
+    args = ["--style-image", upload(uploads, "style-image", style_image, DEFAULT_SCENE), "--prompt", prompt,
+            "--scale", ui.number(scale)]
     if selection == CHOSEN_BLOCKS:
         if not blocks:
             raise ValueError("choose at least one block, or select all layers or a preset")
         for block in blocks:
-            args += ["--block", f"{block}={number(scale)}"]
+            args += ["--block", f"{block}={ui.number(scale)}"]
     elif selection != ALL_LAYERS:
         args += ["--preset", selection]
-    args += ["--steps", number(steps), "--guidance", number(guidance), "--seed", number(seed), "--out", "style.png"]
-    return COMMAND, args, uploads
+    args += ["--steps", ui.number(steps), "--guidance", ui.number(guidance), "--seed", ui.number(seed), "--out", OUT]
+    return "style", args, uploads
 
 
-def show(lab: LabContext, **knobs) -> Shown:
-    from ..cli import user_error_message
-
+def handle(lab: LabContext, **knobs) -> dict:
     try:
         command, args, uploads = arguments(**knobs)
     except ValueError as err:
-        return Shown(message=user_error_message(COMMAND, err))
-    return Shown.of(lab.run(command, args, uploads))
+        return {"message": user_error_message("style", err), "image": None, "files": None, "folder": None,
+                "command_line": ""}
+    result = lab.run(command, args, uploads)
+    return {"image": ui.output(result, OUT), "folder": str(result.folder), **ui.result_values(result)}
 
 
 # ---------------------------------------------------------------------------------------- the UNet's blocks
@@ -137,14 +140,12 @@ def diagram(lab: LabContext, scale: float = 1.0, selection: str = ALL_LAYERS, bl
     """An SVG of the UNet's blocks (down the left, the middle at the bottom, up the right); each cross-attention
     is a box coloured and labelled by its λ, blocks without attention are plain. An unknown block or a preset
     whose blocks this model lacks is written under it, as the command says it."""
-    from ..cli import user_error_message
-
     unet, config = model_unet(lab)
     layout = unet_blocks(unet, config)
     try:
         scales, note = layer_scales(lab, scale, selection, blocks), ""
     except ValueError as err:
-        scales, note = {}, user_error_message(COMMAND, err)
+        scales, note = {}, user_error_message("style", err)
     levels = len(config.unet.channel_mult)
     box_w, box_h, gap = 230, 64, 14
     width, height = 2 * box_w + 3 * gap + 60, (levels + 1) * (box_h + gap) + 40
@@ -181,44 +182,30 @@ def diagram(lab: LabContext, scale: float = 1.0, selection: str = ALL_LAYERS, bl
 def build(lab: LabContext) -> None:
     import gradio as gr
 
-    default_image = str(toy_scene_file(lab.folder, DEFAULT_SCENE))
     gr.Markdown("Prompt with an image (IP-Adapter). λ scales the image branch; InstantStyle keeps it only in "
-                "chosen blocks (highlighted in the diagram with the λ each cross-attention gets).")
+                "chosen blocks (in the diagram, each cross-attention with the λ it gets).")
     with gr.Row():
         with gr.Column():
-            style_image = gr.File(label="style image (default: a toy scene)", file_types=["image"],
-                                  type="filepath", value=default_image)
-            preview = gr.Image(label="style image", type="filepath", interactive=False, value=default_image,
-                               height=160)
-            prompt = gr.Textbox(label="prompt (empty: the image prompt alone)", value="")
-            scale = gr.Slider(0, 3, value=1.0, step=0.05, label="λ (image-branch scale)")
-            selection = gr.Radio([ALL_LAYERS, *preset_names(lab), CHOSEN_BLOCKS], value=ALL_LAYERS,
-                                 label="where the image branch runs (InstantStyle presets or chosen blocks)")
-            blocks = gr.CheckboxGroup(block_choices(lab), label="chosen blocks (diffusers names, from the "
-                                                                "model's config)")
-            with gr.Row():
-                steps = gr.Slider(1, 100, value=20, step=1, label="steps")
-                guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="guidance")
-                seed = gr.Number(value=0, precision=0, label="seed")
-            go = gr.Button("Generate", variant="primary")
+            image, _ = upload_box("style image (default: a toy scene)", toy_scene_file(lab.folder, DEFAULT_SCENE))
+            knobs = {
+                "style_image": image,
+                "prompt": gr.Textbox(label="prompt (empty: the image prompt alone)", value=""),
+                "scale": gr.Slider(0, 3, value=1.0, step=0.05, label="λ (image-branch scale)"),
+                "selection": gr.Radio([ALL_LAYERS, *preset_names(lab), CHOSEN_BLOCKS], value=ALL_LAYERS,
+                                      label="where the image branch runs (InstantStyle presets or chosen blocks)"),
+                "blocks": gr.CheckboxGroup(block_choices(lab),
+                                           label="chosen blocks (diffusers names, from the model's config)"),
+                "steps": gr.Slider(1, 100, value=20, step=1, label="steps"),
+                "guidance": gr.Slider(0, 15, value=5.0, step=0.5, label="guidance"),
+                "seed": gr.Number(value=0, precision=0, label="seed"),
+            }
+            run, stop = ui.run_buttons()
         with gr.Column():
             picture = gr.HTML(diagram(lab), label="the UNet's blocks")
-            message = gr.Textbox(label="message", interactive=False, max_lines=1)
-            result = gr.Image(label="result (the command's PNG)", type="filepath", interactive=False)
-            command_line = gr.Code(label="command line (run it in a folder holding style-image.png)", language="shell")
-            files = gr.File(label="PNG (it carries its parameters)", file_count="multiple", interactive=False)
+            shown = {"image": ui.image("generated")}
+            shown.update(ui.result_panel())
 
-    style_image.change(readable_image, style_image, preview, api_visibility="private")
-    for knob in (scale, selection, blocks):
-        knob.change(lambda s, sel, b: diagram(lab, s, sel, b), [scale, selection, blocks], picture,
-                    api_visibility="private")
-
-    def run(style_image, prompt, scale, selection, blocks, steps, guidance, seed,
-            progress=gr.Progress(track_tqdm=True)):
-        shown = show(lab, style_image=style_image, prompt=prompt, scale=scale, selection=selection, blocks=blocks,
-                     steps=steps, guidance=guidance, seed=seed)
-        paths = [str(p) for p in shown.images]
-        return shown.message, paths[0] if paths else None, shown.command_line, paths or None
-
-    go.click(run, [style_image, prompt, scale, selection, blocks, steps, guidance, seed],
-             [message, result, command_line, files], api_name="style")
+    selection = [knobs["scale"], knobs["selection"], knobs["blocks"]]
+    for knob in selection:
+        knob.change(lambda s, sel, b: diagram(lab, s, sel, b), selection, picture, api_visibility="private")
+    ui.wire(lab, run, stop, handle, knobs, shown)
