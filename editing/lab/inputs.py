@@ -13,7 +13,10 @@ from PIL import Image
 
 from ldm.toy import ShapeSpec, render
 
+from ..cli import user_error_message
 from . import ui
+from .context import LabContext
+from .runner import CommandResult
 
 TOY_SCENES = {  # the README's toy examples
     "blue square": ShapeSpec("square", "blue", "white", size=0.42),
@@ -69,3 +72,17 @@ def upload_box(label: str, default: Path) -> tuple:
                        elem_classes=["editlab-pixels"])  # the app's CSS enlarges it with square pixels
     box.change(readable_image, box, preview, api_visibility="private")
     return box, preview
+
+
+def run_knobs(lab: LabContext, command: str, arguments, knobs: dict, *outs: str) -> tuple[CommandResult | None, dict]:
+    """Run ``arguments(**knobs)``; (the result, the values a tab shows: "image" = the first of ``outs`` the
+    command wrote, its folder, the result panel's). Knobs that make no command line (``arguments`` raises
+    ValueError: no ControlNet file, no block chosen) show the reason as the command line prints its errors."""
+    try:
+        command, args, uploads = arguments(**knobs)
+    except ValueError as err:
+        return None, {"image": None, "folder": None, "command_line": "", "files": None,
+                      "message": user_error_message(command, err)}
+    result = lab.run(command, args, uploads)
+    image = next((path for path in (ui.output(result, out) for out in outs) if path), None)
+    return result, {"image": image, "folder": str(result.folder), **ui.result_values(result)}

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..cli import user_error_message
 from . import ui
 from .context import LabContext
-from .inputs import readable_image, toy_scene_file, upload, upload_box
+from .inputs import run_knobs, readable_image, toy_scene_file, upload, upload_box
 
 TITLE = "ControlNet"
 DEFAULT_SCENE = "blue square"
@@ -48,13 +48,7 @@ def arguments(control: str | Path | None = None, hint_source: str = "detect", im
 
 
 def handle(lab: LabContext, **knobs) -> dict:
-    try:
-        command, args, uploads = arguments(**knobs)
-    except ValueError as err:
-        return {"message": user_error_message("controlnet", err), "image": None, "files": None, "folder": None,
-                "command_line": ""}
-    result = lab.run(command, args, uploads)
-    return {"image": ui.output(result, OUT), "folder": str(result.folder), **ui.result_values(result)}
+    return run_knobs(lab, "controlnet", arguments, knobs, OUT)[1]
 
 
 def canny_preview(lab: LabContext, image=None, canny_low: float = 100.0, canny_high: float = 200.0):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import ui
 from .context import LabContext
-from .inputs import toy_scene_file, upload, upload_box
+from .inputs import run_knobs, toy_scene_file, upload, upload_box
 
 TITLE = "InstructPix2Pix"
 DEFAULT_SCENE = "blue square"
@@ -39,10 +39,8 @@ def arguments(image=None, instruction: str = "make the square green", text_guida
 
 def handle(lab: LabContext, **knobs) -> dict:
     """Run the command; what the page shows, by name (in grid mode: the grid, then each cell)."""
-    result = lab.run(*arguments(**knobs))
-    main = ui.output(result, GRID_OUT) or ui.output(result, EDIT_OUT)
-    cells = [str(path) for path in result.outputs if str(path) != main]
-    return {"image": main, "cells": cells, "folder": str(result.folder), **ui.result_values(result)}
+    result, shown = run_knobs(lab, "ip2p", arguments, knobs, GRID_OUT, EDIT_OUT)
+    return {**shown, "cells": [str(path) for path in result.outputs if str(path) != shown["image"]]}
 
 
 def build(lab: LabContext) -> None:

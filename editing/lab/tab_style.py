@@ -18,7 +18,7 @@ from pathlib import Path
 from ..cli import user_error_message
 from . import ui
 from .context import LabContext
-from .inputs import toy_scene_file, upload, upload_box
+from .inputs import run_knobs, toy_scene_file, upload, upload_box
 
 TITLE = "Style"
 DEFAULT_SCENE = "green square"
@@ -46,13 +46,7 @@ def arguments(style_image=None, prompt: str = "", scale: float = 1.0, selection:
 
 
 def handle(lab: LabContext, **knobs) -> dict:
-    try:
-        command, args, uploads = arguments(**knobs)
-    except ValueError as err:
-        return {"message": user_error_message("style", err), "image": None, "files": None, "folder": None,
-                "command_line": ""}
-    result = lab.run(command, args, uploads)
-    return {"image": ui.output(result, OUT), "folder": str(result.folder), **ui.result_values(result)}
+    return run_knobs(lab, "style", arguments, knobs, OUT)[1]
 
 
 # ---------------------------------------------------------------------------------------- the UNet's blocks
