@@ -14,6 +14,7 @@ parameters in the file, and the command line beside it writes the same bytes.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -97,12 +98,19 @@ def wire(lab: LabContext, run: gr.Button, stop: gr.Button, handle: Callable[...,
     """
     names, shown = list(inputs), list(outputs)
 
-    def on_run(*values, progress=gr.Progress(track_tqdm=True)):
-        progress(0, desc="starting")
-        values_by_name = handle(lab, **dict(zip(names, values)))
-        if values_by_name.get("message", "").startswith("editlab") and ": error:" in values_by_name["message"]:
+    def on_run(*values):
+        *knobs, _ = values  # the last: Gradio's progress tracker, where the signature below names it
+        values_by_name = handle(lab, **dict(zip(names, knobs)))
+        if ": error: " in values_by_name.get("message", ""):
             gr.Warning(values_by_name["message"])
         return [values_by_name.get(name) for name in shown]
+
+    # Gradio reads the signature: one parameter per input, then the progress tracker (following the command's
+    # tqdm bars); a plain ``*values`` would hide the tracker from it
+    parameter = inspect.Parameter
+    on_run.__signature__ = inspect.Signature(
+        [parameter(name, parameter.POSITIONAL_OR_KEYWORD) for name in names]
+        + [parameter("progress", parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress(track_tqdm=True))])
 
     event = run.click(on_run, list(inputs.values()), list(outputs.values()), concurrency_id="editlab",
                       concurrency_limit=1)
