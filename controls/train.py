@@ -48,7 +48,8 @@ from PIL import Image
 
 from ldm.images import load_image
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, q_sample, training_target
+from ldm.pipeline import noise_schedule_of
+from ldm.schedulers import q_sample, training_target
 from ldm.shards import index_shards, list_shards
 from ldm.stream import CorruptSample, StreamLoader, decode_sample, run_streaming
 from ldm.training import LossFn, Part, TrainConfig, Trainer, data_parallel, enable_gradient_checkpointing
@@ -253,7 +254,7 @@ def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, loader: StreamLo
                     cfg: ControlTrainConfig) -> LossFn:
     """The per-step loss (module docstring) on the step's streamed triples (``loader``: ldm.stream). Every
     draw is of the global batch, then sliced to this part's rows."""
-    alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
+    alphas_cumprod = noise_schedule_of(model).alphas_cumprod.to(model.device)
     device = model.device
     with torch.no_grad():
         null_context = model.encode_prompt([""])
