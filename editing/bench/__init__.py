@@ -22,6 +22,10 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def min(self) -> float:
+        return min(self.seconds)
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
