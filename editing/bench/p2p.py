@@ -97,11 +97,11 @@ def cpu_memory_lines(preset: str, size: int, steps: int, dtype: torch.dtype) -> 
 
 
 class CallTimer:
-    """Wall seconds of every UNet call, per run: ``runs[k][i]`` is call i of the k-th timed run."""
+    """Wall and CPU seconds of every UNet call, per run: ``runs[k][i]`` is (wall, cpu) of call i of run k."""
 
     def __init__(self, unet: torch.nn.Module, device: torch.device):
-        self.runs: list[list[float]] = []
-        self.device, self._start = device, 0.0
+        self.runs: list[list[tuple[float, float]]] = []
+        self.device, self._start = device, (0.0, 0.0)
         unet.register_forward_pre_hook(lambda *_: self._begin())
         unet.register_forward_hook(lambda *_: self._end())
 
@@ -111,41 +111,52 @@ class CallTimer:
 
     def _begin(self):
         self._sync()
-        self._start = time.perf_counter()
+        self._start = (time.perf_counter(), time.process_time())
 
     def _end(self):
         self._sync()
         if self.runs:  # the warm-up runs are not timed
-            self.runs[-1].append(time.perf_counter() - self._start)
+            self.runs[-1].append((time.perf_counter() - self._start[0], time.process_time() - self._start[1]))
 
     def timed(self, name: str, fn: Callable[[], object]) -> Callable[[], object]:
         def run():
             self.runs.append([])
             result = fn()
-            print(f"  {name}: UNet calls " + " ".join(f"{s:.2f}" for s in self.runs[-1]) + " s",
-                  file=sys.stderr, flush=True)  # progress of a long run
+            print(f"  {name}: UNet calls (wall, cpu) " + " ".join(f"{w:.2f},{c:.2f}" for w, c in self.runs[-1])
+                  + " s", file=sys.stderr, flush=True)  # progress of a long run
             return result
         return run
 
 
-def _timing_lines(p2p: Timing, plain: Timing, steps: int) -> list[str]:
-    lines = [f"  {t.name:6s} median {t.median:.3f} s, min {t.min:.3f} s per run of {steps} steps "
-             f"({len(t.seconds)} runs: " + ", ".join(f"{s:.3f}" for s in t.seconds) + ")" for t in (p2p, plain)]
-    per_round = statistics.median(a / b for a, b in zip(p2p.seconds, plain.seconds))
-    lines.append(f"  time ratio p2p/plain: of medians {p2p.median / plain.median:.3f}, of minimums "
-                 f"{p2p.min / plain.min:.3f}, median of per-round ratios {per_round:.3f} "
-                 f"(targets: <= 1.05 on the CPU, <= 1.3 on a GPU)")
+def _timing_lines(p2p: Timing, plain: Timing, steps: int, cpu: bool) -> list[str]:
+    lines = []
+    for what, of in (("time", lambda t: t.seconds), ("CPU time", lambda t: t.cpu_seconds))[:1 + cpu]:
+        for t in (p2p, plain):
+            seconds = of(t)
+            lines.append(f"  {t.name:6s} {what} median {statistics.median(seconds):.3f} s, min {min(seconds):.3f} s "
+                         f"per run of {steps} steps ({len(seconds)} runs: " + ", ".join(f"{s:.3f}" for s in seconds) + ")")
+        a, b = of(p2p), of(plain)
+        per_round = statistics.median(x / y for x, y in zip(a, b))
+        lines.append(f"  {what} ratio p2p/plain: of medians {statistics.median(a) / statistics.median(b):.3f}, of "
+                     f"minimums {min(a) / min(b):.3f}, median of per-round ratios {per_round:.3f} "
+                     f"(targets: <= 1.05 on the CPU, <= 1.3 on a GPU)")
     return lines
 
 
-def _phase_lines(calls: dict[str, list[list[float]]], found: dict[str, list[int]], explicit, replaced) -> list[str]:
+def _phase_lines(calls: dict[str, list[list[tuple[float, float]]]], found: dict[str, list[int]], explicit, replaced,
+                 cpu: bool) -> list[str]:
     lines = []
     for phase, where in found.items():
-        per = {name: statistics.median(run[i] for run in runs for i in where) for name, runs in calls.items()}
+        per = {(name, k): statistics.median(run[i][k] for run in runs for i in where)
+               for name, runs in calls.items() for k in (0, 1)}
         layers = f"{len(explicit[where[0]])} layers explicit, {len(replaced[where[0]])} with self-attention replaced"
         span = f"step {where[0]}" if len(where) == 1 else f"steps {where[0]}-{where[-1]}"
-        lines.append(f"  {phase:13s} {span} ({layers}): UNet call median p2p {per['p2p']:.3f} s, "
-                     f"plain {per['plain']:.3f} s, ratio {per['p2p'] / per['plain']:.3f}")
+        line = (f"  {phase:13s} {span} ({layers}): UNet call median p2p {per['p2p', 0]:.3f} s, "
+                f"plain {per['plain', 0]:.3f} s, ratio {per['p2p', 0] / per['plain', 0]:.3f}")
+        if cpu:
+            line += (f"; CPU p2p {per['p2p', 1]:.3f} s, plain {per['plain', 1]:.3f} s, "
+                     f"ratio {per['p2p', 1] / per['plain', 1]:.3f}")
+        lines.append(line)
     return lines
 
 
@@ -175,8 +186,9 @@ def run(preset: str, size: int, steps: int, dtype: torch.dtype, device: torch.de
         kinds = {name.rsplit(".", 1)[-1] for step in explicit for name in step}
         lines.append(f"  explicit attention path: {sum(map(len, explicit)) / steps:.1f} layers per step on average, "
                      f"kinds {sorted(kinds)}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
-        lines += _timing_lines(timings["p2p"], timings["plain"], steps)
-        lines += _phase_lines(calls, found, explicit, replaced)
+        cpu = device.type == "cpu"  # the CPU time of a single-threaded run is what other jobs disturb least
+        lines += _timing_lines(timings["p2p"], timings["plain"], steps, cpu)
+        lines += _phase_lines(calls, found, explicit, replaced, cpu)
         for t in (timings["p2p"], timings["plain"]):
             if t.peak_bytes:
                 lines.append(f"  {t.name:6s} peak {t.peak_bytes / 2**20:.0f} MiB")
