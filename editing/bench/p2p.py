@@ -91,8 +91,8 @@ def cpu_memory_lines(preset: str, size: int, steps: int, dtype: torch.dtype) -> 
     lines = [f"  {p.name:6s} peak resident {p.peak_bytes / 2**20:.0f} MiB (weights included; "
              f"{p.working_bytes / 2**20:.0f} MiB above the built model)" for p in peaks.values()]
     p2p, plain = peaks["p2p"], peaks["plain"]
-    lines.append(f"  peak memory ratio p2p/plain = {p2p.peak_bytes / plain.peak_bytes:.3f} (target <= 1.05 on the CPU); "
-                 f"working memory ratio {p2p.working_bytes / max(1, plain.working_bytes):.3f}")
+    lines.append(f"  peak memory ratio p2p/plain = {p2p.peak_bytes / plain.peak_bytes:.3f} (target <= 1.05 on the CPU);"
+                 f" working memory ratio {p2p.working_bytes / max(1, plain.working_bytes):.3f}")
     return lines
 
 
@@ -134,7 +134,8 @@ def _timing_lines(p2p: Timing, plain: Timing, steps: int, cpu: bool) -> list[str
         for t in (p2p, plain):
             seconds = of(t)
             lines.append(f"  {t.name:6s} {what} median {statistics.median(seconds):.3f} s, min {min(seconds):.3f} s "
-                         f"per run of {steps} steps ({len(seconds)} runs: " + ", ".join(f"{s:.3f}" for s in seconds) + ")")
+                         f"per run of {steps} steps ({len(seconds)} runs: "
+                         + ", ".join(f"{s:.3f}" for s in seconds) + ")")
         a, b = of(p2p), of(plain)
         per_round = statistics.median(x / y for x, y in zip(a, b))
         lines.append(f"  {what} ratio p2p/plain: of medians {statistics.median(a) / statistics.median(b):.3f}, of "
@@ -193,7 +194,8 @@ def run(preset: str, size: int, steps: int, dtype: torch.dtype, device: torch.de
             if t.peak_bytes:
                 lines.append(f"  {t.name:6s} peak {t.peak_bytes / 2**20:.0f} MiB")
         if timings["p2p"].peak_bytes and timings["plain"].peak_bytes:
-            lines.append(f"  peak memory ratio p2p/plain = {timings['p2p'].peak_bytes / timings['plain'].peak_bytes:.3f}"
+            ratio = timings["p2p"].peak_bytes / timings["plain"].peak_bytes
+            lines.append(f"  peak memory ratio p2p/plain = {ratio:.3f}"
                          " (target <= 1.2 on a GPU)")
     if cpu_memory and device.type == "cpu":
         del model  # the fresh processes build their own
