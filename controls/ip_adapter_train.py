@@ -31,7 +31,7 @@ from ldm.attention import attached
 from ldm.clip_vision import preprocess
 from ldm.files import atomic_path, file_sha256
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule
+from ldm.pipeline import noise_schedule_of
 from ldm.toy.train import ToyRecipe, encode_pool, render_pool
 from ldm.training import Trainer, TrainConfig
 
@@ -85,7 +85,7 @@ def adapter_loss(model: StableDiffusion, adapter: IPAdapter, means: torch.Tensor
                  contexts: torch.Tensor, caption_ids: torch.Tensor, embeds: torch.Tensor, recipe: AdapterRecipe):
     """The step's loss (module docstring). ``contexts``: the frozen text encoder's states of every distinct
     caption [K, 77, C], row 0 being the empty caption; ``caption_ids`` [N] index it; ``embeds`` [N, D]."""
-    alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod
+    alphas_cumprod = noise_schedule_of(model).alphas_cumprod
     names = list(adapter.index)
 
     def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:

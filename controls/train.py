@@ -48,9 +48,10 @@ from PIL import Image
 
 from ldm.images import load_image
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, q_sample, training_target
-from ldm.shards import index_shards, list_shards, read_parts
-from ldm.stream import CorruptSample, StreamLoader
+from ldm.pipeline import noise_schedule_of
+from ldm.schedulers import q_sample, training_target
+from ldm.shards import index_shards, list_shards
+from ldm.stream import CorruptSample, StreamLoader, decode_sample, run_streaming
 from ldm.training import LossFn, Part, TrainConfig, Trainer, data_parallel, enable_gradient_checkpointing
 from ldm.unet import UNet
 
@@ -223,16 +224,14 @@ class TripleShards(torch.utils.data.Dataset):
         return len(self.index.samples)
 
     def __getitem__(self, index: int) -> dict:
-        ref = self.index.samples[index]
-        try:
-            parts = read_parts(self.index, ref)
-            image = next(p for p in IMAGE_PARTS if p in parts)
-            load = lambda name: to_tensor(Image.open(io.BytesIO(parts[name])).convert("RGB").resize(
-                (self.size, self.size), Image.LANCZOS))
-            return triple(load, image, "hint.png" if "hint.png" in parts else None,
-                          parts["txt"].decode("utf-8").strip(), self.size)
-        except (OSError, ValueError, UnicodeDecodeError, EOFError) as err:
-            raise CorruptSample(f"{self.index.name(ref)}: {err}") from None
+        return decode_sample(self.index, self.index.samples[index], self._decode)
+
+    def _decode(self, parts: dict[str, bytes]) -> dict:
+        image = next(p for p in IMAGE_PARTS if p in parts)
+        load = lambda name: to_tensor(Image.open(io.BytesIO(parts[name])).convert("RGB").resize(
+            (self.size, self.size), Image.LANCZOS))
+        return triple(load, image, "hint.png" if "hint.png" in parts else None,
+                      parts["txt"].decode("utf-8").strip(), self.size)
 
 
 def to_tensor(image) -> torch.Tensor:
@@ -255,7 +254,7 @@ def controlnet_loss(model: StableDiffusion, wrapper: nn.Module, loader: StreamLo
                     cfg: ControlTrainConfig) -> LossFn:
     """The per-step loss (module docstring) on the step's streamed triples (``loader``: ldm.stream). Every
     draw is of the global batch, then sliced to this part's rows."""
-    alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
+    alphas_cumprod = noise_schedule_of(model).alphas_cumprod.to(model.device)
     device = model.device
     with torch.no_grad():
         null_context = model.encode_prompt([""])
@@ -304,13 +303,7 @@ def train_controlnet(model: StableDiffusion, controlnet: ControlNet, data, train
     loader = StreamLoader(data, cfg.batch, train.seed, train.accumulate, workers)
     # the Trainer keeps the plain module, so checkpoints do not depend on the number of processes
     trainer = Trainer(wrapper, controlnet_loss(model, forward, loader, cfg), train, checkpoint, "ControlNet", options)
-    try:
-        losses = trainer.run(resume=resume, progress=progress, force=force)
-    finally:
-        loader.close()
-    if loader.skipped:
-        log.warning("%d corrupt samples were skipped (replaced by the next ones): %s", len(loader.skipped),
-                    "; ".join(loader.skipped[:5]))
+    losses = run_streaming(trainer, loader, "samples", resume=resume, progress=progress, force=force)
     return controlnet.eval(), losses
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -71,6 +72,17 @@ def native_image_size(args) -> tuple[int, int] | None:
         return None  # reported by the command, which reads the image
 
 
+def check_learning_rate(lr: float | None) -> None:
+    """Every optimiser here (Adam/AdamW on weights or embeddings) steps by about lr per step, whatever the
+    gradient's scale, so an lr above 1 throws the weights far outside anything the model was trained with (and
+    one near the float32 limit overflows inside the optimiser)."""
+    if lr is None:
+        return
+    if not math.isfinite(lr) or not 0 < lr <= 1:
+        raise UserError(f"--lr {lr}: give a learning rate in (0, 1]; these methods use 1e-5 to 1e-2 "
+                        "(see the command's --help for its default)")
+
+
 def check_before_work(args) -> None:
     threads = getattr(args, "threads", None)
     if threads is not None:
@@ -80,6 +92,7 @@ def check_before_work(args) -> None:
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     check_sizes(args)
+    check_learning_rate(getattr(args, "lr", None))
     read_prompt_file(args)
     check_placeholders(prompts_of(args), embedding_tokens(args))
     out = getattr(args, "out", None)

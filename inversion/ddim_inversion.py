@@ -12,6 +12,8 @@ It walks the grid of the DDIM sampler that will regenerate the image (editlab's 
 N = 50, so inversion and sampling meet on the same timesteps), returning the pivots z*_0 = z0, …, z*_N.
 Guidance is an explicit argument (the references disagree: 1 in the null-text notebook, 3.5 in
 DDPM_inversion); at w = 1 only the conditional branch runs. v-prediction output is converted to ε first.
+SDXL: every UNet call also gets the prompt's pooled embedding and the six size/crop numbers (ldm/sdxl.py; by
+default the image size and crop (0, 0)); without a negative prompt its unconditional branch is zeros.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.model import StableDiffusion
-from ldm.pipeline import denoise, guided_unet, text_context
-from ldm.schedulers import DDIMSampler, NoiseSchedule, ddim_update, predict_eps_x0
+from ldm.pipeline import denoise, guided_unet, latent_conditioning, noise_schedule_of
+from ldm.schedulers import DDIMSampler, ddim_update, predict_eps_x0
+from ldm.sdxl import MicroConditioning
 
 
 def inversion_sampler(model: StableDiffusion, steps: int) -> DDIMSampler:
     """The deterministic DDIM sampler (η = 0, SD's leading grid with offset 1) used to invert and to edit."""
-    return DDIMSampler(NoiseSchedule.scaled_linear(), steps, eta=0.0, prediction_type=model.config.prediction_type)
+    return DDIMSampler(noise_schedule_of(model), steps, eta=0.0, prediction_type=model.config.prediction_type)
 
 
 def check_deterministic(sampler) -> None:
@@ -45,16 +48,19 @@ def ddim_inversion_step(eps: torch.Tensor, z: torch.Tensor, alpha_bar_current, a
 
 @torch.no_grad()
 def ddim_invert(model: StableDiffusion, latents: torch.Tensor, prompt: str, sampler: DDIMSampler,
-                guidance: float = 1.0, negative: str = "", progress: bool = False) -> list[torch.Tensor]:
+                guidance: float = 1.0, negative: str | None = None, progress: bool = False,
+                micro: MicroConditioning | None = None) -> list[torch.Tensor]:
     """Pivots [z*_0 = latents, z*_1, …, z*_N] ([1, C, h, w] each); z*_N is the starting noise x_T.
 
     z*_k is the latent at the sampler's timestep t_{N−k} (k = 1 … N), i.e. the input of sampling step N − k.
+    ``negative``: the unconditional branch when guidance > 1 (None: "" for SD 1.x/2.x, zeros for SDXL);
+    ``micro``: SDXL's size/crop conditioning.
     """
     check_deterministic(sampler)
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"invert one latent [1, C, h, w] at a time, got {tuple(latents.shape)}")
-    context = text_context(model, [prompt], negative, guidance)
-    predict = guided_unet(model.unet, context, guidance)
+    context, added = latent_conditioning(model, [prompt], negative, guidance, latents, micro)
+    predict = guided_unet(model.unet, context, guidance, added=added)
     schedule = sampler.schedule
     z = latents.to(model.device, context.dtype)
     pivots = [z]
@@ -72,8 +78,9 @@ def ddim_invert(model: StableDiffusion, latents: torch.Tensor, prompt: str, samp
 
 @torch.no_grad()
 def ddim_reconstruct(model: StableDiffusion, noise: torch.Tensor, prompt: str, sampler: DDIMSampler,
-                     guidance: float, negative: str = "", progress: bool = False) -> torch.Tensor:
+                     guidance: float, negative: str | None = None, progress: bool = False,
+                     micro: MicroConditioning | None = None) -> torch.Tensor:
     """Sample from ``noise`` (e.g. the last pivot) with DDIM under the prompt: the plain reconstruction."""
     check_deterministic(sampler)
-    context = text_context(model, [prompt], negative, guidance)
-    return denoise(sampler, guided_unet(model.unet, context, guidance), noise, None, progress=progress)
+    context, added = latent_conditioning(model, [prompt], negative, guidance, noise, micro)
+    return denoise(sampler, guided_unet(model.unet, context, guidance, added=added), noise, None, progress=progress)

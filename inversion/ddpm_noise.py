@@ -30,6 +30,10 @@ editlab conventions (docs/methods.md §4.3):
 - The last map z_1 is kept (the public code zeroes it and breaks the x_1 → x0 step; its author agrees).
 - Grid: "leading" with offset 1 (100 steps: t = 991, 981, …, 1), as both references.
 - The model output is converted to ε (and x̂0) first, so v-prediction models work too.
+- SDXL: every UNet call, while extracting and while editing, also gets the "text_time" conditioning (the
+  pooled bigG embedding of the row's prompt and the six size/crop numbers, ldm/sdxl.py), rows matching the
+  context; the unconditional rows are SDXL's zeros (no negative prompt, as diffusers' SDXL pipelines). The
+  inversion keeps its micro-conditioning so that the edit uses the same numbers.
 - CFG runs as one batched UNet call on [uncond; cond] (the reference makes two batch-1 calls; the results
   differ at rounding level). Inversion and regeneration use the same batching, so reconstruction is exact.
   Exactness also needs the same numerics: device, dtype, even the CPU thread count (a tiny random model
@@ -43,14 +47,15 @@ editlab conventions (docs/methods.md §4.3):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from ldm.hooks import StepHook
-from ldm.pipeline import Predictor, denoise, guided_unet, text_context
+from ldm.pipeline import Predictor, denoise, guided_unet, latent_conditioning, noise_schedule_of
 from ldm.schedulers import DDIMSampler, NoiseSchedule, gaussian_noise
+from ldm.sdxl import MicroConditioning
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class DDPMInversion:
     prediction_type: str = "epsilon"  # of the model that made it; regeneration converts the same way
     source_prompts: tuple[str, ...] = ()
     source_guidance: float = 1.0
+    micro: MicroConditioning | None = None  # SDXL's size/crop numbers (None: the image size, crop (0, 0))
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule.scaled_linear)  # the model's ᾱ_t
 
     @property
     def num_steps(self) -> int:
@@ -102,9 +109,11 @@ def check_skip(skip: int, num_steps: int) -> None:
         raise ValueError(f"skip must be an integer in [0, {num_steps - 1}] for {num_steps} steps, got {skip!r}")
 
 
-def edit_friendly_sampler(num_steps: int, eta: float, prediction_type: str = "epsilon") -> DDIMSampler:
-    """DDIM(η) on SD's leading grid with offset 1: the sampler whose noise maps are extracted."""
-    return DDIMSampler(NoiseSchedule.scaled_linear(), num_steps, eta, prediction_type)
+def edit_friendly_sampler(num_steps: int, eta: float, prediction_type: str = "epsilon",
+                          schedule: NoiseSchedule | None = None) -> DDIMSampler:
+    """DDIM(η) on SD's leading grid with offset 1, on the model's ``schedule`` (default: SD's): the sampler
+    whose noise maps are extracted."""
+    return DDIMSampler(schedule or NoiseSchedule.scaled_linear(), num_steps, eta, prediction_type)
 
 
 def auxiliary_path(x0: torch.Tensor, sampler: DDIMSampler, generator: torch.Generator | Sequence[torch.Generator]
@@ -178,19 +187,21 @@ def extract_noise_maps(predict: Predictor, sampler: DDIMSampler, path: torch.Ten
 
 @torch.no_grad()
 def invert(model, x0: torch.Tensor, source_prompts: str | Sequence[str], cfg: DDPMInversionConfig,
-           generator: torch.Generator | Sequence[torch.Generator], progress: bool = False) -> DDPMInversion:
+           generator: torch.Generator | Sequence[torch.Generator], progress: bool = False,
+           micro: MicroConditioning | None = None) -> DDPMInversion:
     """Edit-friendly noise maps of latents ``x0`` [B, C, h, w] (model latents, e.g. ``encode_images`` without a
-    generator: the mode, as both references) under the source prompt(s) at ``cfg.source_guidance``."""
+    generator: the mode, as both references) under the source prompt(s) at ``cfg.source_guidance``.
+    ``micro``: SDXL's size/crop conditioning (default: the image size, crop (0, 0))."""
     prompts = [source_prompts] * x0.shape[0] if isinstance(source_prompts, str) else list(source_prompts)
     if len(prompts) != x0.shape[0]:
         raise ValueError(f"{len(prompts)} source prompts for {x0.shape[0]} latents; give one or one per latent")
-    sampler = edit_friendly_sampler(cfg.steps, cfg.eta, model.config.prediction_type)
-    context = text_context(model, prompts, None, cfg.source_guidance)
+    sampler = edit_friendly_sampler(cfg.steps, cfg.eta, model.config.prediction_type, noise_schedule_of(model))
+    context, added = latent_conditioning(model, prompts, None, cfg.source_guidance, x0, micro)
     x0 = x0.to(model.device, context.dtype)
-    predict = guided_unet(model.unet, context, cfg.source_guidance)
+    predict = guided_unet(model.unet, context, cfg.source_guidance, added=added)
     latents, noise_maps = extract_noise_maps(predict, sampler, auxiliary_path(x0, sampler, generator), progress)
     return DDPMInversion(latents, noise_maps, sampler.timesteps, cfg.eta, sampler.prediction_type, tuple(prompts),
-                         cfg.source_guidance)
+                         cfg.source_guidance, micro, sampler.schedule)
 
 
 @torch.no_grad()
@@ -202,16 +213,16 @@ def sample_native(model, prompts: Sequence[str], latent_shape: tuple[int, int], 
     its noise can be compared with the edit-friendly maps of the image it produced (Sec. 2.2 of the paper).
     """
     prompts = list(prompts)
-    sampler = edit_friendly_sampler(cfg.steps, cfg.eta, model.config.prediction_type)
-    context = text_context(model, prompts, None, cfg.source_guidance)
+    sampler = edit_friendly_sampler(cfg.steps, cfg.eta, model.config.prediction_type, noise_schedule_of(model))
     shape = (len(prompts), model.config.vae.latent_channels, *latent_shape)
+    context, added = latent_conditioning(model, prompts, None, cfg.source_guidance, torch.empty(shape, device="meta"))
     x_T = gaussian_noise(shape, generator, model.device, context.dtype)
     noise_maps = gaussian_noise((cfg.steps, *shape), generator, model.device, context.dtype)
-    predict = guided_unet(model.unet, context, cfg.source_guidance)
+    predict = guided_unet(model.unet, context, cfg.source_guidance, added=added)
     trajectory = Trajectory(x_T)
     denoise(NoiseMapSampler(sampler, noise_maps), predict, x_T, None, hooks=[trajectory], progress=False)
     return DDPMInversion(torch.stack(trajectory.latents), noise_maps, sampler.timesteps, cfg.eta, sampler.prediction_type,
-                         tuple(prompts), cfg.source_guidance)
+                         tuple(prompts), cfg.source_guidance, schedule=sampler.schedule)
 
 
 @torch.no_grad()
@@ -221,7 +232,7 @@ def regenerate(predict: Predictor, inversion: DDPMInversion, skip: int = 0, hook
 
     ``predict`` may use another prompt and guidance (an edit). ``batch`` repeats a batch-1 inversion for
     several prompts (the maps are shared)."""
-    sampler = edit_friendly_sampler(inversion.num_steps, inversion.eta, inversion.prediction_type)
+    sampler = edit_friendly_sampler(inversion.num_steps, inversion.eta, inversion.prediction_type, inversion.schedule)
     start = inversion.start_latent(skip)
     if batch is not None and batch != start.shape[0]:
         if start.shape[0] != 1:

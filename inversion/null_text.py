@@ -18,6 +18,19 @@ Only ∅_i gets gradients (the backward pass is asked for ∅_i alone, so no wei
 stored on the model). No cache: every call optimises from scratch (docs/methods.md §3.3 item 1). ``batch`` runs the
 advance step on the editing batch layout [∅_i × B; c × B] so that the edit's source row replays exactly the
 same computation (docs/methods.md §3.3 item 2).
+
+SDXL: the UNet's unconditional branch has two text inputs, the 77 × 2048 context (both encoders' hidden states)
+and the pooled bigG embedding that joins the time embedding with the six size/crop numbers. ∅_i is the
+context alone, as in the paper (the null-*text* embedding the cross-attention reads); the pooled embedding and
+the size/crop numbers stay fixed at the empty prompt's. ∅_{−1} is the encoded empty prompt "", as in the paper
+and for SD, not the zeros SDXL's guided sampling uses without a negative prompt: from zeros every one of the 77
+positions is the same vector, gets the same gradient (identical keys and values attend uniformly) and stays
+the same, so ∅ would have 2048 free numbers instead of 77 × 2048 (on the test model of
+tests/test_sdxl_inversion.py, starting from zeros left a 40× larger reconstruction error). The edit therefore
+runs its unconditional rows with the empty prompt's pooled embedding (``editing.p2p.prompt_to_prompt``). The
+third-party Null-SDXL port (ugiugi0823/Null-SDXL) also starts from the empty prompt but optimises the pooled
+embedding too; editlab keeps it fixed: a learned pooled vector acts on the time embedding, a global bias the
+paper's method has no counterpart for.
 """
 
 from __future__ import annotations
@@ -28,10 +41,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ldm.hooks import join_guidance
+from ldm.hooks import join_guidance, split_guidance
 from ldm.model import StableDiffusion
-from ldm.pipeline import classifier_free_guidance, guided, guided_unet
+from ldm.pipeline import classifier_free_guidance, guided, guided_added, guided_unet, latent_conditioning
 from ldm.schedulers import DDIMSampler
+from ldm.sdxl import MicroConditioning
+from ldm.unet import TextTime
 
 from .ddim_inversion import check_deterministic, ddim_invert
 
@@ -80,6 +95,7 @@ class NullTextInversion:
     null_embeddings: list[torch.Tensor]  # ∅_i for sampling step i, [1, L, C] each
     losses: list[list[float]]  # per step, the loss of each inner iteration
     reconstruction: torch.Tensor  # z̄ after the last step: what guided sampling with ∅_i regenerates
+    null_added: TextTime | None = None  # SDXL: the fixed pooled embedding and size/crop numbers of ∅'s rows
 
     @property
     def noise(self) -> torch.Tensor:
@@ -89,8 +105,10 @@ class NullTextInversion:
 
 def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: str, sampler: DDIMSampler,
                         config: NullTextConfig = NullTextConfig(), inversion_guidance: float = 1.0,
-                        batch: int = 1, progress: bool = False) -> NullTextInversion:
-    """Null-text inversion of one latent [1, C, h, w] under ``prompt`` (see the module docstring)."""
+                        batch: int = 1, progress: bool = False,
+                        micro: MicroConditioning | None = None) -> NullTextInversion:
+    """Null-text inversion of one latent [1, C, h, w] under ``prompt`` (see the module docstring).
+    ``micro``: SDXL's size/crop conditioning (default: the image size, crop (0, 0))."""
     check_deterministic(sampler)
     if not guided(config.guidance):
         raise ValueError(f"null-text inversion fits the unconditional branch of guidance, which guidance "
@@ -98,21 +116,26 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
     if len(sampler.timesteps) > 100:
         raise ValueError(f"null-text inversion's learning rate 1e-2·(1 − i/100) is defined for at most 100 "
                          f"steps, got {len(sampler.timesteps)}; use fewer steps")
-    pivots = ddim_invert(model, latents, prompt, sampler, guidance=inversion_guidance, progress=progress)
+    pivots = ddim_invert(model, latents, prompt, sampler, guidance=inversion_guidance, progress=progress,
+                         micro=micro)
     unet, w = model.unet, config.guidance
-    with torch.no_grad():
-        cond = model.encode_prompt([prompt])
-        null = model.encode_prompt([""]).float()
+    with torch.no_grad():  # [∅_{−1}; c] with ∅_{−1} the empty prompt's encoding (SDXL: and its pooled rows)
+        context, added = latent_conditioning(model, [prompt], "", w, latents, micro)
+        null, cond = split_guidance(context)
+        null = null.float()
+    null_added, cond_added = (None, None) if added is None else (added.rows(slice(0, 1)), added.rows(slice(1, 2)))
+    cond_unet = guided_unet(unet, cond, 1.0, added=cond_added)  # w = 1: one UNet call on the given rows
     z = pivots[-1]
     steps = len(sampler.timesteps)
     embeddings, all_losses = [], []
     for i in tqdm(range(steps), disable=not progress, leave=False, desc="null-text inversion"):
         t, target = sampler.timesteps[i], pivots[steps - 1 - i]
         with torch.no_grad():
-            out_cond = unet(sampler.scale_model_input(z, i), t, cond)
+            out_cond = cond_unet(sampler.scale_model_input(z, i), t)
 
         def loss_of(embedding: torch.Tensor) -> torch.Tensor:
-            out_uncond = unet(sampler.scale_model_input(z, i), t, embedding.to(cond.dtype))
+            uncond_unet = guided_unet(unet, embedding.to(cond.dtype), 1.0, added=null_added)
+            out_uncond = uncond_unet(sampler.scale_model_input(z, i), t)
             guided = classifier_free_guidance(out_uncond, out_cond, w)
             previous = sampler.step(guided, i, z)  # DDIM η = 0 (v output is converted to ε inside)
             return torch.nn.functional.mse_loss(previous.float(), target.float())
@@ -124,19 +147,22 @@ def null_text_inversion(model: StableDiffusion, latents: torch.Tensor, prompt: s
         with torch.no_grad():  # advance along the optimised trajectory, on the editing batch layout
             context = join_guidance(null.to(cond.dtype).expand(batch, -1, -1), cond.expand(batch, -1, -1))
             rows = z.expand(batch, -1, -1, -1)
-            z = sampler.step(guided_unet(unet, context, w)(sampler.scale_model_input(rows, i), t), i, rows)[:1]
-    return NullTextInversion(pivots, embeddings, all_losses, z)
+            predict = guided_unet(unet, context, w, added=guided_added(null_added, cond_added, batch))
+            z = sampler.step(predict(sampler.scale_model_input(rows, i), t), i, rows)[:1]
+    return NullTextInversion(pivots, embeddings, all_losses, z, null_added)
 
 
-def null_text_predictor(unet, null_embeddings: list[torch.Tensor], cond: torch.Tensor, guidance: float, sampler):
+def null_text_predictor(unet, null_embeddings: list[torch.Tensor], cond: torch.Tensor, guidance: float, sampler,
+                        added: TextTime | None = None):
     """predict(x_in, t) for B rows with context [∅_i × B; cond] at the step i of timestep t (editing an
-    inverted image)."""
+    inverted image). ``added``: SDXL's pooled embeddings and size/crop numbers for the UNet's rows
+    ([uncond × B; cond × B] under guidance, the B conditional rows without)."""
     step_of = {int(t): i for i, t in enumerate(sampler.timesteps)}
 
     def predict(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not guided(guidance):  # no unconditional branch to replace
-            return guided_unet(unet, cond, guidance)(x_in, t)
+            return guided_unet(unet, cond, guidance, added=added)(x_in, t)
         null = null_embeddings[step_of[int(t)]].to(cond.dtype).expand(cond.shape[0], -1, -1)
-        return guided_unet(unet, join_guidance(null, cond), guidance)(x_in, t)
+        return guided_unet(unet, join_guidance(null, cond), guidance, added=added)(x_in, t)
 
     return predict

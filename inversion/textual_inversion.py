@@ -33,7 +33,8 @@ from torch import nn
 
 from ldm.files import save_safetensors
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, q_sample, training_target
+from ldm.pipeline import noise_schedule_of
+from ldm.schedulers import q_sample, training_target
 from ldm.tokenizer import Tokenizer
 
 from .embedding_optimiser import EmbeddingConfig, EmbeddingResult, optimise_embedding
@@ -151,7 +152,7 @@ def prepare_data(model: StableDiffusion, images: torch.Tensor, token: str, vecto
 
 def inversion_loss(model: StableDiffusion, data: InversionData):
     """The per-step loss of the module docstring; its draws come from the step's generator."""
-    alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
+    alphas_cumprod = noise_schedule_of(model).alphas_cumprod.to(model.device)
 
     def loss_fn(rows: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch = len(t)

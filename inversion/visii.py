@@ -44,8 +44,8 @@ from controls.image_condition import check_ip2p_model, image_condition, three_wa
 from ldm.clip_models import clip_image_features
 from ldm.files import save_safetensors
 from ldm.model import StableDiffusion
-from ldm.pipeline import encode_images
-from ldm.schedulers import NoiseSchedule, q_sample, training_target
+from ldm.pipeline import encode_images, noise_schedule_of
+from ldm.schedulers import q_sample, training_target
 from ldm.tokenizer import EOS
 
 from .embedding_optimiser import EmbeddingConfig, EmbeddingResult, optimise_embedding
@@ -157,7 +157,7 @@ def train_visii(model: StableDiffusion, clip_model, before: torch.Tensor, after:
         train = replace(train, clip_value=float(initial.max()))
     trainable = torch.zeros(len(initial), dtype=torch.bool)
     trainable[1:eos] = True
-    alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
+    alphas_cumprod = noise_schedule_of(model).alphas_cumprod.to(model.device)
 
     def loss_fn(hidden: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         pick = torch.randint(len(z0), (len(t),), generator=generator) if len(z0) > 1 else torch.zeros(len(t), dtype=torch.long)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .hooks import StepHook, guidance_batch, join_guidance, split_guidance
 from .model import StableDiffusion
-from .schedulers import gaussian_noise, sampler_from_config, standard_scheduler_config
+from .schedulers import NoiseSchedule, gaussian_noise, sampler_from_config, standard_scheduler_config
 from .sdxl import MicroConditioning
 from .sdxl import conditioning as sdxl_conditioning
 from .unet import TextTime
@@ -116,6 +116,23 @@ def prompt_conditioning(model: StableDiffusion, prompts: Sequence[str], negative
     return text_context(model, prompts, negative, guidance), None
 
 
+def latent_conditioning(model: StableDiffusion, prompts: Sequence[str], negative: str | Sequence[str] | None,
+                        guidance: float | Sequence[float], latents: torch.Tensor,
+                        micro: MicroConditioning | None = None) -> tuple[torch.Tensor, TextTime | None]:
+    """``prompt_conditioning`` for work that starts from latents [B, C, h, w] (inversions, their edits): the
+    image size SDXL's micro-conditioning defaults to is the latent size times the VAE's factor."""
+    f = model.config.vae.downsample_factor
+    return prompt_conditioning(model, prompts, negative, guidance, latents.shape[-2] * f, latents.shape[-1] * f, micro)
+
+
+def guided_added(uncond: TextTime | None, cond: TextTime | None, batch: int) -> TextTime | None:
+    """SDXL's added conditioning of a guided batch [uncond × B; cond × B] from one row of each (None for
+    SD 1.x/2.x, which have none)."""
+    if uncond is None or cond is None:
+        return None
+    return TextTime.cat([uncond.repeat(batch), cond.repeat(batch)])
+
+
 def guided_unet(unet, context: torch.Tensor, guidance: float | Sequence[float], rescale: float = 0.0,
                 added: TextTime | None = None) -> Predictor:
     """predict(x_in, t): classifier-free guidance over one UNet call on [uncond; cond] (or the plain
@@ -181,6 +198,12 @@ def encode_images(model: StableDiffusion, images: torch.Tensor, generator: torch
 def scheduler_config_of(model: StableDiffusion) -> dict:
     """The schedule the model's weights carry (see ldm.schedulers.from_config); SD's standard one if none."""
     return getattr(model, "scheduler_config", None) or standard_scheduler_config(model.config.prediction_type)
+
+
+def noise_schedule_of(model: StableDiffusion) -> NoiseSchedule:
+    """β_t and ᾱ_t the model was trained with (its scheduler config): what its losses, inversions and samplers
+    must use, e.g. a zero-terminal-SNR fine-tune's rescaled betas rather than SD's standard ones."""
+    return NoiseSchedule.from_config(scheduler_config_of(model))
 
 
 def sampler_for(model: StableDiffusion, cfg: SamplingConfig, scheduler: str | None = None, spacing: str | None = None):

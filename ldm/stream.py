@@ -26,10 +26,12 @@ position's sample in its place (the batch keeps its size, every process still ag
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .shards import SampleRef, ShardIndex, read_parts
 from .training import Part, step_generator, world
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,15 @@ DATA_STREAM = 2  # step_generator stream of the epoch permutations (0: the steps
 
 class CorruptSample(Exception):
     """A sample that cannot be decoded; the message names it."""
+
+
+def decode_sample(index: ShardIndex, ref: SampleRef, decode: Callable[[dict[str, bytes]], dict]) -> dict:
+    """``decode`` applied to the parts of one sample read from its shard; a part that cannot be read or decoded
+    makes the whole sample a CorruptSample (the loader replaces it, see the module docstring)."""
+    try:
+        return decode(read_parts(index, ref))
+    except (OSError, ValueError, UnicodeDecodeError, EOFError) as err:
+        raise CorruptSample(f"{index.name(ref)}: {err}") from None
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -137,3 +148,16 @@ class StreamLoader:
     def close(self) -> None:
         """Stop the reading workers (they also stop when the loader is dropped)."""
         self._iterator, self._next = None, None
+
+
+def run_streaming(trainer, loader: StreamLoader, what: str, **run_options) -> list[float]:
+    """``trainer.run(**run_options)`` reading from ``loader``; the loader's workers are stopped however the run
+    ends, and the corrupt samples it skipped are reported once, at the end."""
+    try:
+        losses = trainer.run(**run_options)
+    finally:
+        loader.close()
+    if loader.skipped:
+        log.warning("%d corrupt %s were skipped (replaced by the next ones): %s", len(loader.skipped), what,
+                    "; ".join(loader.skipped[:5]))
+    return losses

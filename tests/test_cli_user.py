@@ -172,18 +172,15 @@ def test_5_inputs_and_outputs_are_checked_before_the_model_loads(tmp_path, capsy
     assert float(line.split("needs at least ")[1].split(" GiB")[0]) > 1000  # 1e10 pixels: terabytes
     assert not (tmp_path / "x.png").exists()
 
-    # a loss that turns NaN (a learning rate of 1e30 overflows the text encoder): one line, no output, and no
-    # checkpoint of a non-finite state (one of the finite steps before may be kept, to resume from)
+    # a learning rate no optimiser here can take is refused before the model loads (a loss that turns NaN
+    # during a run is stopped by the Trainer: tests/test_training.py)
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(render(spec_from_caption(CAPTION))[0]).save(folder / "0.png")
-    result = editlab("textual-inversion", "--images", folder, "--token", "<n>", "--init-word", "shape", "--steps", 4,
-                     "--batch", 1, "--lr", "1e30", "--out", tmp_path / "n.safetensors")
-    fails(result, "lower the learning rate")
+    for lr in ("1e30", "0", "nan"):
+        fails_in_process(capsys, ["textual-inversion", "--images", folder, "--token", "<n>", "--init-word", "shape",
+                                  "--lr", lr, "--out", tmp_path / "n.safetensors"], "give a learning rate in (0, 1]")
     assert not (tmp_path / "n.safetensors").exists()
-    if (tmp_path / "n.ckpt.pt").exists():
-        state = torch.load(tmp_path / "n.ckpt.pt", weights_only=True)
-        assert all(torch.isfinite(t).all() for t in state["model"].values())
     # -v shows the traceback
     result = editlab("-v", "generate", "--device", "gpu", "--prompt", CAPTION, "--out", tmp_path / "x.png")
     assert result.returncode != 0 and "Traceback" in result.stderr

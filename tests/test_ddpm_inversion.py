@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from editing.ddpm_edit.noise_space import noise_statistics
+from inversion.ddim_inversion import inversion_sampler
 from inversion.ddpm_noise import (DDPMInversion, DDPMInversionConfig, auxiliary_path, edit_friendly_sampler, extract_noise_maps,
                                   invert, regenerate, sample_native)
 from ldm.config import ModelConfig, sd15, tiny_sd1, tiny_sd2
 from ldm.hooks import StepHook
 from ldm.model import StableDiffusion
 from ldm.pipeline import encode_images, guided_unet, text_context
-from ldm.schedulers import ddim_sigma
+from ldm.schedulers import NoiseSchedule, ddim_sigma
 from ldm.unet import UNet
 from tests.peers import randomize_
 
@@ -64,6 +65,22 @@ def test_reconstruction_is_exact(sd1, eta, steps):
     final, path = _reconstruct(predict, inversion)
     assert (final - x0).abs().max() <= 1e-5
     assert (path - inversion.latents[1:]).abs().max() <= 1e-5  # every intermediate latent, not only x0
+
+
+def test_the_inversion_follows_the_models_own_noise_schedule():
+    """A model trained on other betas (its scheduler config, kept in the weights' metadata) is inverted, and
+    regenerated, on those betas: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with its ᾱ_t, not SD's."""
+    model = _model(tiny_sd1())
+    model.scheduler_config = {**model.scheduler_config, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+    x0 = encode_images(model, _image())
+    inversion = invert(model, x0, PROMPT, DDPMInversionConfig(steps=6), torch.Generator().manual_seed(0))
+    linear = torch.linspace(1e-4, 0.02, 1000).double()
+    assert torch.allclose(inversion.schedule.alphas_cumprod.double(), torch.cumprod(1 - linear, 0), rtol=1e-5)
+    assert inversion.schedule.alpha_bar(981) < 0.5 * NoiseSchedule.scaled_linear().alpha_bar(981)  # really other
+    predict = guided_unet(model.unet, text_context(model, [PROMPT], None, 3.5), 3.5)
+    assert (regenerate(predict, inversion) - x0).abs().max() <= 1e-5  # float32 rounding of 6 steps
+    pivots = inversion_sampler(model, 4).schedule.alphas_cumprod
+    assert torch.equal(pivots, inversion.schedule.alphas_cumprod)  # DDIM inversion reads the same schedule
 
 
 def test_reconstruction_v_prediction():

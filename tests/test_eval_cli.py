@@ -117,5 +117,9 @@ def test_report_summarises_each_setting_with_intervals_plots_and_grids(reference
     assert stat["mean"] == pytest.approx(sum(values) / len(values)) and stat["low"] <= stat["mean"] <= stat["high"]
     report = (reference / "report.md").read_text()
     assert "| ip2p image_guidance=2.0 steps=3 | 2 | " in report and "| sdedit steps=4 | 2 | " in report
+    # per edit kind: the two cases are a colour and a shape edit, one row each per setting
+    colour = [r for r in rows if r["kind"] == "colour" and r["method"] == "sdedit"][0]["metrics"]
+    assert f"| sdedit steps=4 | colour | 1 | {colour['bg_psnr']:.4g} [{colour['bg_psnr']:.4g}, " in report
+    assert all(r["metrics"]["edit_success"] <= r["metrics"]["edit_accuracy"] for r in rows)
     for name in ("grid-ip2p.png", "grid-sdedit.png", "tradeoff-edit_accuracy-vs-bg_psnr.png"):
         assert (reference / "report" / name).stat().st_size > 1000

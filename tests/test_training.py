@@ -52,6 +52,17 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path):
     assert not torch.equal(straight.final_model()[0].weight, first_model[0].weight)  # k < steps really stopped
 
 
+def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
+    model, fit = regression_problem()
+    loss_fn = lambda step, generator: fit(step, generator) * (float("nan") if step == 5 else 1.0)
+    trainer = Trainer(model, loss_fn, CFG, tmp_path / "run.pt")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 5; lower the learning rate"):
+        trainer.run(progress=False)
+    state = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert state["step"] == 4  # the checkpoint of step 4 (checkpoint_every=4) stays; nothing after it is written
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     model, loss_fn = regression_problem()
     Trainer(model, loss_fn, CFG, tmp_path / "run.pt").run(stop_at=2, progress=False)

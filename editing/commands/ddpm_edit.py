@@ -1,4 +1,8 @@
-"""editlab ddpm-edit: edit a real image by edit-friendly DDPM inversion (optionally combined with P2P)."""
+"""editlab ddpm-edit: edit a real image by edit-friendly DDPM inversion (optionally combined with P2P).
+
+SDXL weights work as SD 1.x/2.x ones: both prompts are read by both text encoders, and every step also gets the
+pooled embedding and the size/crop numbers (``--original-size``, ``--crop-top-left``, ``--target-size``;
+default: the image size, crop (0, 0)), the same for the inversion and the edit."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from ..ddpm_edit.editor import (DDPMEditConfig, DDPMP2PConfig, ddpm_invert_image
                                 p2p_controller)
 from ..options import (UserError, add_model_arguments, load_input_image, load_model, run_settings, weights_path,
                        weights_sha256)
+from ..sdxl_options import add_micro_conditioning_arguments, micro_conditioning, sdxl_parameters
 
 NAME = "ddpm-edit"
 HELP = "edit a real image: edit-friendly DDPM inversion under a source prompt, regeneration under a target prompt"
@@ -45,6 +50,7 @@ def add_arguments(parser):
                         f"attention injected (default {with_p2p.self_replace})")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
+    add_micro_conditioning_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder (edit-0.png, edit-1.png, ...)")
     parser.add_argument("--force", action="store_true", help="overwrite outputs of another run")
     parser.set_defaults(out_is_folder=True)
@@ -84,6 +90,7 @@ def run(args):
     inversion_cfg = DDPMInversionConfig(steps=args.steps, eta=args.eta, source_guidance=args.source_guidance)
     cfg = edit_config(args)
     model = load_model(args)
+    micro = micro_conditioning(args, model)  # SDXL: the same size/crop numbers invert and edit
     image = load_input_image(args, model, args.image)
     if args.p2p:  # check the prompts (word alignment) before the inversion runs
         factor = model.config.vae.downsample_factor
@@ -94,13 +101,14 @@ def run(args):
               "image_sha256": file_sha256(args.image), "source_prompt": args.source_prompt,
               "target_prompt": args.target_prompt, "steps": args.steps, "eta": args.eta,
               "source_guidance": args.source_guidance, "seed": args.seed, "dtype": args.dtype,
-              "height": image.shape[-2], "width": image.shape[-1], "p2p": args.p2p, **asdict(cfg)}
+              "height": image.shape[-2], "width": image.shape[-1], "p2p": args.p2p, **asdict(cfg),
+              **sdxl_parameters(micro, image.shape[-2], image.shape[-1], None)}
     outputs = [(args.out / f"edit-{k}.png", {**params, "sample": k, "aux_seed": args.seed + k})
                for k in range(args.samples)]
     for out, image_params in outputs:  # another run's files refused before the inversion
         check_output(out, image_params, args.force)
     inversion = ddpm_invert_image(model, image, args.source_prompt, inversion_cfg, args.seed, args.samples,
-                                  progress=True)
+                                  progress=True, micro=micro)
     if args.p2p:
         rows = [edit_with_p2p(model, inversion.row(k), args.source_prompt, args.target_prompt, cfg, progress=True)[1:]
                 for k in range(args.samples)]

@@ -50,9 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(squeezenet1_1-b8a52dc0.pth as PIE-Bench, alexnet-owt-7be5be79.pth, vgg16-397923af.pth)")
     parser.add_argument("--weights", type=Path, default=None, help="editlab SD weights (default: the toy model)")
     parser.add_argument("--ip2p-weights", type=Path, default=None, help="InstructPix2Pix weights (default: toy)")
-    parser.add_argument("--controlnet", type=Path, default=None, help="ControlNet weights for 'controlnet'")
-    parser.add_argument("--ip-adapter", type=Path, default=None, help="IP-Adapter weights")
-    parser.add_argument("--image-encoder", type=Path, default=None, help="the IP-Adapter's CLIP image encoder")
+    parser.add_argument("--controlnet", type=Path, default=None,
+                        help="ControlNet weights for 'controlnet' (the toy model has no trained one)")
+    parser.add_argument("--ip-adapter", type=Path, default=None,
+                        help="IP-Adapter weights (toy model: the bundled toy IP-Adapter)")
+    parser.add_argument("--image-encoder", type=Path, default=None,
+                        help="the IP-Adapter's CLIP image encoder (toy model: the toy CLIP)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -73,7 +76,8 @@ def run_identity(args) -> dict:
             "benchmark_seed": args.benchmark_seed, "seed": args.seed, "compat": args.pie_bench_compat,
             "weights": file_id(args.weights), "ip2p_weights": file_id(args.ip2p_weights),
             "clip": file_id(args.clip), "dino": file_id(args.dino), "lpips": file_id(args.lpips),
-            "controlnet": file_id(args.controlnet), "ip_adapter": file_id(args.ip_adapter)}
+            "controlnet": file_id(args.controlnet), "ip_adapter": file_id(args.ip_adapter),
+            "image_encoder": file_id(args.image_encoder)}
 
 
 def check_run_file(out: Path, identity: dict, record: dict) -> None:

@@ -54,9 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{' '.join(map(str, REAL_IMAGE_CONFIG.self_replace))} with --image)")
     parser.add_argument("--self-level", type=int, default=None,
                         help="self-attention replaced at UNet levels >= this (default: the map level, SD's ≤16²; "
-                             "one less with --image, SD's ≤32²)")
+                             "one less with --image, SD's ≤32²; SDXL: the map level, its ≤32² at 1024 px)")
     parser.add_argument("--map-level", type=int, default=None,
-                        help="UNet level of the stored, blended and shown maps (default: SD's 16² level)")
+                        help="UNet level of the stored, blended and shown maps (default: level 2, SD's 16² "
+                             "at 512 px, SDXL's 32² at 1024 px)")
     parser.add_argument("--image", default=None, help="real image to invert and edit")
     parser.add_argument("--inversion", choices=["ddim", "null-text"], default="null-text")
     parser.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance while DDIM-inverting")
@@ -103,7 +104,8 @@ def p2p_config(args, model, real: bool):
         blend_start=args.blend_start if args.blend_start is not None else base.blend_start,
         map_level=args.map_level, self_min_level=args.self_level)
     map_level = resolve_map_level(model, config)
-    return dataclasses.replace(config, map_level=map_level, self_min_level=resolve_self_level(config, map_level))
+    self_level = resolve_self_level(config, map_level, model.unet)
+    return dataclasses.replace(config, map_level=map_level, self_min_level=self_level)
 
 
 def check_cut_words(tokenizer, prompts: list[str], named: set[str]) -> None:

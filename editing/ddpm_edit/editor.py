@@ -33,7 +33,8 @@ import torch
 from inversion.ddpm_noise import DDPMInversion, DDPMInversionConfig, check_skip, invert, regenerate
 from ldm.attention import attached
 from ldm.hooks import AttentionHook, StepHook
-from ldm.pipeline import check_image_size, encode_images, guided_unet, text_context
+from ldm.pipeline import check_image_size, encode_images, guided_unet, latent_conditioning
+from ldm.sdxl import MicroConditioning
 
 from ..p2p import P2PConfig, build_controller
 
@@ -65,14 +66,16 @@ def edit_inversion(model, inversion: DDPMInversion, target_prompts: str | Sequen
     """Regenerate from step ``cfg.skip`` with the stored noise maps under the target prompt(s) at
     ``cfg.target_guidance``; returns the final latents [B, C, h, w].
 
-    One prompt edits every row of the inversion; several prompts on a batch-1 inversion share its maps."""
+    One prompt edits every row of the inversion; several prompts on a batch-1 inversion share its maps. SDXL:
+    the target prompts' pooled embeddings and the inversion's size/crop numbers go to every step."""
     check_skip(cfg.skip, inversion.num_steps)
     rows = inversion.latents.shape[1]
     prompts = _prompts(target_prompts, rows)
     if rows != 1 and len(prompts) != rows:
         raise ValueError(f"{len(prompts)} target prompts for an inversion of batch {rows}; give one or {rows}")
-    context = text_context(model, prompts, None, cfg.target_guidance)
-    predict = guided_unet(model.unet, context, cfg.target_guidance)
+    context, added = latent_conditioning(model, prompts, None, cfg.target_guidance, inversion.latents[0],
+                                         inversion.micro)
+    predict = guided_unet(model.unet, context, cfg.target_guidance, added=added)
     return regenerate(predict, inversion, cfg.skip, hooks=hooks, batch=len(prompts), progress=progress)
 
 
@@ -92,15 +95,16 @@ def sample_generators(seed: int, samples: int) -> list[torch.Generator]:
 @torch.no_grad()
 def ddpm_invert_image(model, images: torch.Tensor, source_prompt: str,
                       cfg: DDPMInversionConfig = DDPMInversionConfig(), seed: int = 0, samples: int = 1,
-                      progress: bool = False) -> DDPMInversion:
+                      progress: bool = False, micro: MicroConditioning | None = None) -> DDPMInversion:
     """Invert one image [1, 3, H, W] in [0, 1] ``samples`` times (a batch of independent auxiliary paths).
 
-    The image is encoded with the posterior mode, 0.18215-scaled (both references)."""
+    The image is encoded with the posterior mode, 0.18215-scaled (SDXL 0.13025; both references).
+    ``micro``: SDXL's size/crop conditioning (default: the image size, crop (0, 0))."""
     if images.ndim != 4 or images.shape[0] != 1:
         raise ValueError(f"give one image [1, 3, H, W], got shape {tuple(images.shape)}")
     check_image_size(images.shape[-2], images.shape[-1], model.config.vae.downsample_factor)
     x0 = encode_images(model, images).expand(samples, -1, -1, -1)
-    return invert(model, x0, source_prompt, cfg, sample_generators(seed, samples), progress=progress)
+    return invert(model, x0, source_prompt, cfg, sample_generators(seed, samples), progress=progress, micro=micro)
 
 
 def invert_and_edit(model, images: torch.Tensor, source_prompt: str, target_prompt: str,
@@ -147,7 +151,8 @@ def edit_with_controller(model, inversion: DDPMInversion, source_prompt: str, ta
     check_skip(cfg.skip, inversion.num_steps)
     prompts = [source_prompt, target_prompt]
     guidance = [inversion.source_guidance, cfg.target_guidance]
-    predict = guided_unet(model.unet, text_context(model, prompts, None, guidance), guidance)
+    context, added = latent_conditioning(model, prompts, None, guidance, inversion.latents[0], inversion.micro)
+    predict = guided_unet(model.unet, context, guidance, added=added)
     with attached(model.unet, controller, select):
         return regenerate(predict, inversion, cfg.skip, hooks=[ExecutedSteps(controller, cfg.skip)], batch=2,
                           progress=progress)

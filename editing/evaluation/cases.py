@@ -23,6 +23,7 @@ class EditCase:
     kind: str = ""  # edit type ("colour", "shape", ..., or PIE-Bench's editing_type_id)
     source_attributes: dict = field(default_factory=dict)  # toy: shape, colour, background, texture
     target_attributes: dict = field(default_factory=dict)
+    source_object_mask: torch.Tensor | None = None  # toy: the object's pixels (bool [H, W]) in the source scene
     target_object_mask: torch.Tensor | None = None  # toy: the object's pixels in the target scene
 
     def __post_init__(self):

@@ -22,8 +22,9 @@ from .results import read_rows
 
 BOOTSTRAP = 2000
 HEADLINE = ["bg_psnr", "bg_ssim", "bg_lpips", "structure", "recon_psnr", "target_psnr", "edit_accuracy",
-            "kept_accuracy", "object_iou", "clip_whole", "clip_edited", "clip_direction", "clip_image",
+            "edit_success", "kept_accuracy", "object_iou", "clip_whole", "clip_edited", "clip_direction", "clip_image",
             "gt_l1", "gt_clip_i", "gt_dino", "canny_f1", "style_clip_i", "style_clip_t"]
+KIND_METRICS = ["bg_psnr", "edit_accuracy", "edit_success", "kept_accuracy", "object_iou", "clip_direction"]
 TRADEOFFS = [("edit_accuracy", "bg_psnr"), ("clip_direction", "clip_image"), ("target_psnr", "bg_psnr")]
 
 
@@ -62,6 +63,24 @@ def summarise(group: dict) -> dict:
     return {**group, "stats": stats, "ran": len(ok), "cannot_run": len(group["rows"]) - len(ok), "reasons": reasons}
 
 
+def kind_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each setting's trade-off metrics per edit kind, when the rows hold more than one kind
+    (a method may edit one kind and not another: the pooled mean hides it)."""
+    kinds = list(dict.fromkeys(r["kind"] for r in rows if r["kind"]))
+    metrics = [m for m in KIND_METRICS if any(m in r["metrics"] for r in rows)]
+    if len(kinds) < 2 or not metrics:
+        return []
+    lines = ["Per edit kind:", "", "| method and setting | kind | cases | " + " | ".join(metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
+    for group in group_rows(rows):
+        for kind in kinds:
+            s = summarise({**group, "rows": [r for r in group["rows"] if r["kind"] == kind]})
+            if s["ran"]:
+                lines.append(f"| {s['label']} | {kind} | {s['ran']} | "
+                             + " | ".join(_cell(s["stats"].get(m)) for m in metrics) + " |")
+    return lines + [""]
+
+
 def _cell(stat: dict | None) -> str:
     if stat is None:
         return "–"
@@ -79,6 +98,7 @@ def markdown(summaries: list[dict], plots: list[str], grids: list[str], rows: li
         for s in summaries:
             lines.append(f"| {s['label']} | {s['ran']} | " + " | ".join(_cell(s["stats"].get(m)) for m in chunk) + " |")
         lines.append("")
+    lines += kind_table(rows)
     excluded = [(s["label"], m, st["excluded"]) for s in summaries for m, st in s["stats"].items() if st["excluded"]]
     if excluded:
         lines += ["Cases left out of a mean (the metric is NaN there):", ""]

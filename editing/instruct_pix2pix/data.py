@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 
 from ldm.seeding import derived_seed
-from ldm.shards import index_shards, list_shards, read_parts
-from ldm.stream import CorruptSample
+from ldm.shards import index_shards, list_shards
+from ldm.stream import CorruptSample, decode_sample
 from ldm.toy.shapes import COLOURS, SHAPES, ShapeSpec, render, sample_spec
 
 from .sizing import fit, open_rgb, to_tensor
@@ -149,14 +149,10 @@ class PairShards(PairFolder):
         return len(self.index.samples)
 
     def __getitem__(self, index: int) -> dict:
-        ref = self.index.samples[index]
-        try:
-            parts = read_parts(self.index, ref)
-            return {"before": self._load(io.BytesIO(parts["before.png"])),
-                    "after": self._load(io.BytesIO(parts["after.png"])),
-                    "instruction": parts["txt"].decode("utf-8").strip()}
-        except (OSError, ValueError, UnicodeDecodeError, EOFError) as err:
-            raise CorruptSample(f"{self.index.name(ref)}: {err}") from None
+        return decode_sample(self.index, self.index.samples[index], lambda parts: {
+            "before": self._load(io.BytesIO(parts["before.png"])),
+            "after": self._load(io.BytesIO(parts["after.png"])),
+            "instruction": parts["txt"].decode("utf-8").strip()})
 
 
 def pair_source(data: str | Path, size: int):

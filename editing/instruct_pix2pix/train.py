@@ -38,8 +38,9 @@ from torch import nn
 
 from controls.image_condition import check_ip2p_model
 from ldm.model import StableDiffusion
-from ldm.schedulers import NoiseSchedule, q_sample, training_target
-from ldm.stream import StreamLoader
+from ldm.pipeline import noise_schedule_of
+from ldm.schedulers import q_sample, training_target
+from ldm.stream import StreamLoader, run_streaming
 from ldm.training import LossFn, Part, TrainConfig, Trainer, data_parallel, enable_gradient_checkpointing
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def ip2p_loss(model: StableDiffusion, loader: StreamLoader, cfg: IP2PTrainConfig
     """The per-step loss (module docstring) on the step's streamed pairs (``loader``: ldm.stream). Every random
     draw comes from the step's generator at the global batch size, then this part keeps its rows.
     ``unet``: what to call (DDP); None: ``model.unet``."""
-    alphas_cumprod = NoiseSchedule.scaled_linear().alphas_cumprod.to(model.device)
+    alphas_cumprod = noise_schedule_of(model).alphas_cumprod.to(model.device)
     device = model.device
     with torch.no_grad():
         null_context = model.encode_prompt([""])  # ∅_T = CLIP("")
@@ -142,12 +143,6 @@ def train_ip2p(model: StableDiffusion, dataset, train: TrainConfig, cfg: IP2PTra
     loss_fn = ip2p_loss(model, loader, cfg, data_parallel(model.unet))  # DDP averages the gradients
     # the Trainer keeps the plain UNet, so checkpoints do not depend on the number of processes
     trainer = Trainer(model.unet, loss_fn, train, checkpoint, "InstructPix2Pix UNet", options)
-    try:
-        losses = trainer.run(resume=resume, progress=progress, force=force)
-    finally:
-        loader.close()
-    if loader.skipped:
-        log.warning("%d corrupt pairs were skipped (replaced by the next ones): %s", len(loader.skipped),
-                    "; ".join(loader.skipped[:5]))
+    losses = run_streaming(trainer, loader, "pairs", resume=resume, progress=progress, force=force)
     trainer.final_model()
     return model.eval(), losses

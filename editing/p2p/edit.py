@@ -21,8 +21,9 @@ from inversion.ddim_inversion import ddim_invert, inversion_sampler
 from inversion.null_text import NullTextConfig, null_text_inversion, null_text_predictor
 from ldm.attention import attached, attention_layers
 from ldm.model import StableDiffusion
-from ldm.pipeline import (SamplingConfig, check_image_size, denoise, encode_images, guided_unet, prompt_conditioning,
-                          sampler_for)
+from ldm.hooks import split_guidance
+from ldm.pipeline import (SamplingConfig, check_image_size, denoise, encode_images, guided, guided_unet,
+                          prompt_conditioning, sampler_for)
 from ldm.schedulers import gaussian_noise
 
 from .alignment import equalizer, refinement_mapper, replacement_mapper, word_positions_in
@@ -79,10 +80,17 @@ def resolve_map_level(model: StableDiffusion, config: P2PConfig) -> int:
     return map_level
 
 
-def resolve_self_level(config: P2PConfig, map_level: int) -> int:
-    """The lowest UNet level whose self-attention is replaced."""
+def resolve_self_level(config: P2PConfig, map_level: int, unet=None) -> int:
+    """The lowest UNet level whose self-attention is replaced: ``self_min_level`` if given, else
+    ``self_above_map`` levels above the map level (SD at 512 px: the P2P notebook's ≤ 16², the null-text
+    notebook's ≤ 32²). On SDXL (``unet`` with "text_time" conditioning) it is the map level itself: SDXL's
+    ports of both notebooks (RoyiRa/prompt-to-prompt-with-sdxl, ugiugi0823/Null-SDXL) replace self-attention
+    in the ≤ 32² maps at 1024 px, which is the map level (latent/4); one level above is SDXL's finest
+    attention level, 64² (4096 tokens)."""
     if config.self_min_level is not None:
         return config.self_min_level
+    if unet is not None and getattr(unet.config, "addition_embed", None) == "text_time":
+        return map_level
     return max(0, map_level - config.self_above_map)
 
 
@@ -93,7 +101,7 @@ def build_controller(model: StableDiffusion, prompts: Sequence[str], steps: int,
         raise ValueError("Prompt-to-Prompt needs a source prompt and at least one edited prompt")
     tokenizer, source, edits = model.tokenizer, prompts[0], list(prompts[1:])
     map_level = resolve_map_level(model, config)
-    self_min_level = resolve_self_level(config, map_level)
+    self_min_level = resolve_self_level(config, map_level, model.unet)
     if config.mode == "swap":
         cross_edit = Replace(torch.stack([replacement_mapper(tokenizer, source, e) for e in edits]))
     else:
@@ -129,21 +137,23 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
     prompts = [source] + ([edits] if isinstance(edits, str) else list(edits))
     sampler = sampler_for(model, sampling)
     generators = [torch.Generator("cpu").manual_seed(sampling.seed) for _ in prompts]  # same noise in every row
-    if null_embeddings is None:  # SDXL: both encoders share the 77 token positions, so one alignment serves
-        context, added = prompt_conditioning(model, prompts, negative, sampling.guidance, sampling.height,
-                                             sampling.width)
+    f = model.config.vae.downsample_factor  # SDXL's size numbers: the inverted image's, else the sampled size
+    height, width = (sampling.height, sampling.width) if noise is None else (noise.shape[-2] * f, noise.shape[-1] * f)
+    # SDXL: both encoders share the 77 token positions, so one alignment serves
+    # null-text: the unconditional rows are ∅_i with the empty prompt's pooled embedding (SDXL), as inverted
+    context, added = prompt_conditioning(model, prompts, negative if null_embeddings is None else "",
+                                         sampling.guidance, height, width)
+    if null_embeddings is None:
         predict = guided_unet(model.unet, context, sampling.guidance, sampling.guidance_rescale, added)
-    else:  # [∅ × B; P_0 … P_{B−1}] above; here ∅ is the learned embedding of each step
-        if model.is_sdxl:
-            raise ValueError("null-text inversion is not available for SDXL models yet; edit a generated image")
+    else:  # [∅ × B; P_0 … P_{B−1}] above; here ∅ is the learned embedding of each step (SDXL: the context only)
         if negative:
             raise ValueError("null-text inversion learns the unconditional embedding that a negative prompt "
                              "would set; drop --negative or invert with --inversion ddim")
         if len(null_embeddings) != sampling.steps:
             raise ValueError(f"{len(null_embeddings)} null embeddings for {sampling.steps} steps; invert with the same "
                              "number of steps")
-        context = model.encode_prompt(prompts)
-        predict = null_text_predictor(model.unet, list(null_embeddings), context, sampling.guidance, sampler)
+        context = split_guidance(context)[1] if guided(sampling.guidance) else context  # the prompts' rows
+        predict = null_text_predictor(model.unet, list(null_embeddings), context, sampling.guidance, sampler, added)
     if noise is None:
         check_image_size(sampling.height, sampling.width, model.config.vae.downsample_factor)
         f, channels = model.config.vae.downsample_factor, model.config.vae.latent_channels

@@ -97,6 +97,7 @@ class ToyEdits:
                         target_prompt=target_prompt(target, kind), instruction=instruction, words=words,
                         mask=torch.from_numpy(mask), target=uint8_to_unit(edited), kind=kind,
                         source_attributes=attributes(source), target_attributes=attributes(target),
+                        source_object_mask=torch.from_numpy(source_mask),
                         target_object_mask=torch.from_numpy(target_mask))
 
     def cases(self) -> list[EditCase]:

@@ -35,9 +35,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("sdedit", SDEditParams, run_sdedit, "SDEdit"),
     Method("ip2p", IP2PParams, run_ip2p, "InstructPix2Pix"),
     Method("visii", VisiiParams, run_visii, "Visii (instruction learned from the case's pair)"),
-    Method("controlnet", ControlNetParams, run_controlnet, "ControlNet with the source's Canny edges"),
-    Method("ip-adapter", StyleParams, partial(run_style, instant=False), "IP-Adapter, ground truth as style image"),
-    Method("instant-style", StyleParams, partial(run_style, instant=True), "InstantStyle, ground truth as style"),
+    Method("controlnet", ControlNetParams, run_controlnet, "ControlNet, hint from the case (Canny; toy: mask)"),
+    Method("ip-adapter", StyleParams, partial(run_style, instant=False), "IP-Adapter, a case image as style image"),
+    Method("instant-style", StyleParams, partial(run_style, instant=True), "InstantStyle, a case image as style"),
 ]}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from editing.options import TOY_IP2P_WEIGHTS, TOY_WEIGHTS
+from editing.options import TOY_CLIP_WEIGHTS, TOY_IP2P_WEIGHTS, TOY_IP_ADAPTER_WEIGHTS, TOY_WEIGHTS
 
 
 class CannotRun(Exception):
@@ -19,7 +19,9 @@ class CannotRun(Exception):
 class MethodOutput:
     image: torch.Tensor  # the edit [3, H, W] in [0, 1]
     reconstruction: torch.Tensor | None = None  # inversion methods: the source row, regenerated
-    hint_edges: torch.Tensor | None = None  # ControlNet: the Canny edges the output was conditioned on
+    hint_edges: torch.Tensor | None = None  # ControlNet: the Canny edges (bool [H, W]) the output was conditioned on
+    canny_config: object | None = None  # ControlNet: the CannyConfig that found them, to re-detect alike
+    hint_mask: torch.Tensor | None = None  # ControlNet on the toy: the object mask (bool [H, W]) it was given
     style_image: torch.Tensor | None = None  # IP-Adapter / InstantStyle: the style reference
     notes: dict = field(default_factory=dict)  # anything the method reports (e.g. the Visii init text)
 
@@ -73,19 +75,24 @@ class Resources:
         return self._load(("controlnet", self.controlnet), lambda: ControlNet.load(self.controlnet, self.device))
 
     def adapter(self):
+        """(IP-Adapter, its CLIP image encoder); on the toy model the bundled toy IP-Adapter and toy CLIP
+        unless others are given (as ``editlab style``)."""
         from weights_convert.clip_vision import load_image_encoder
         from weights_convert.ip_adapter import load_ip_adapter
 
-        for path, what in ((self.ip_adapter, "--ip-adapter FILE"), (self.image_encoder, "--image-encoder FILE")):
+        toy = self.model().config.family == "toy"
+        ip_adapter = self.ip_adapter or (TOY_IP_ADAPTER_WEIGHTS if toy else None)
+        encoder_path = self.image_encoder or (TOY_CLIP_WEIGHTS if toy else None)
+        for path, what in ((ip_adapter, "--ip-adapter FILE"), (encoder_path, "--image-encoder FILE")):
             if path is None or not Path(path).is_file():
                 raise CannotRun(f"needs IP-Adapter weights and their image encoder: {path or what} not found")
 
         def load():
-            adapter, _ = load_ip_adapter(self.ip_adapter, self.model().unet)
-            encoder, _ = load_image_encoder(self.image_encoder)
+            adapter, _ = load_ip_adapter(ip_adapter, self.model().unet)
+            encoder, _ = load_image_encoder(encoder_path)
             return adapter, encoder.to(self.device)
 
-        return self._load(("ip-adapter", self.ip_adapter), load)
+        return self._load(("ip-adapter", ip_adapter, encoder_path), load)
 
 
 def image_size(model, case) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from editing.ddpm_edit.editor import DDPMEditConfig, DDPMP2PConfig, ddpm_invert_image, edit_inversion, edit_with_p2p
-from editing.p2p.edit import P2PConfig, invert_image, prompt_to_prompt, resolve_map_level
+from editing.p2p.edit import P2PConfig, invert_image, prompt_to_prompt, resolve_map_level, resolve_self_level
 from inversion.ddpm_noise import DDPMInversionConfig
 from inversion.null_text import NullTextConfig
 from ldm.pipeline import SamplingConfig, decode_latents, sdedit
@@ -47,9 +47,10 @@ def run_p2p(resources, case, params: P2PParams, seed: int, inversion: str) -> Me
     blend = tuple(w for w in case.words if w) if params.blend and all(case.words) else ()
     config = P2PConfig(mode="swap" if len(counts) == 1 else "refine", cross_replace=params.cross_replace,
                        self_replace=(0.0, params.self_replace), blend_words=blend,
-                       blend_threshold=params.blend_threshold, blend_start=0.2, store=False)
-    map_level = resolve_map_level(model, config)
-    config = dataclasses.replace(config, map_level=map_level, self_min_level=max(0, map_level - 1))
+                       blend_threshold=params.blend_threshold, blend_start=0.2, store=False, self_above_map=1)
+    map_level = resolve_map_level(model, config)  # a real image: self-attention from one level above (SD)
+    config = dataclasses.replace(config, map_level=map_level,
+                                 self_min_level=resolve_self_level(config, map_level, model.unet))
     null_config = NullTextConfig(guidance=params.guidance, inner_steps=params.inner_steps)
     inverted = invert_image(model, case.image[None].to(model.device), case.source_prompt, cfg, inversion, batch=2,
                             null_config=null_config)

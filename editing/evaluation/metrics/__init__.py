@@ -8,9 +8,9 @@
 | clip_whole, clip_edited | CLIP score to the target prompt, whole / edit region (clip.py) | --clip file |
 | clip_direction, clip_image | InstructPix2Pix's directional and image similarity | --clip file |
 | gt_l1, gt_l2, gt_clip_i, gt_dino | MagicBrush's scores against the ground truth | a ground truth (+ CLIP / DINO) |
-| target_psnr, edit_accuracy, kept_accuracy, object_iou | toy: exact target and the readers (toy.py) | toy-edits |
+| target_psnr, edit_accuracy, edit_success, kept_accuracy, object_iou | toy: exact target, readers (toy.py) | toy |
 | recon_psnr | inversion methods: PSNR of the regenerated source | the method |
-| canny_f1, hint_iou | ControlNet condition fidelity (control.py; hint_iou on the toy) | controlnet |
+| canny_f1, hint_iou | ControlNet condition fidelity: Canny F1 (control.py), hint object IoU (toy) | controlnet |
 | style_clip_i, style_clip_t | IP-Adapter / InstantStyle: CLIP to the style image vs to the prompt | --clip file |
 
 A metric that cannot be computed is recorded with its reason (the file it needs, "no background pixels"),
@@ -106,17 +106,21 @@ class MetricSuite:
             for name, value in toy_metrics(case, image).items():
                 put(name, value)
             if case.kind not in ("colour", "shape", "background"):
-                skipped["edit_accuracy"] = f"not computed: no reader for {case.kind} edits"
+                reason = f"not computed: no reader for {case.kind} edits"
+                skipped["edit_accuracy"] = skipped["edit_success"] = reason
         self._dino(case, image, source, put, skipped, missing)
         self._clip(case, output, image, source, put, skipped, missing)
         if output.hint_edges is not None:
             from .control import canny_f1
 
-            put("canny_f1", canny_f1(image, output.hint_edges))
-            if case.target_attributes:
-                from .toy import hint_iou
+            put("canny_f1", canny_f1(image, output.hint_edges, output.canny_config))
+        if output.hint_edges is not None or output.hint_mask is not None:
+            from .toy import hint_iou
 
-                put("hint_iou", hint_iou(case, image))
+            if case.source_object_mask is not None:
+                put("hint_iou", hint_iou(image, case.source_object_mask))
+            else:
+                skipped["hint_iou"] = "not computed: the case has no object mask (toy-edits cases only)"
         return values, skipped
 
     def _dino(self, case, image, source, put, skipped, missing) -> None:

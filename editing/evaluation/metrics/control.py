@@ -19,6 +19,7 @@ def binary_f1(predicted: torch.Tensor, target: torch.Tensor) -> float:
     return 0.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
-def canny_f1(output: torch.Tensor, hint_edges: torch.Tensor, config: CannyConfig = CannyConfig()) -> float:
-    """F1 of the output's Canny edges against the hint's edges (bool [H, W])."""
-    return binary_f1(canny(output.float(), config), hint_edges)
+def canny_f1(output: torch.Tensor, hint_edges: torch.Tensor, config: CannyConfig | None = None) -> float:
+    """F1 of the output's Canny edges against the hint's edges (bool [H, W]), found by the same detector
+    (``config``: the hint's; default thresholds when None)."""
+    return binary_f1(canny(output.float(), config or CannyConfig()), hint_edges)

@@ -5,9 +5,12 @@ happened and what else changed.
 - edit_accuracy: 1 when the readers read the edited attribute of the output as the target's (object colour,
   shape or background colour), else 0; texture edits have no reader, so no accuracy;
 - kept_accuracy: the fraction of the other attributes (of colour, shape, background) read as in the source;
+- edit_success: 1 when the edit is read (edit_accuracy 1) and every other attribute is read as in the source
+  (kept_accuracy 1): a model that repaints the whole scene in the named colour is read as having the named
+  colour somewhere, so edit_accuracy alone credits it; edit_success does not;
 - object_iou: IoU(object mask read from the output, the target scene's object mask);
-- hint_iou (ControlNet on the toy): IoU(object mask read from the output, the source's object mask, from
-  which the hint was made).
+- hint_iou (ControlNet on the toy): IoU(object mask read from the output, the source scene's object mask,
+  from which the hint was made: the mask hint itself, or the object the Canny edges outline).
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ def toy_metrics(case, output: torch.Tensor) -> dict[str, float]:
         values["edit_accuracy"] = float(read[case.kind] == case.target_attributes[case.kind])
     others = [name for name in READ if name != case.kind]
     values["kept_accuracy"] = sum(read[n] == case.source_attributes[n] for n in others) / len(others)
+    if "edit_accuracy" in values:
+        values["edit_success"] = float(values["edit_accuracy"] == 1 and values["kept_accuracy"] == 1)
     return values
 
 
-def hint_iou(case, output: torch.Tensor) -> float:
-    """IoU of the object read from the output with the source scene's object (the hint's)."""
+def hint_iou(output: torch.Tensor, source_object_mask: torch.Tensor) -> float:
+    """IoU of the object read from the output with the source scene's object: the mask hint itself, or the
+    object whose outline the Canny hint draws."""
     _, mask = read_all(output)
-    _, source_mask = read_all(case.image)
-    return mask_iou(mask, source_mask)
+    return mask_iou(mask, source_object_mask)
