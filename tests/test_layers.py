@@ -16,8 +16,9 @@ ALLOWED = {  # package -> the first-party packages its modules may import
     "weights_convert": {"ldm", "controls", "weights_convert"},
     "editing": {"ldm", "controls", "inversion", "weights_convert", "editing"},
 }
-TOP = ("editing.cli", "editing.commands", "editing.bench")  # the command line and benchmarks: nothing imports them
-TOP_FILES = ("editing/cli.py", "editing/commands/", "editing/bench/")
+# the command line, the benchmarks and the lab (which runs the command line's commands): nothing imports them
+TOP = ("editing.cli", "editing.commands", "editing.bench", "editing.lab")
+TOP_FILES = ("editing/cli.py", "editing/commands/", "editing/bench/", "editing/lab/")
 
 
 def module_name(path: Path) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from controls import CannyConfig, Control, ControlNet, canny, canny_hint, controlnet_to_image, to_hint
 from controls.guidance import GUESS_RULES
 from ldm.images import check_output, file_sha256, load_image, save_png
@@ -58,6 +60,16 @@ def parse_control(spec: str) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
+def detect_canny(image_path: Path, config: CannyConfig, native: int, height: int | None = None,
+                 width: int | None = None) -> torch.Tensor:
+    """--detect canny: the hint [1, 3, H, W] in [0, 1] from the photo at ``image_path``; at the model's native
+    resolution ``native``, or at ``height`` × ``width`` when both are given (the lab's preview calls this too)."""
+    image = load_image(image_path)
+    if width and height:  # detect at the output size: resampling would blur 1-pixel edges
+        return to_hint(canny(to_hint(image, height, width), config), height, width)
+    return canny_hint(image, native, config)
+
+
 def make_hints(args, model, n_controls: int):
     """The hint tensors [1, 3, H, W] in [0, 1], and what the PNG records about them."""
     if (args.hint is None) == (args.detect is None):
@@ -65,11 +77,8 @@ def make_hints(args, model, n_controls: int):
     if args.detect is not None:
         if args.image is None:
             raise UserError("--detect canny needs --image IMG (the photo to detect edges in)")
-        image, config = load_image(args.image), CannyConfig(args.canny_low, args.canny_high)
-        if args.width and args.height:  # detect at the output size: resampling would blur 1-pixel edges
-            hint = to_hint(canny(to_hint(image, args.height, args.width), config), args.height, args.width)
-        else:
-            hint = canny_hint(image, native_size(model), config)
+        hint = detect_canny(args.image, CannyConfig(args.canny_low, args.canny_high), native_size(model),
+                            args.height, args.width)
         record = {"detect": "canny", "canny_low": args.canny_low, "canny_high": args.canny_high,
                   "image_sha256": file_sha256(args.image)}
         return [hint] * n_controls, record

@@ -2,8 +2,10 @@
 
 Writes into --out DIR: source.png (the source prompt's image; with --image the reconstruction), edited.png
 (edited-1.png, ... for several --edit), attention-source.png and attention-edited.png (per-token
-cross-attention maps). Every PNG carries the run's parameters; files of another run are refused before any
-work starts, and each file is written atomically.
+cross-attention maps averaged over the steps); with --maps-per-step also attention-source-step-000.png, ... (the
+maps of each denoising step alone, one file per step and prompt: what the lab's step slider shows). Every PNG
+carries the run's parameters; files of another run are refused before any work starts, and each file is written
+atomically.
 
 Defaults are those of the Python API, read from its configs: the Prompt-to-Prompt notebook's (``P2PConfig``:
 cross 0.8, self 0.4, blend threshold 0.3) with DDIM 50 steps and guidance 7.5 (``SamplingConfig``); with --image
@@ -17,7 +19,7 @@ import argparse
 import dataclasses
 
 from ldm.images import check_output, file_sha256, save_png
-from ldm.pipeline import decode_latents
+from ldm.pipeline import decode_latents, sampler_for
 
 from ..p2p.edit import (MODES, REAL_IMAGE_CONFIG, P2PConfig, edit_real_image, prompt_to_prompt, resolve_map_level,
                         resolve_self_level)
@@ -62,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inversion", choices=["ddim", "null-text"], default="null-text")
     parser.add_argument("--inversion-guidance", type=float, default=1.0, help="guidance while DDIM-inverting")
     parser.add_argument("--tile", type=int, default=96, help="side of each attention map tile in pixels")
+    parser.add_argument("--maps-per-step", action="store_true",
+                        help="also write each denoising step's own maps: attention-NAME-step-000.png, ...")
     add_sampling_arguments(parser)
     add_output_arguments(parser, suffix="")
 
@@ -102,7 +106,7 @@ def p2p_config(args, model, real: bool):
         reweight=parse_word_values(args.reweight, "--reweight"), blend_words=tuple(args.blend),
         blend_threshold=args.blend_threshold,
         blend_start=args.blend_start if args.blend_start is not None else base.blend_start,
-        map_level=args.map_level, self_min_level=args.self_level)
+        map_level=args.map_level, self_min_level=args.self_level, store_steps=args.maps_per_step)
     map_level = resolve_map_level(model, config)
     self_level = resolve_self_level(config, map_level, model.unet)
     return dataclasses.replace(config, map_level=map_level, self_min_level=self_level)
@@ -155,20 +159,28 @@ def run(args):
                             cross_replace=config.cross_replace, cross_replace_words=dict(config.cross_replace_words),
                             self_replace=list(config.self_replace), self_level=config.self_min_level,
                             map_level=config.map_level, reweight=dict(config.reweight), blend=list(config.blend_words),
-                            blend_threshold=config.blend_threshold, blend_start=config.blend_start)
+                            blend_threshold=config.blend_threshold, blend_start=config.blend_start,
+                            **({"maps_per_step": True} if args.maps_per_step else {}))
     if image is not None:
         params.update(image_sha256=file_sha256(args.image), inversion=args.inversion,
                       inversion_guidance=args.inversion_guidance)
     prompts = [args.prompt] + args.edit
     names = ["source"] + (["edited"] if len(args.edit) == 1 else [f"edited-{k}" for k in range(1, len(prompts))])
-    outputs = []
+    outputs = []  # (path, kind, row, step or None)
     for row, name in enumerate(names):
-        outputs.append((args.out / f"{name}.png", "image", row))
-        outputs.append((args.out / f"attention-{name}.png", "attention", row))
-    for path, kind, row in outputs:  # refuse another run's files before any work
-        check_output(path, {**params, "output": kind, "row": row}, args.force)
+        outputs.append((args.out / f"{name}.png", "image", row, None))
+        outputs.append((args.out / f"attention-{name}.png", "attention", row, None))
+    steps = len(sampler_for(model, sampling)) if args.maps_per_step else 0  # UNet calls: one map each
+    outputs += [(args.out / f"attention-{name}-step-{i:03d}.png", "attention", row, i)
+                for row, name in enumerate(names) for i in range(steps)]
+
+    def output_params(kind, row, step):
+        return {**params, "output": kind, "row": row, **({} if step is None else {"step": step})}
+
+    for path, kind, row, step in outputs:  # refuse another run's files before any work
+        check_output(path, output_params(kind, row, step), args.force)
     if args.force:
-        remove_stale_outputs(args.out, {path.name for path, _, _ in outputs})
+        remove_stale_outputs(args.out, {path.name for path, *_ in outputs})
 
     if image is None:
         result = prompt_to_prompt(model, args.prompt, args.edit, sampling, config, negative=args.negative, progress=True)
@@ -176,7 +188,9 @@ def run(args):
         result, _ = edit_real_image(model, image, args.prompt, args.edit, sampling, config, args.inversion,
                                     args.inversion_guidance, negative=args.negative, progress=True)
     images = decode_latents(model, result.latents)
-    for path, kind, row in outputs:
-        picture = images[row] if kind == "image" else attention_grid(model.tokenizer, prompts[row],
-                                                                     result.maps[row], tile=args.tile)
-        print(save_png(path, picture, {**params, "output": kind, "row": row}, force=args.force))
+    step_maps = result.controller.store.step_maps(result.map_level) if args.maps_per_step else None
+    for path, kind, row, step in outputs:
+        maps = result.maps[row] if step is None else step_maps[step, row]
+        picture = images[row] if kind == "image" else attention_grid(model.tokenizer, prompts[row], maps,
+                                                                     tile=args.tile)
+        print(save_png(path, picture, output_params(kind, row, step), force=args.force))

@@ -7,6 +7,7 @@
         --image test.png --out edited.png
 
 OUT/instruction.safetensors holds the learned [77, C] hidden states (picked by the smoothed loss);
+OUT/losses.csv the loss of every step and its smoothed value (the curve that picked them);
 OUT/checkpoint.pt is the resumable training state (--resume continues an interrupted run exactly).
 --clip is a local open_clip ViT-L/14 state dict (OpenAI weights: QuickGELU); --clip-config a JSON open_clip
 model config for other CLIP shapes. --init-search finds the init text by PEZ (inversion/pez.py) on --after
@@ -24,7 +25,7 @@ import torch
 
 from controls.image_condition import check_ip2p_model
 from ldm.clip_models import load_clip
-from ldm.files import file_sha256
+from ldm.files import atomic_path, file_sha256
 
 from ..instruct_pix2pix.sizing import open_rgb, to_tensor
 from ..options import (TOY_CLIP_WEIGHTS, TOY_IP2P_WEIGHTS, add_model_arguments, load_model, native_size,
@@ -87,6 +88,14 @@ def visii_options(args, size: int, clip_path) -> dict:
                             **{f"{k}_sha256": file_sha256(v) for k, v in files.items() if v is not None})
 
 
+def write_losses(path: Path, losses: list[float], smoothed: list[float], best_step: int) -> None:
+    """step,loss,smoothed,best: one row per step (1-based); best marks the step whose states were kept."""
+    with atomic_path(path) as tmp:
+        lines = ["step,loss,smoothed,best"] + [f"{k},{loss!r},{mean!r},{int(k == best_step)}"
+                                                for k, (loss, mean) in enumerate(zip(losses, smoothed), start=1)]
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def run(args):
     from inversion.visii import VisiiConfig, save_instruction, train_visii, visii_training
 
@@ -137,4 +146,5 @@ def run(args):
         print(f"PEZ init prompt: {result.init_prompt!r} (CLIP similarity {result.search.similarity:.4f})",
               file=sys.stderr)
     save_instruction(out, result.instruction, result.eos, metadata)
+    write_losses(args.out / "losses.csv", result.run.losses, result.run.smoothed, result.run.best_step)
     print(out)

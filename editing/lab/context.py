@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runner import CommandResult, run_command
+from .runner import CommandResult, run_command, stop_running
 
 
 @dataclass
@@ -15,6 +15,11 @@ class LabContext:
     weights: Path | None = None  # None: each command's default, the bundled toy model
     threads: int = 1  # recorded in every PNG; the shown command line passes the same number
     _runs: itertools.count = field(default_factory=itertools.count, repr=False)
+
+    def __post_init__(self):
+        self.folder = Path(self.folder).resolve()  # the web server serves files by absolute path
+        if self.weights is not None:
+            self.weights = Path(self.weights).resolve()  # so the shown command line works in any folder
 
     def model_arguments(self) -> list[str]:
         """The arguments every command line starts with after its name."""
@@ -27,10 +32,16 @@ class LabContext:
         the command line can name it as a relative path (``--image source.png``).
         """
         folder = self.folder / f"run-{next(self._runs):04d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        while folder.exists():  # a --folder reused from an earlier session keeps its runs
+            folder = self.folder / f"run-{next(self._runs):04d}"
+        folder.mkdir(parents=True)
         for name, image in (uploads or {}).items():
             if hasattr(image, "save"):
                 image.save(folder / name)
             else:
                 (folder / name).write_bytes(Path(image).read_bytes())
         return run_command([command, *self.model_arguments(), *arguments], folder)
+
+    def stop(self) -> bool:
+        """Stop the command running now (the Stop button); True if one was running."""
+        return stop_running()

@@ -3,6 +3,12 @@
 The lab never computes an image itself: a tab turns its knobs into the argument list of an ``editlab`` command and
 runs it here, so the command line it shows is the whole recipe of what it shows. Errors a user can fix come back as
 the CLI's own one-line message (``editlab p2p: error: ...``), never a traceback, and the server keeps serving.
+
+Stopping a run: the web server cannot kill the thread a command runs in, and an exception forced into it at an
+arbitrary point could land inside an import or a context manager's exit and leave the process broken. So a stop
+is cooperative: ``stop_running`` sets a flag, and every loop of the commands (they all iterate with tqdm: sampling
+steps, inversion steps, training steps) checks it between two iterations and raises ``Stopped`` there. Outputs are
+written at the end, atomically, so a stopped run leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -10,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import threading
 import shlex
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +25,52 @@ from ..cli import build_parser, user_error_message
 
 
 _ONE_AT_A_TIME = threading.Lock()  # the working folder is the process's: one command runs at a time
+_STOP_GUARD = threading.Lock()  # guards _running and _stop together
+_running = False  # a command is running now (and may be stopped)
+_stop = threading.Event()  # set by stop_running; checked between two iterations of any tqdm loop
+
+
+class Stopped(Exception):
+    """Raised inside a running command, between two steps, after ``stop_running`` (the lab's Stop button)."""
+
+
+def stop_running() -> bool:
+    """Ask the command running now to stop at its next step; True if one was running."""
+    with _STOP_GUARD:
+        if _running:
+            _stop.set()
+        return _running
+
+
+@contextlib.contextmanager
+def _stoppable():
+    """While inside, every tqdm loop in the process checks the stop flag after each iteration.
+
+    tqdm's ``__iter__`` is wrapped for the time of the command, around whatever it is now (Gradio replaces it to
+    follow the progress, ``gr.Progress(track_tqdm=True)``), and put back afterwards.
+    """
+    import tqdm
+
+    global _running
+    iterate = tqdm.tqdm.__iter__
+
+    def checked(self):
+        for item in iterate(self):
+            yield item
+            if _stop.is_set():
+                raise Stopped
+
+    with _STOP_GUARD:
+        _stop.clear()
+        _running = True
+    tqdm.tqdm.__iter__ = checked
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__iter__ = iterate
+        with _STOP_GUARD:
+            _running = False
+            _stop.clear()
 
 
 @contextlib.contextmanager
@@ -67,7 +119,11 @@ def run_command(argv: list[str], folder: str | Path) -> CommandResult:
             from ..preflight import check_before_work
 
             check_before_work(args)
-            args.run(args)
+            with _stoppable():
+                args.run(args)
+        except Stopped:
+            result.error = f"editlab {args.command}: stopped"
+            return result
         except Exception as err:
             result.error = user_error_message(args.command, err)
             if result.error is None:

@@ -52,6 +52,7 @@ class P2PConfig:
     self_min_level: int | None = None  # self-attention replaced at levels >= this (None: see self_above_map)
     self_above_map: int = 0  # with self_min_level None: from this many levels above the map level (0: the map level)
     store: bool = True  # keep the maps for visualisation
+    store_steps: bool = False  # also keep each step's own maps (AttentionStore.step_maps; a per-step viewer)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -110,7 +111,8 @@ def build_controller(model: StableDiffusion, prompts: Sequence[str], steps: int,
     if config.reweight:
         cross_edit = Reweight(equalizer(tokenizer, edits, config.reweight), cross_edit)
     alphas = cross_replace_alphas(tokenizer, edits, steps, config.cross_replace, config.cross_replace_words)
-    store = AttentionStore(len(prompts), latent_hw, {map_level}) if config.store or config.blend_words else None
+    store = (AttentionStore(len(prompts), latent_hw, {map_level}, keep_steps=config.store_steps)
+             if config.store or config.store_steps or config.blend_words else None)
     blend = None
     if config.blend_words:
         token_masks = torch.zeros(len(prompts), tokenizer.max_length)
