@@ -17,10 +17,15 @@ class Timing:
     name: str
     seconds: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    cpu_seconds: list[float] = field(default_factory=list)  # CPU time of this process (all its threads)
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def min(self) -> float:
+        return min(self.seconds)
 
 
 def _sync(device: torch.device) -> None:
@@ -30,7 +35,8 @@ def _sync(device: torch.device) -> None:
 
 def time_alternating(runs: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> dict[str, Timing]:
     """Run each callable ``warmup`` times, then ``repeats`` rounds in alternating order (A B, B A, ...);
-    record wall seconds per call and, on CUDA, the peak allocated memory of each."""
+    record wall seconds and CPU seconds per call and, on CUDA, the peak allocated memory of each. On a shared
+    CPU the CPU seconds of a single-threaded run barely depend on other jobs, which only add wall time."""
     timings = {name: Timing(name) for name in runs}
     for name, fn in runs.items():
         for _ in range(warmup):
@@ -42,10 +48,11 @@ def time_alternating(runs: dict[str, Callable[[], object]], repeats: int, warmup
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             runs[name]()
             _sync(device)
             timings[name].seconds.append(time.perf_counter() - start)
+            timings[name].cpu_seconds.append(time.process_time() - cpu_start)
             if device.type == "cuda":
                 timings[name].peak_bytes = max(timings[name].peak_bytes or 0, torch.cuda.max_memory_allocated(device))
     return timings

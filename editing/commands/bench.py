@@ -30,7 +30,9 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, fp16 on GPU")
     parser.add_argument("--batch", type=int, default=2, help="unet: batch (2 = one guided step)")
     parser.add_argument("--size", type=int, default=None, help="unet: latent side (64); sample: image side")
-    parser.add_argument("--steps", type=int, default=None, help="sample, p2p: steps (20 on CPU, 50 on GPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sample, p2p: steps (50 on GPU; on CPU 20, or 5 for p2p at an SD preset: every phase "
+                             "of the edit, at the defaults' fractions exactly)")
     parser.add_argument("--scheduler", default="ddim", metavar="NAME",
                         help=f"sample: any editlab sampler ({', '.join(SAMPLERS)}) or AUTOMATIC1111 name, run "
                              "beside the diffusers scheduler of the same name (default: ddim)")
@@ -92,7 +94,7 @@ def run(args):
     else:
         preset = args.preset or ("sd15" if gpu else "toy")
         size = args.size or (512 if preset.startswith("sd") else 64)
-        steps = args.steps or (50 if gpu else 20)
+        steps = args.steps or (50 if gpu else 5 if args.target == "p2p" and preset.startswith("sd") else 20)
         extra = {"cpu_memory": args.cpu_memory} if args.target == "p2p" else {"scheduler": args.scheduler}
         text = bench.run(preset, size, steps, dtype, device, args.repeats, args.warmup, **extra)
     print(text)

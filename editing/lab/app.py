@@ -15,7 +15,7 @@ from types import ModuleType
 import gradio as gr
 
 from .context import LabContext
-from .ui import CSS
+from .ui import CSS, GRADIO_6
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def tab_modules() -> list[ModuleType]:
 def build_app(lab: LabContext) -> gr.Blocks:
     """The whole page: a short introduction, then one tab per module."""
     model = lab.weights.name if lab.weights is not None else "the bundled toy model"
-    with gr.Blocks(title="editlab lab", analytics_enabled=False) as app:  # nothing leaves this machine
+    style = {} if GRADIO_6 else {"css": CSS}  # Gradio 6 takes the CSS at launch
+    with gr.Blocks(title="editlab lab", analytics_enabled=False, **style) as app:  # nothing leaves this machine
         gr.Markdown(INTRO.format(model=model))
         for module in tab_modules():
             with gr.Tab(module.TITLE):
@@ -57,5 +58,5 @@ def serve(lab: LabContext, host: str = "127.0.0.1", port: int = 7860, block: boo
     app = build_app(lab)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, allowed_paths=[str(lab.folder)], prevent_thread_lock=not block,
-               show_error=True, quiet=False, css=CSS)
+               show_error=True, quiet=False, **({"css": CSS} if GRADIO_6 else {}))
     return app

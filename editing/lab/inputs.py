@@ -70,7 +70,7 @@ def upload_box(label: str, default: Path) -> tuple:
     box = gr.File(label=label, file_types=["image"], type="filepath", value=str(default))
     preview = gr.Image(str(default), label=label, type="filepath", format="png", interactive=False, height=128,
                        elem_classes=["editlab-pixels"])  # the app's CSS enlarges it with square pixels
-    box.change(readable_image, box, preview, api_visibility="private")
+    box.change(readable_image, box, preview, **ui.PRIVATE)
     return box, preview
 
 

@@ -115,5 +115,5 @@ def build(lab: LabContext) -> None:
 
     preview_inputs = [knobs[name] for name in ("hint_source", "image", "hint", "canny_low", "canny_high")]
     for knob in preview_inputs:
-        knob.change(preview, preview_inputs, [hint_preview, shown["message"]], api_visibility="private")
+        knob.change(preview, preview_inputs, [hint_preview, shown["message"]], **ui.PRIVATE)
     ui.wire(lab, run, stop, handle, knobs, shown)

@@ -201,5 +201,5 @@ def build(lab: LabContext) -> None:
 
     selection = [knobs["scale"], knobs["selection"], knobs["blocks"]]
     for knob in selection:
-        knob.change(lambda s, sel, b: diagram(lab, s, sel, b), selection, picture, api_visibility="private")
+        knob.change(lambda s, sel, b: diagram(lab, s, sel, b), selection, picture, **ui.PRIVATE)
     ui.wire(lab, run, stop, handle, knobs, shown)

@@ -23,6 +23,10 @@ import gradio as gr
 from .context import LabContext
 from .runner import CommandResult
 
+# Gradio 5 and 6 (both supported: 5 installs beside older transformers) name two settings differently
+GRADIO_6 = int(gr.__version__.split(".")[0]) >= 6
+PRIVATE = {"api_visibility": "private"} if GRADIO_6 else {"show_api": False}  # an event kept out of the page's API
+
 
 def number(value) -> str:
     """A knob's value as a command-line argument: integers without a decimal point, others to 10 significant
