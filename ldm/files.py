@@ -68,6 +68,10 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
     """safetensors.torch.save_file, atomically, with the metadata keys in sorted order (same run, same bytes)."""
     from safetensors.torch import save_file
 
+    # a tensor that is a view into a larger one (fused attention projections hold Q, K, V in one matrix) is
+    # written as its own copy: safetensors refuses tensors that share memory
+    tensors = {name: t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+               for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         if metadata:

@@ -247,6 +247,9 @@ def test_fused_projections_equal_the_separate_ones(context_dim):
         layer.fuse_projections()
         fused = layer(x, ctx)
         assert layer._fused[1].shape[0] == (2 if context_dim else 3) * 64  # one stacked matrix
+        stacked = layer._fused[1].untyped_storage().data_ptr()
+        projections = (layer.to_k, layer.to_v) if context_dim else (layer.to_q, layer.to_k, layer.to_v)
+        assert all(p.weight.untyped_storage().data_ptr() == stacked for p in projections)  # held once
         # one GEMM with 3C (2C) columns instead of 3 (2) with C: the same sums, blocked differently
         assert (fused - plain).abs().max() < 1e-6 * plain.abs().max()
         layer.to_k.weight.mul_(2)  # an in-place update: the stacked weight is rebuilt from it

@@ -34,6 +34,26 @@ def test_fused_projections_equal_the_plain_unet():
 
 
 @torch.no_grad()
+def test_fused_weights_are_held_once_and_saved_as_they_were(tmp_path):
+    torch.manual_seed(0)
+    model = StableDiffusion(tiny_sd1()).eval()
+    model.unet.fuse_projections()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    def storage() -> int:  # bytes of every distinct storage behind the weights and the stacked copies
+        fused = [t for m in model.unet.modules() for t in (getattr(m, "_fused", None) or ())[1:] if t is not None]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [*model.unet.parameters(), *fused]}.values())
+
+    held = storage()
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, model.config.unet.context_dim)
+    model.unet(x, 10, ctx)  # builds the stacked weights: the projections become views of them
+    assert storage() == held  # no second copy of any weight
+    model.save(tmp_path / "m.safetensors")  # safetensors refuses shared memory: views are written as copies
+    loaded = StableDiffusion.load(tmp_path / "m.safetensors").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in before.items())
+
+
+@torch.no_grad()
 def test_channels_last_equals_the_plain_unet():
     unet, x, ctx = _unet_and_inputs()
     plain = unet(x, 10, ctx)
