@@ -92,6 +92,12 @@ def read_style_image(path: Path) -> Image.Image:
         raise UserError(f"--style-image {err}") from None
 
 
+def encoder_name(path: Path) -> str:
+    """How a PNG names the image encoder: a file by its name; a folder with its parent, as h94's layouts tell the
+    two encoders apart only by it (sdxl_models/image_encoder: ViT-bigG; models/image_encoder: ViT-H)."""
+    return "/".join(path.parts[-2:]) if path.is_dir() else path.name
+
+
 def run(args):
     from weights_convert.clip_vision import load_image_encoder
     from weights_convert.ip_adapter import load_ip_adapter
@@ -112,7 +118,7 @@ def run(args):
         scales = args.scale
     params = run_parameters(args, cfg, command=NAME, prompt=args.prompt, negative=args.negative or "",
                             ip_adapter=args.ip_adapter.name, ip_adapter_sha256=file_sha256(args.ip_adapter),
-                            image_encoder="/".join(args.image_encoder.parts[-2:]),
+                            image_encoder=encoder_name(args.image_encoder),
                             style_image_sha256=file_sha256(args.style_image)
                             if args.style_image.is_file() else "", scale=args.scale, preset=args.preset or "",
                             blocks=blocks, content_prompt=args.content_prompt or "",
