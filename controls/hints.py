@@ -142,18 +142,20 @@ def resize_for_control(image, resolution: int = 512) -> torch.Tensor:
     return resized if image.ndim == 4 else resized[0]
 
 
-def to_hint(image, height: int, width: int) -> torch.Tensor:
+def to_hint(image, height: int, width: int, multiple: int = 8) -> torch.Tensor:
     """Make a ControlNet hint: float32 [B, 3, height, width] in [0, 1], RGB.
 
     :param image: an edge map (bool [H, W] or [B, H, W], as ``canny`` returns), or an image: tensor [H, W],
         [C, H, W] or [B, C, H, W] (numpy / PIL: H×W or H×W×C), uint8 [0, 255] or float [0, 1], C ∈ {1, 3};
         one channel is replicated to three
-    :param height, width: the generated image's size (multiples of 8); the image is resampled to it if
+    :param height, width: the generated image's size (multiples of ``multiple``, the model's latent downsampling:
+        8 for Stable Diffusion, 4 for the toy model); the image is resampled to it if
         needed (area averaging when shrinking, Lanczos-4 clipped to [0, 1] otherwise). For edge maps
         prefer detecting at the target size (``canny_hint``): resampling blurs one-pixel edges
     """
-    if height <= 0 or width <= 0 or height % 8 or width % 8:
-        raise ValueError(f"hint size must be positive multiples of 8 (the latent is 8x smaller), got {height}x{width}")
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"hint size must be positive multiples of {multiple} (the latent is {multiple}x smaller), "
+                         f"got {height}x{width}; resize the hint or give --width and --height")
     image = as_tensor(image)
     if image.dtype == torch.bool and image.ndim == 3:
         image = image[:, None]  # edge maps [B, H, W] -> [B, 1, H, W]

@@ -208,6 +208,9 @@ def test_to_hint_ranges_channels_and_errors():
         to_hint(rgb.int(), 64, 96)
     with pytest.raises(ValueError, match="multiples of 8"):
         to_hint(rgb, 60, 96)
+    assert to_hint(rgb, 60, 96, multiple=4).shape == (1, 3, 60, 96)  # the toy model's latent is 4x smaller
+    with pytest.raises(ValueError, match=r"multiples of 4 \(the latent is 4x smaller\), got 30x96"):
+        to_hint(rgb, 30, 96, multiple=4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

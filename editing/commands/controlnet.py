@@ -61,12 +61,12 @@ def parse_control(spec: str) -> tuple[Path, float]:
 
 
 def detect_canny(image_path: Path, config: CannyConfig, native: int, height: int | None = None,
-                 width: int | None = None) -> torch.Tensor:
+                 width: int | None = None, multiple: int = 8) -> torch.Tensor:
     """--detect canny: the hint [1, 3, H, W] in [0, 1] from the photo at ``image_path``; at the model's native
     resolution ``native``, or at ``height`` × ``width`` when both are given (the lab's preview calls this too)."""
     image = load_image(image_path)
     if width and height:  # detect at the output size: resampling would blur 1-pixel edges
-        return to_hint(canny(to_hint(image, height, width), config), height, width)
+        return to_hint(canny(to_hint(image, height, width, multiple), config), height, width, multiple)
     return canny_hint(image, native, config)
 
 
@@ -78,7 +78,7 @@ def make_hints(args, model, n_controls: int):
         if args.image is None:
             raise UserError("--detect canny needs --image IMG (the photo to detect edges in)")
         hint = detect_canny(args.image, CannyConfig(args.canny_low, args.canny_high), native_size(model),
-                            args.height, args.width)
+                            args.height, args.width, model.config.vae.downsample_factor)
         record = {"detect": "canny", "canny_low": args.canny_low, "canny_high": args.canny_high,
                   "image_sha256": file_sha256(args.image)}
         return [hint] * n_controls, record
@@ -86,7 +86,7 @@ def make_hints(args, model, n_controls: int):
         raise UserError(f"{len(args.hint)} --hint images for {n_controls} --control files; give one or one each")
     images = [load_image(path) for path in args.hint]
     height, width = (args.height, args.width) if args.width and args.height else images[0].shape[-2:]
-    hints = [to_hint(image, height, width) for image in images]
+    hints = [to_hint(image, height, width, model.config.vae.downsample_factor) for image in images]
     record = {"hint_sha256": [file_sha256(path) for path in args.hint]}
     return hints * (n_controls // len(hints)), record
 
