@@ -25,6 +25,7 @@ from ldm.clip_models import clip_image_features, clip_text_features, load_clip
 from ldm.model import StableDiffusion
 from ldm.toy.readers import object_mask
 from tests.peers import randomize_
+from tests.pie_bench_folder import write_pie_bench
 
 pytestmark = pytest.mark.skipif(not (TOY_CLIP_WEIGHTS.is_file() and TOY_IP_ADAPTER_WEIGHTS.is_file()),
                                 reason="toy CLIP / IP-Adapter weights not built")
@@ -134,13 +135,7 @@ def test_visii_learned_from_the_pair_scores_against_the_ground_truth(run):
 
 
 def test_a_case_a_method_cannot_run_says_why_in_its_row(tmp_path):
-    root = tmp_path / "pie"
-    (root / "annotation_images" / "0_random_140").mkdir(parents=True)
-    Image.new("RGB", (512, 512), (10, 20, 30)).save(root / "annotation_images" / "0_random_140" / "000.png")
-    entry = {"image_path": "0_random_140/000.png", "original_prompt": "a [cat] on a mat",
-             "editing_prompt": "a [dog] on a mat", "editing_instruction": "make it a dog", "editing_type_id": "1",
-             "blended_word": "cat dog", "mask": [1000, 20]}
-    (root / "mapping_file.json").write_text(json.dumps({"000000000000": entry}))
+    root = write_pie_bench(tmp_path / "pie", ".png")
     assert main(["eval", "--benchmark", "pie-bench", "--root", str(root), "--method", "visii",
                  "--method", "controlnet", "--sweep", "controlnet.hint=canny,mask", "--method", "ip-adapter",
                  "--sweep", "ip-adapter.style=target", "--out", str(tmp_path / "o")]) == 0

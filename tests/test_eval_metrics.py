@@ -15,6 +15,7 @@ from editing.evaluation.metrics import pixels
 from editing.evaluation.metrics.control import binary_f1
 from editing.evaluation.report import bootstrap
 from ldm.toy.readers import read_background, read_colour, read_shape
+from tests.pie_bench_folder import write_pie_bench
 
 
 @pytest.fixture
@@ -221,14 +222,7 @@ def test_pie_bench_mask_decoder_reproduces_known_masks():
 
 
 def test_pie_bench_reader_strips_brackets_and_rejects_malformed_files(tmp_path):
-    from PIL import Image
-
-    (tmp_path / "annotation_images" / "0_random_140").mkdir(parents=True)
-    Image.new("RGB", (512, 512), (10, 20, 30)).save(tmp_path / "annotation_images" / "0_random_140" / "000.jpg")
-    entry = {"image_path": "0_random_140/000.jpg", "original_prompt": "a [cat] on a mat",
-             "editing_prompt": "a [dog] on a mat", "editing_instruction": "make it a dog", "editing_type_id": "1",
-             "blended_word": "cat dog", "mask": [1000, 20]}
-    (tmp_path / "mapping_file.json").write_text(json.dumps({"000000000000": entry}))
+    write_pie_bench(tmp_path)
     (case,) = load_pie_bench(tmp_path)
     assert (case.source_prompt, case.target_prompt, case.words, case.kind) == ("a cat on a mat", "a dog on a mat",
                                                                                 ("cat", "dog"), "1")

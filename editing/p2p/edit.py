@@ -157,9 +157,8 @@ def prompt_to_prompt(model: StableDiffusion, source: str, edits: str | Sequence[
         context = split_guidance(context)[1] if guided(sampling.guidance) else context  # the prompts' rows
         predict = null_text_predictor(model.unet, list(null_embeddings), context, sampling.guidance, sampler, added)
     if noise is None:
-        check_image_size(sampling.height, sampling.width, model.config.vae.downsample_factor)
-        f, channels = model.config.vae.downsample_factor, model.config.vae.latent_channels
-        shape = (len(prompts), channels, sampling.height // f, sampling.width // f)
+        check_image_size(sampling.height, sampling.width, f)
+        shape = (len(prompts), model.config.vae.latent_channels, sampling.height // f, sampling.width // f)
         latents = gaussian_noise(shape, generators, model.device, context.dtype) * sampler.init_noise_sigma
     else:
         latents = noise.to(model.device, context.dtype).expand(len(prompts), -1, -1, -1)
